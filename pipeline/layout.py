@@ -1,0 +1,142 @@
+"""Names: the published zip layout, sample keys and shard names (no I/O here)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path, PurePosixPath
+from typing import NamedTuple
+
+# Folders of the published zips that hold a sample's members.
+BG_DIR = "bg_jpg"
+FG_BG_DIR = "fg_bg_jpg"
+MASK_DIR = "mask_black_jpg"
+DEPTH_DIR = "depth_fg_bg_jpg"
+# Raw foregrounds and their masks: in the zips, never part of a sample.
+IGNORED_DIRS = ("fg_jpg", "mask_jpg")
+JUNK_PARTS = ("__MACOSX",)
+JUNK_NAMES = (".DS_Store", "Thumbs.db")
+
+# Field names inside a shard sample (the contract with the loader).
+FIELDS = ("bg", "fg_bg", "mask", "depth")
+IMAGE_SIZE = (160, 160)  # (width, height) of bg, fg_bg, mask
+DEPTH_SIZE = (80, 80)  # (width, height) of depth
+SIZES = {"bg": IMAGE_SIZE, "fg_bg": IMAGE_SIZE, "mask": IMAGE_SIZE, "depth": DEPTH_SIZE}
+SPLITS = ("train", "test")
+MANIFEST_NAME = "manifest.json"
+
+_IDS = r"(\d+)_(\d+)_([01])_(\d+)"
+# Both naming styles: the published zips', and the article's (bg_{bg}.jpg, depth_{ids}.jpg).
+_PATTERNS = {
+    "bg": re.compile(rf"^{BG_DIR}/bg_(?:img_)?(\d+)\.jpe?g$", re.IGNORECASE),
+    "fg_bg": re.compile(rf"^{FG_BG_DIR}/fg_bg_{_IDS}\.jpe?g$", re.IGNORECASE),
+    "mask": re.compile(rf"^{MASK_DIR}/bg_mask_{_IDS}\.jpe?g$", re.IGNORECASE),
+    "depth": re.compile(rf"^{DEPTH_DIR}/depth_(?:fg_bg_)?{_IDS}\.jpe?g$", re.IGNORECASE),
+}
+_BATCH = re.compile(r"batch[_-]?(\d+)", re.IGNORECASE)
+
+
+class SampleId(NamedTuple):
+    """The four numbers that name a sample: foreground, background, flip, placement."""
+
+    fg: int
+    bg: int
+    flip: int
+    seq: int
+
+    def stem(self) -> str:
+        return f"{self.fg}_{self.bg}_{self.flip}_{self.seq}"
+
+
+class Member(NamedTuple):
+    """A zip member recognised as part of a sample."""
+
+    kind: str  # one of FIELDS
+    name: str  # the member's name exactly as in the zip
+    bg: int  # the background number (for every kind)
+    sample: SampleId | None  # None for a bg member, shared by many samples
+
+
+def batch_number(zip_path: str | Path) -> int:
+    """The batch number in a zip's file name (`batch7_images.zip` -> 7)."""
+    name = Path(zip_path).name
+    match = _BATCH.search(name)
+    if not match:
+        raise ValueError(
+            f"{zip_path}: cannot tell the batch number from the file name "
+            "(expected a name like batch7_images.zip)"
+        )
+    return int(match.group(1))
+
+
+def is_junk(name: str) -> bool:
+    """True for members that are never data: folders, macOS resource forks, .DS_Store."""
+    parts = PurePosixPath(name).parts
+    if name.endswith("/") or not parts:
+        return True
+    if any(p in JUNK_PARTS for p in parts) or parts[-1] in JUNK_NAMES:
+        return True
+    return parts[-1].startswith("._")
+
+
+def strip_top_folder(name: str) -> str:
+    """Drop a top-level folder added by hand-made zips (`batch3/fg_bg_jpg/x.jpg`)."""
+    parts = PurePosixPath(name).parts
+    known = (BG_DIR, FG_BG_DIR, MASK_DIR, DEPTH_DIR, *IGNORED_DIRS)
+    for i, part in enumerate(parts[:-1]):
+        if part in known:
+            return "/".join(parts[i:])
+    return name
+
+
+def classify(name: str) -> Member | None:
+    """Recognise a member of a sample; None for anything else (junk, fg_jpg/, mask_jpg/, …)."""
+    if is_junk(name):
+        return None
+    inner = strip_top_folder(name)
+    for kind, pattern in _PATTERNS.items():
+        match = pattern.match(inner)
+        if match is None:
+            continue
+        if kind == "bg":
+            return Member(kind, name, int(match.group(1)), None)
+        sample = SampleId(*(int(g) for g in match.groups()))
+        return Member(kind, name, sample.bg, sample)
+    return None
+
+
+def member_names(sample: SampleId, prefix: str = "") -> dict[str, str]:
+    """The published members of one sample (the names `synth` writes)."""
+    s = sample.stem()
+    return {
+        "bg": f"{prefix}{BG_DIR}/bg_img_{sample.bg}.jpg",
+        "fg_bg": f"{prefix}{FG_BG_DIR}/fg_bg_{s}.jpg",
+        "mask": f"{prefix}{MASK_DIR}/bg_mask_{s}.jpg",
+        "depth": f"{prefix}{DEPTH_DIR}/depth_fg_bg_{s}.jpg",
+    }
+
+
+def sample_key(batch: int, sample: SampleId) -> str:
+    """A key unique across all batches, with no dot (WebDataset splits keys at the first dot)."""
+    return f"b{batch:02d}_{sample.stem()}"
+
+
+def shard_name(split: str, batch: int, index: int) -> str:
+    """A shard's path relative to the output root: `train/batch01-000000.tar`."""
+    return f"{split}/batch{batch:02d}-{index:06d}.tar"
+
+
+def parse_batches(spec: str) -> list[int]:
+    """Parse `1-3,5` into [1, 2, 3, 5]."""
+    out: list[int] = []
+    for part in spec.replace(" ", "").split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(f"bad batch list {spec!r}: use numbers and ranges like 1-3,5") from None
+        if first < 1 or last < first:
+            raise ValueError(f"bad batch range {part!r} in {spec!r}")
+        out.extend(range(first, last + 1))
+    return sorted(set(out))
