@@ -1,0 +1,1 @@
+"""Benchmarks: `pipeline bench convert|loader|train` (figures go to docs/BENCHMARKS.md)."""

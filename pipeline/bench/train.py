@@ -1,0 +1,126 @@
+"""`pipeline bench train`: training samples/s on synthetic tensors (model alone) and from shards."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+
+import torch
+
+from model import UNet, UNetConfig
+from pipeline.augment import AugmentConfig
+from pipeline.data import LoaderConfig, make_train_loader, open_manifest
+from pipeline.dist import resolve_device
+from pipeline.layout import DEPTH_SIZE, IMAGE_SIZE
+from pipeline.precision import resolve_amp
+from pipeline.train import TrainConfig, _make_optimizer, train_one_epoch
+
+log = logging.getLogger(__name__)
+
+
+class RepeatedBatch:
+    """A stand-in loader that yields one device-resident batch `steps` times (no data cost)."""
+
+    def __init__(self, batch: dict, steps: int) -> None:
+        self.batch, self.steps, self.skipped = batch, steps, 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[dict]:
+        return (self.batch for _ in range(self.steps))
+
+
+class Take:
+    """The next `n` batches of a running iterator, so warm-up and measured steps share workers."""
+
+    def __init__(self, iterator: Iterator[dict], n: int) -> None:
+        self.iterator, self.n, self.skipped = iterator, n, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[dict]:
+        for _ in range(self.n):
+            batch = next(self.iterator, None)
+            if batch is None:
+                return
+            self.skipped += int(batch.get("skipped", 0))
+            yield batch
+
+
+def synthetic_batch(batch_size: int, channels: int, device: torch.device) -> dict:
+    """A random batch in the loader's format, already on the device."""
+    (w, h), (dw, dh) = IMAGE_SIZE, DEPTH_SIZE
+    return {
+        "inputs": torch.rand(batch_size, 2 * channels, h, w, device=device),
+        "mask": torch.randint(0, 256, (batch_size, 1, h, w), dtype=torch.uint8, device=device),
+        "depth": torch.randint(0, 256, (batch_size, 1, dh, dw), dtype=torch.uint8, device=device),
+    }
+
+
+def _setup(config: TrainConfig, channels: int):
+    device = resolve_device(config.device)
+    amp = resolve_amp(config.amp, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = UNet(UNetConfig(image_channels=channels)).to(device)
+    channels_last = config.channels_last and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if config.compile else model
+    optimizer = _make_optimizer(model, config)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    return device, amp, net, optimizer, scaler, channels_last
+
+
+def _run(net, loader, optimizer, scaler, device, amp, config, channels_last) -> dict:
+    stats = train_one_epoch(
+        net, loader, optimizer, scaler, device, amp, config, None, 0, 0, channels_last
+    )
+    return {
+        "samples_per_s": stats.samples / max(stats.train_s, 1e-9),
+        "data_wait_fraction": stats.data_s / max(stats.train_s, 1e-9),
+        "steps": stats.steps,
+        "seconds": stats.train_s,
+    }
+
+
+def bench_train(
+    config: TrainConfig, steps: int = 50, warmup: int = 10, shards: str | None = None
+) -> dict:
+    """Samples/s of training steps on synthetic tensors, and from shards when given."""
+    config = dataclasses.replace(config, progress=False, log_every=10**9)
+    channels = int(open_manifest(shards).get("channels", 1)) if shards else 1
+    device, amp, net, optimizer, scaler, channels_last = _setup(config, channels)
+    batch = synthetic_batch(config.batch_size, channels, device)
+    args = (optimizer, scaler, device, amp, config, channels_last)
+    _run(net, RepeatedBatch(batch, warmup), *args)  # cudnn autotuning, compilation
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "batch_size": config.batch_size,
+        "amp": amp,
+        "compile": config.compile,
+        "channels_last": channels_last,
+        "threads": torch.get_num_threads(),
+        "model_only": _run(net, RepeatedBatch(batch, steps), *args),
+    }
+    if shards:
+        loader_config = LoaderConfig(
+            batch_size=config.batch_size,
+            workers=config.workers,
+            shuffle_buffer=config.shuffle_buffer,
+            augment=AugmentConfig(hflip_p=config.hflip) if config.augment else None,
+            pin_memory=device.type == "cuda",
+            seed=config.seed,
+        )
+        loader = make_train_loader(shards, loader_config, epoch=0, steps=warmup + steps)
+        batches = iter(loader)
+        _run(net, Take(batches, warmup), *args)  # worker start-up is not the steady state
+        result["from_shards"] = _run(net, Take(batches, steps), *args)
+        result["from_shards"]["workers"] = config.workers
+        for _ in batches:  # drain, so the workers shut down cleanly
+            pass
+    log.info("bench train: %s", result)
+    return result

@@ -1,0 +1,80 @@
+"""Cheap JPEG checks: start/end markers and the frame header's size and channel count.
+
+No pixel is decoded here: convert checks ~120,000 members a zip, so it reads only the first few
+hundred bytes of each (the markers before the frame header) and its last bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+SOI = b"\xff\xd8"
+EOI = b"\xff\xd9"
+# Baseline, extended and progressive Huffman frames: what libjpeg-based loaders decode.
+SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2})
+# Other frame types (lossless, hierarchical, arithmetic): valid JPEG, not supported here.
+OTHER_SOF = frozenset({0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+# Markers that stand alone, with no length field after them.
+STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+SOS = 0xDA
+# Some writers pad a file after its EOI; that is harmless to decoders.
+PADDING = b"\x00\r\n\t "
+
+
+class JpegError(ValueError):
+    """A member that is not a usable JPEG; the message says why."""
+
+
+class JpegInfo(NamedTuple):
+    """What the frame header says: size in pixels and number of colour components."""
+
+    width: int
+    height: int
+    components: int
+
+
+def check_jpeg(data: bytes) -> JpegInfo:
+    """Check the SOI/EOI markers and parse the frame header; raise JpegError if broken."""
+    if len(data) < 4 or data[:2] != SOI:
+        raise JpegError("not a JPEG (no start-of-image marker)")
+    if data[-2:] != EOI and not data.rstrip(PADDING).endswith(EOI):
+        raise JpegError("truncated JPEG (no end-of-image marker)")
+    return read_frame_header(data)
+
+
+def read_frame_header(data: bytes) -> JpegInfo:
+    """Walk the marker segments up to the frame header (SOFn) and return what it says."""
+    pos, end = 2, len(data)
+    while pos < end:
+        if data[pos] != 0xFF:
+            raise JpegError(f"corrupt JPEG header (no marker at byte {pos})")
+        while pos < end and data[pos] == 0xFF:  # fill bytes may precede a marker
+            pos += 1
+        if pos >= end:
+            break
+        marker = data[pos]
+        pos += 1
+        if marker in STANDALONE:
+            continue
+        if marker == SOS or marker == 0xD9:
+            raise JpegError("corrupt JPEG (image data before any frame header)")
+        if pos + 2 > end:
+            break
+        (length,) = struct.unpack_from(">H", data, pos)
+        if marker in SOF_MARKERS:
+            return _parse_sof(data, pos, length)
+        if marker in OTHER_SOF:
+            raise JpegError(f"unsupported JPEG process (frame marker 0xFF{marker:02X})")
+        pos += length
+    raise JpegError("truncated JPEG header (no frame header)")
+
+
+def _parse_sof(data: bytes, pos: int, length: int) -> JpegInfo:
+    """Read height, width and components from a SOFn segment starting at its length field."""
+    if length < 8 or pos + 8 > len(data):
+        raise JpegError("truncated JPEG frame header")
+    _, height, width, components = struct.unpack_from(">BHHB", data, pos + 2)
+    if width == 0 or height == 0 or components == 0:
+        raise JpegError(f"invalid JPEG frame header ({width}x{height}, {components} components)")
+    return JpegInfo(width, height, components)

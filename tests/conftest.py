@@ -1,0 +1,174 @@
+"""Shared fixtures: small batch zips in the published layout, with the faults convert handles."""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.layout import DEPTH_SIZE, IMAGE_SIZE, SampleId
+
+REPO = Path(__file__).resolve().parents[1]
+# The real sample: shared/ beside the checkout (CI clones elsewhere with shared/ beside it too),
+# or a copy inside the repository.
+REAL_SAMPLE_DIRS = (
+    REPO.parent / "shared" / "fixtures" / "real-sample",
+    REPO / "tests" / "fixtures" / "real-sample",
+)
+FOLDERS = ("bg_jpg/", "fg_bg_jpg/", "mask_black_jpg/", "depth_fg_bg_jpg/", "fg_jpg/", "mask_jpg/")
+
+
+def encode(width: int, height: int, seed: int, channels: int = 1) -> bytes:
+    """A small JPEG whose content depends on `seed` (so members differ byte for byte)."""
+    rng = np.random.default_rng(seed)
+    shape = (height, width) if channels == 1 else (height, width, channels)
+    ramp = np.add.outer(np.arange(height), np.arange(width)) * (1 + seed % 3)
+    image = ramp.reshape(height, width, *([1] if channels == 3 else [])) + rng.integers(
+        0, 40, shape
+    )
+    ok, data = cv2.imencode(".jpg", (image % 256).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 75])
+    assert ok
+    return data.tobytes()
+
+
+@dataclass
+class BatchZip:
+    """A test zip: its path, every member's bytes, and the members of each sample."""
+
+    path: Path
+    members: dict[str, bytes] = field(default_factory=dict)
+    samples: dict[SampleId, dict[str, str]] = field(default_factory=dict)  # id -> kind -> name
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def sample_ids(count: int, backgrounds: int = 3) -> list[SampleId]:
+    """Distinct sample ids over a few backgrounds, both flips."""
+    return [SampleId(i + 1, i % backgrounds + 1, i % 2, 1 + i // 50) for i in range(count)]
+
+
+def names_for(sample: SampleId, article: bool, top: str) -> dict[str, str]:
+    """A sample's member names in the published naming style or the article's."""
+    s = sample.stem()
+    return {
+        "bg": f"{top}bg_jpg/{'bg_' if article else 'bg_img_'}{sample.bg}.jpg",
+        "fg_bg": f"{top}fg_bg_jpg/fg_bg_{s}.jpg",
+        "mask": f"{top}mask_black_jpg/bg_mask_{s}.jpg",
+        "depth": f"{top}depth_fg_bg_jpg/{'depth_' if article else 'depth_fg_bg_'}{s}.jpg",
+    }
+
+
+def build_zip(
+    path: Path,
+    samples: int = 6,
+    *,
+    mode: str = "L",
+    top: str = "",
+    junk: bool = False,
+    article: bool = False,
+    drop: dict[int, str] | None = None,
+    truncate: dict[int, str] | None = None,
+    wrong_size: dict[int, str] | None = None,
+    seed: int = 0,
+    compression: int = zipfile.ZIP_DEFLATED,
+) -> BatchZip:
+    """Write a zip in the published layout; drop/truncate/wrong_size map sample index -> kind."""
+    drop, truncate, wrong_size = drop or {}, truncate or {}, wrong_size or {}
+    channels = 3 if mode == "RGB" else 1
+    out = BatchZip(Path(path))
+    entries: dict[str, bytes] = {}
+    for folder in FOLDERS:
+        entries[f"{top}{folder}"] = b""
+    entries[f"{top}fg_jpg/fg_1.jpg"] = encode(40, 60, seed + 7, channels)  # ignored by convert
+    ids = sample_ids(samples)
+    dropped: set[str] = set()
+    for i, sample in enumerate(ids):
+        names = names_for(sample, article, top)
+        out.samples[sample] = names
+        for kind, name in names.items():
+            if drop.get(i) == kind:
+                dropped.add(name)  # a dropped bg stays missing for every sample sharing it
+            if name in dropped or (kind == "bg" and name in entries):
+                continue
+            width, height = DEPTH_SIZE if kind == "depth" else IMAGE_SIZE
+            if wrong_size.get(i) == kind:
+                width, height = width + 8, height
+            data = encode(width, height, seed * 1000 + i * 4 + len(kind), channels)
+            if truncate.get(i) == kind:
+                data = data[: len(data) // 2]
+            entries[name] = data
+    if junk:
+        entries["__MACOSX/"] = b""
+        entries[f"__MACOSX/{top}fg_bg_jpg/._fg_bg_1_1_0_1.jpg"] = b"\0\5\26\7junk"
+        entries[f"{top}.DS_Store"] = b"\0\0\0\1Bud1"
+        entries[f"{top}fg_bg_jpg/.DS_Store"] = b"\0\0\0\1Bud1"
+    with zipfile.ZipFile(path, "w", compression=compression) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    out.members = {k: v for k, v in entries.items() if not k.endswith("/")}
+    return out
+
+
+@pytest.fixture
+def make_zip(tmp_path: Path):
+    """Build a test zip in tmp_path/zips: make_zip("batch1_images.zip", samples=6, ...)."""
+    folder = tmp_path / "zips"
+    folder.mkdir(exist_ok=True)
+
+    def make(name: str = "batch1_images.zip", samples: int = 6, **options) -> BatchZip:
+        return build_zip(folder / name, samples, **options)
+
+    return make
+
+
+@pytest.fixture
+def real_sample_dir() -> Path:
+    """The folder of the four real files; the test is skipped if no copy is present."""
+    for folder in REAL_SAMPLE_DIRS:
+        if (folder / "fg_bg_9_51_1_2.jpg").is_file():
+            return folder
+    pytest.skip(f"real sample not found in {' or '.join(map(str, REAL_SAMPLE_DIRS))}")
+
+
+# --- Shards and a trained run shared by the trainer, evaluate, predict, export tests ----------
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """Synthetic zips (batch 1 train, batch 2 test) converted into small shards, once a session."""
+    from pipeline.convert import ConvertConfig, convert_zips
+    from pipeline.synth import synth_zips
+
+    root = tmp_path_factory.mktemp("tiny")
+    zips = synth_zips(root / "zips", batches=[1, 2], samples=48, seed=1)
+    config = ConvertConfig(out=root / "shards", test_batches=(2,), shard_samples=16, progress=False)
+    summary = convert_zips(zips, config)
+    assert summary.ok
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_shards: Path, tmp_path_factory) -> Path:
+    """A 2-step CPU training run of the published recipe on the tiny shards."""
+    from pipeline.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("run") / "r1"
+    config = TrainConfig(
+        shards=str(tiny_shards),
+        out=str(run),
+        epochs=1,
+        steps_per_epoch=2,
+        batch_size=8,
+        workers=0,
+        device="cpu",
+        eval_batches=2,
+        progress=False,
+    )
+    train(config)
+    return run

@@ -1,0 +1,520 @@
+"""convert: zips -> WebDataset shards + manifest; bad inputs, re-runs, interruptions, the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import shutil
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import BatchZip, encode
+
+from pipeline.cli import cli
+from pipeline.convert import ConvertConfig, convert_zips, record_path
+from pipeline.jpeg import JpegError, check_jpeg
+from pipeline.layout import SampleId, sample_key
+from pipeline.verify import verify_shards
+
+
+def convert(zips, out: Path, **options):
+    """convert_zips with test defaults: no progress bar."""
+    options.setdefault("progress", False)
+    return convert_zips([Path(z) for z in zips], ConvertConfig(out=out, **options))
+
+
+def manifest_of(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def read_back(out: Path) -> dict[str, dict]:
+    """Every sample of every shard, read with plain WebDataset (no decoding), by key."""
+    import webdataset as wds
+
+    manifest = manifest_of(out)
+    urls = [
+        str(out / s["path"])
+        for split in ("train", "test")
+        for s in manifest["splits"][split]["shards"]
+    ]
+    samples = {}
+    for sample in wds.WebDataset(urls, shardshuffle=False):
+        assert sample["__key__"] not in samples
+        samples[sample["__key__"]] = sample
+    return samples
+
+
+def assert_matches_zip(
+    samples: dict[str, dict], batch: int, zipped: dict[str, bytes], names: dict
+) -> None:
+    """Every field of every sample equals its zip member byte for byte; json names them."""
+    for sample_id, members in names.items():
+        sample = samples[sample_key(batch, sample_id)]
+        meta = json.loads(sample["json"])
+        assert meta == {"batch": batch, **{k: members[k] for k in ("fg_bg", "bg", "mask", "depth")}}
+        for kind, member in members.items():
+            assert sample[f"{kind}.jpg"] == zipped[member], (kind, member)
+
+
+# ---------------------------------------------------------------- the JPEG header check
+
+
+def test_check_jpeg_reads_size_and_components():
+    gray, rgb = encode(160, 120, 1), encode(80, 80, 2, channels=3)
+    assert check_jpeg(gray) == (160, 120, 1)
+    assert check_jpeg(rgb) == (80, 80, 3)
+    ok, progressive = cv2.imencode(
+        ".jpg", np.full((30, 20), 9, np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]
+    )
+    assert check_jpeg(progressive.tobytes()) == (20, 30, 1)
+    assert check_jpeg(gray + b"\0\0\n") == (160, 120, 1)  # padding after EOI is harmless
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"PK\3\4 not a jpeg", "no start-of-image"),
+        (encode(160, 160, 1)[:-300], "no end-of-image"),
+        (b"\xff\xd8\xff\xda\0\2\xff\xd9", "before any frame header"),
+        (b"\xff\xd8\xff\xe0\0\x10JFIF\xff\xd9", "truncated JPEG header"),
+        (b"\xff\xd8\xff\xe0\0\x04abxx\xff\xd9", "corrupt JPEG header"),
+    ],
+)
+def test_check_jpeg_rejects_broken_data(data: bytes, reason: str):
+    with pytest.raises(JpegError, match=reason):
+        check_jpeg(data)
+
+
+# ---------------------------------------------------------------- round trips
+
+
+def test_synth_round_trip_byte_for_byte(tmp_path: Path):
+    from pipeline.synth import synth_zips
+
+    zips = synth_zips(tmp_path / "zips", batches=[1, 10], samples=12)
+    out = tmp_path / "shards"
+    summary = convert(zips, out, shard_samples=5)
+    assert summary.ok and summary.samples == {"train": 12, "test": 12} and summary.skipped == 0
+    assert verify_shards(out, workers=1, progress=False).ok
+    samples = read_back(out)
+    assert len(samples) == 24
+    for path in zips:
+        with zipfile.ZipFile(path) as zf:
+            zipped = {i.filename: zf.read(i) for i in zf.infolist() if not i.is_dir()}
+        batch = int(path.name[5:].split("_")[0])
+        fg_bgs = [n for n in zipped if n.startswith("fg_bg_jpg/")]
+        names = {}
+        for name in fg_bgs:
+            fg, bg, flip, seq = map(int, name[len("fg_bg_jpg/fg_bg_") : -4].split("_"))
+            s = f"{fg}_{bg}_{flip}_{seq}"
+            names[SampleId(fg, bg, flip, seq)] = {
+                "bg": f"bg_jpg/bg_img_{bg}.jpg",
+                "fg_bg": name,
+                "mask": f"mask_black_jpg/bg_mask_{s}.jpg",
+                "depth": f"depth_fg_bg_jpg/depth_fg_bg_{s}.jpg",
+            }
+        assert len(names) == 12
+        assert_matches_zip(samples, batch, zipped, names)
+
+
+def test_manifest_follows_the_format(make_zip, tmp_path: Path):
+    z1, z10 = make_zip("batch1_images.zip", 7), make_zip("batch10_images.zip", 3)
+    out = tmp_path / "shards"
+    assert convert([z1.path, z10.path], out, shard_samples=3).ok
+    m = manifest_of(out)
+    assert (m["format"], m["version"], m["mode"], m["channels"]) == ("pipeline-shards", 1, "L", 1)
+    assert m["sizes"] == {
+        "bg": [160, 160],
+        "fg_bg": [160, 160],
+        "mask": [160, 160],
+        "depth": [80, 80],
+    }
+    assert m["test_batches"] == [10] and m["skipped"] == []
+    train, test = m["splits"]["train"], m["splits"]["test"]
+    assert [s["path"] for s in train["shards"]] == [f"train/batch01-00000{i}.tar" for i in range(3)]
+    assert [s["samples"] for s in train["shards"]] == [3, 3, 1] and train["samples"] == 7
+    assert [s["path"] for s in test["shards"]] == ["test/batch10-000000.tar"] and test[
+        "samples"
+    ] == 3
+    for shard in train["shards"] + test["shards"]:
+        data = (out / shard["path"]).read_bytes()
+        assert shard["bytes"] == len(data) and shard["sha256"] == hashlib.sha256(data).hexdigest()
+        with tarfile.open(out / shard["path"]) as tar:
+            for info in tar.getmembers():
+                assert (info.mtime, info.uid, info.gid, info.mode) == (0, 0, 0, 0o444)
+    sources = {s["zip"]: s for s in m["sources"]}
+    assert (
+        sources["batch1_images.zip"]["split"] == "train"
+        and sources["batch1_images.zip"]["samples"] == 7
+    )
+    assert sources["batch10_images.zip"]["bytes"] == z10.path.stat().st_size
+    assert len(sources["batch10_images.zip"]["fingerprint"]) == 64
+
+
+def test_rgb_zip_round_trip(make_zip, tmp_path: Path):
+    z = make_zip("batch2_images.zip", 5, mode="RGB")
+    out = tmp_path / "shards"
+    assert convert([z.path], out).ok
+    assert (manifest_of(out)["mode"], manifest_of(out)["channels"]) == ("RGB", 3)
+    assert verify_shards(out, workers=1, progress=False).ok
+    assert_matches_zip(read_back(out), 2, z.members, z.samples)
+
+
+def test_real_sample_packed_in_published_layout(real_sample_dir: Path, tmp_path: Path):
+    members = {
+        "bg_jpg/bg_img_51.jpg": "bg_img_51.jpg",
+        "fg_bg_jpg/fg_bg_9_51_1_2.jpg": "fg_bg_9_51_1_2.jpg",
+        "mask_black_jpg/bg_mask_9_51_1_2.jpg": "bg_mask_9_51_1_2.jpg",
+        "depth_fg_bg_jpg/depth_fg_bg_9_51_1_2.jpg": "depth_fg_bg_9_51_1_2.jpg",
+    }
+    path = tmp_path / "batch10_images.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for folder in (
+            "bg_jpg/",
+            "fg_bg_jpg/",
+            "mask_black_jpg/",
+            "depth_fg_bg_jpg/",
+            "fg_jpg/",
+            "mask_jpg/",
+        ):
+            zf.writestr(folder, b"")
+        for member, file in members.items():
+            zf.writestr(member, (real_sample_dir / file).read_bytes())
+    out = tmp_path / "shards"
+    summary = convert([path], out)
+    assert summary.ok and summary.samples == {"train": 0, "test": 1} and summary.skipped == 0
+    assert manifest_of(out)["mode"] == "L"
+    assert verify_shards(out, workers=1, progress=False).ok
+    zipped = {m: (real_sample_dir / f).read_bytes() for m, f in members.items()}
+    names = {
+        SampleId(9, 51, 1, 2): dict(zip(("bg", "fg_bg", "mask", "depth"), members, strict=True))
+    }
+    assert_matches_zip(read_back(out), 10, zipped, names)
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def test_broken_samples_are_skipped_and_reported(make_zip, tmp_path: Path, caplog):
+    z = make_zip(
+        samples=8, drop={1: "mask", 2: "depth"}, truncate={3: "fg_bg"}, wrong_size={4: "depth"}
+    )
+    out = tmp_path / "shards"
+    with caplog.at_level(logging.WARNING):
+        summary = convert([z.path], out, test_batches=())
+    assert summary.ok and summary.samples["train"] == 4 and summary.skipped == 4
+    skipped = {s["member"]: s for s in manifest_of(out)["skipped"]}
+    ids = list(z.samples)
+    reasons = {i: skipped[z.samples[ids[i]]["fg_bg"]]["reason"] for i in (1, 2, 3, 4)}
+    assert "missing mask" in reasons[1] and "missing depth" in reasons[2]
+    assert "truncated" in reasons[3] and "88x80, expected 80x80" in reasons[4]
+    assert all(s["zip"] == "batch1_images.zip" for s in skipped.values())
+    for member, skip in skipped.items():  # one warning line per skip: zip, member, reason
+        assert any(member in r.message and skip["reason"] in r.message for r in caplog.records)
+    assert verify_shards(out, workers=1, progress=False).ok
+
+
+def test_damaged_member_is_skipped_and_stored_members_are_read(make_zip, tmp_path: Path):
+    z = make_zip(samples=4)
+    victim = z.samples[list(z.samples)[1]]["mask"]
+    with zipfile.ZipFile(z.path) as zf:
+        info = zf.getinfo(victim)
+    data = bytearray(z.path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    data[start + info.compress_size // 2] ^= 0xFF  # inside the compressed bytes
+    z.path.write_bytes(bytes(data))
+    out = tmp_path / "shards"
+    summary = convert([z.path], out)
+    assert summary.ok and summary.samples["train"] == 3
+    (skip,) = manifest_of(out)["skipped"]
+    assert skip["reason"].startswith(f"mask member {victim}: cannot read it")
+    stored = make_zip("batch2_images.zip", samples=3, compression=zipfile.ZIP_STORED)
+    assert convert([stored.path], tmp_path / "stored").samples["train"] == 3
+    assert_matches_zip(read_back(tmp_path / "stored"), 2, stored.members, stored.samples)
+
+
+def test_missing_background_and_duplicates(make_zip, tmp_path: Path):
+    z = make_zip(samples=4, drop={0: "bg"})  # bg 1 is shared by samples 0 and 3 (3 backgrounds)
+    out = tmp_path / "shards"
+    summary = convert([z.path], out, test_batches=())
+    assert summary.samples["train"] == 2 and summary.skipped == 2
+    assert all("missing bg" in s["reason"] for s in manifest_of(out)["skipped"])
+
+
+def test_top_folder_and_junk_are_tolerated(make_zip, tmp_path: Path):
+    z = make_zip(samples=5, top="batch1/", junk=True)
+    out = tmp_path / "shards"
+    summary = convert([z.path], out)
+    assert summary.ok and summary.samples["train"] == 5 and summary.skipped == 0
+    samples = read_back(out)
+    assert_matches_zip(samples, 1, z.members, z.samples)  # names keep the top folder
+    assert all(
+        json.loads(s["json"])["fg_bg"].startswith("batch1/fg_bg_jpg/") for s in samples.values()
+    )
+
+
+def test_article_naming_style(make_zip, tmp_path: Path):
+    z = make_zip(samples=4, article=True)
+    assert any("/bg_1.jpg" in n for n in z.members) and any("/depth_1_" in n for n in z.members)
+    out = tmp_path / "shards"
+    assert convert([z.path], out).samples["train"] == 4
+    assert_matches_zip(read_back(out), 1, z.members, z.samples)
+
+
+def test_a_file_that_is_not_a_zip_fails_alone(make_zip, tmp_path: Path, caplog):
+    good = make_zip("batch1_images.zip", 3)
+    bad = tmp_path / "batch2_images.zip"
+    bad.write_bytes(b"this is not a zip file at all")
+    out = tmp_path / "shards"
+    summary = convert([bad, good.path, tmp_path / "batch3_images.zip"], out)
+    assert not summary.ok and summary.samples["train"] == 3
+    failed = {f["zip"]: f["error"] for f in summary.failed}
+    assert set(failed) == {str(bad), str(tmp_path / "batch3_images.zip")}
+    assert "cannot open it as a zip" in failed[str(bad)]
+    assert any(str(bad) in r.message and r.levelno == logging.ERROR for r in caplog.records)
+    assert verify_shards(out, workers=1, progress=False).ok  # the good zip's manifest is complete
+
+
+def test_bad_arguments_raise_before_any_work(make_zip, tmp_path: Path):
+    z = make_zip("batch1_images.zip", 2)
+    out = tmp_path / "shards"
+    with pytest.raises(ValueError, match="batch number"):
+        convert([z.path, tmp_path / "images.zip"], out)
+    twin = tmp_path / "other" / "batch01_images.zip"
+    twin.parent.mkdir()
+    twin.write_bytes(z.path.read_bytes())
+    with pytest.raises(ValueError, match="both batch 1"):
+        convert([z.path, twin], out)
+    assert not out.exists()
+
+
+def test_zip_without_samples_fails(tmp_path: Path):
+    path = tmp_path / "batch4_images.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("readme.txt", "nothing here")
+    summary = convert([path], tmp_path / "shards")
+    assert not summary.ok and "no fg_bg_jpg/ members" in summary.failed[0]["error"]
+    assert not (tmp_path / "shards" / "manifest.json").exists()
+
+
+def test_strict_makes_a_skip_fatal(make_zip, tmp_path: Path):
+    bad, good = (
+        make_zip("batch1_images.zip", 4, truncate={2: "mask"}),
+        make_zip("batch2_images.zip", 3),
+    )
+    out = tmp_path / "shards"
+    summary = convert([bad.path, good.path], out, strict=True)
+    assert not summary.ok and summary.samples["train"] == 3
+    (failure,) = summary.failed
+    assert (
+        "--strict" in failure["error"]
+        and bad.samples[list(bad.samples)[2]]["fg_bg"] in failure["error"]
+    )
+    assert not list((out / "train").glob("batch01-*")) and not record_path(out, 1).exists()
+    # Without --strict the same zip converts; with it again, the completed record is not trusted.
+    assert convert([bad.path], out).ok
+    assert not convert([bad.path], out, strict=True).ok
+
+
+def test_zip_of_another_mode_fails(make_zip, tmp_path: Path):
+    out = tmp_path / "shards"
+    assert convert([make_zip("batch1_images.zip", 3).path], out).ok
+    summary = convert([make_zip("batch2_images.zip", 3, mode="RGB").path], out)
+    assert not summary.ok and "holds L images" in summary.failed[0]["error"]
+    assert manifest_of(out)["mode"] == "L" and summary.samples["train"] == 3
+
+
+# ---------------------------------------------------------------- re-runs and interruptions
+
+
+def shard_stats(out: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(out)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*.tar")
+    }
+
+
+def test_rerun_redoes_nothing(make_zip, tmp_path: Path):
+    zips = [make_zip("batch1_images.zip", 5).path, make_zip("batch10_images.zip", 2).path]
+    out = tmp_path / "shards"
+    first = convert(zips, out, shard_samples=2)
+    before, manifest = shard_stats(out), manifest_of(out)
+    again = convert(zips, out, shard_samples=2)
+    assert again.ok and len(again.reused) == 2 and not again.converted
+    assert again.to_dict()["reused"] == 2 and again.to_dict()["converted"] == 0
+    assert shard_stats(out) == before and manifest_of(out) == manifest
+    assert again.samples == first.samples
+    forced = convert(zips, out, shard_samples=2, force=True)
+    assert len(forced.converted) == 2 and manifest_of(out) == manifest  # same bytes again
+
+
+def test_changed_options_or_zip_redo_it(make_zip, tmp_path: Path):
+    from conftest import build_zip
+
+    z = make_zip("batch1_images.zip", 5)
+    out = tmp_path / "shards"
+    convert([z.path], out, shard_samples=2)
+    assert len(convert([z.path], out, shard_samples=3).converted) == 1
+    assert sorted(shard_stats(out)) == ["train/batch01-000000.tar", "train/batch01-000001.tar"]
+    build_zip(z.path, 6, seed=1)  # new content, same name
+    summary = convert([z.path], out, shard_samples=3)
+    assert len(summary.converted) == 1 and summary.samples["train"] == 6
+    summary = convert([z.path], out, shard_samples=3, test_batches=(1,))  # now a test batch
+    assert len(summary.converted) == 1 and summary.samples == {"train": 0, "test": 6}
+    assert not list((out / "train").glob("*.tar"))
+
+
+def test_interrupted_conversion_is_completed(make_zip, tmp_path: Path):
+    zips = [make_zip("batch1_images.zip", 4).path, make_zip("batch2_images.zip", 4).path]
+    out = tmp_path / "shards"
+    convert(zips, out, shard_samples=3)
+    expected = manifest_of(out)
+    # As if killed while writing batch 2: no manifest, no record, a temp shard and a stale shard.
+    (out / "manifest.json").unlink()
+    record_path(out, 2).unlink()
+    (out / "train" / "batch02-000000.tar").rename(out / "train" / "batch02-000000.tar.tmp")
+    with pytest.raises(ValueError, match="not a finished conversion"):
+        verify_shards(out, workers=1, progress=False)
+    summary = convert(zips, out, shard_samples=3)
+    assert (
+        summary.ok
+        and summary.reused == ["batch1_images.zip"]
+        and summary.converted == ["batch2_images.zip"]
+    )
+    assert manifest_of(out) == expected and not list(out.rglob("*.tmp"))
+    assert verify_shards(out, workers=1, progress=False).ok
+
+
+def test_a_crash_mid_zip_leaves_no_shard_or_record(make_zip, tmp_path: Path, monkeypatch):
+    from pipeline import convert as convert_module
+
+    z = make_zip("batch1_images.zip", 6)
+    out = tmp_path / "shards"
+    original = convert_module.ShardWriter.write
+
+    def write(self, key, fields):
+        if self._count == 2 and len(self.shards) == 2:
+            raise OSError("No space left on device")
+        original(self, key, fields)
+
+    monkeypatch.setattr(convert_module.ShardWriter, "write", write)
+    summary = convert([z.path], out, shard_samples=3)
+    assert not summary.ok and "No space left" in summary.failed[0]["error"]
+    assert not list(out.rglob("*.tar*")) and not record_path(out, 1).exists()
+    monkeypatch.undo()
+    assert convert([z.path], out, shard_samples=3).ok
+
+
+def test_adding_a_zip_later_keeps_the_others(make_zip, tmp_path: Path):
+    z1, z2 = make_zip("batch1_images.zip", 3), make_zip("batch2_images.zip", 4)
+    out = tmp_path / "shards"
+    convert([z1.path], out)
+    before = shard_stats(out)
+    summary = convert([z2.path], out)  # another machine's subset, or a zip downloaded later
+    assert summary.ok and summary.samples["train"] == 7 and summary.zips == 1
+    assert {s["zip"] for s in manifest_of(out)["sources"]} == {z1.name, z2.name}
+    assert all(shard_stats(out)[k] == v for k, v in before.items())
+    assert verify_shards(out, workers=1, progress=False).ok
+
+
+def test_split_routing_and_empty_test_warning(make_zip, tmp_path: Path, caplog):
+    z1, z3 = make_zip("batch1_images.zip", 2), make_zip("batch3_images.zip", 3)
+    with caplog.at_level(logging.WARNING):
+        summary = convert([z1.path, z3.path], tmp_path / "a", test_batches=(3, 7))
+    assert summary.samples == {"train": 2, "test": 3}
+    assert (tmp_path / "a" / "test" / "batch03-000000.tar").is_file()
+    assert not any("test split is empty" in r.message for r in caplog.records)
+    with caplog.at_level(logging.WARNING):
+        summary = convert([z1.path, z3.path], tmp_path / "b")
+    assert summary.ok and summary.samples == {"train": 5, "test": 0}
+    assert any("test split is empty" in r.message for r in caplog.records)
+
+
+def test_two_workers_write_the_same_shards(make_zip, tmp_path: Path):
+    zips = [make_zip(f"batch{b}_images.zip", 5, seed=b).path for b in (1, 2, 10)]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert convert(zips, one, shard_samples=2).ok
+    assert convert(zips, two, shard_samples=2, workers=2).ok
+    assert manifest_of(one)["splits"] == manifest_of(two)["splits"]
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_json_prints_only_the_summary(make_zip, tmp_path: Path):
+    z = make_zip("batch1_images.zip", 3)
+    out = tmp_path / "shards"
+    result = CliRunner().invoke(cli, ["convert", str(z.path), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["converted"] == 1 and summary["samples"] == {"train": 3, "test": 0}
+    assert summary["failed"] == [] and summary["out"] == str(out) and summary["shards"] == 1
+    bad = tmp_path / "batch2_images.zip"
+    bad.write_text("not a zip")
+    result = CliRunner().invoke(
+        cli, ["convert", str(z.path), str(bad), "--out", str(out), "--json"]
+    )
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    assert summary["reused"] == 1 and summary["failed"][0]["zip"] == str(bad)
+    result = CliRunner().invoke(cli, ["convert", str(tmp_path / "x.zip"), "--out", str(out)])
+    assert result.exit_code == 1 and "batch number" in result.stderr
+
+
+def test_rerun_of_the_same_zip_data_gives_identical_bytes(tmp_path: Path):
+    # Same zip bytes converted twice into different folders: identical shards (fixed metadata).
+    from conftest import build_zip
+
+    z: BatchZip = build_zip(tmp_path / "batch5_images.zip", 4)
+    a, b = convert([z.path], tmp_path / "a"), convert([z.path], tmp_path / "b")
+    assert a.ok and b.ok
+    assert (tmp_path / "a/train/batch05-000000.tar").read_bytes() == (
+        tmp_path / "b/train/batch05-000000.tar"
+    ).read_bytes()
+
+
+def test_a_broken_record_of_another_run_is_reported(make_zip, tmp_path: Path):
+    z1, z2 = make_zip("batch1_images.zip", 3), make_zip("batch2_images.zip", 2)
+    out = tmp_path / "shards"
+    convert([z1.path, z2.path], out)
+    (out / "train" / "batch01-000000.tar").unlink()  # batch 1's shard lost; its zip not given
+    summary = convert([z2.path], out)
+    assert not summary.ok and summary.failed[0]["zip"] == "batch1_images.zip"
+    assert "missing or has changed size" in summary.failed[0]["error"]
+    assert [s["zip"] for s in manifest_of(out)["sources"]] == ["batch2_images.zip"]
+    assert convert([z1.path, z2.path], out).ok  # given its zip again, batch 1 is redone
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_progress_bar_counts_samples_on_a_terminal(make_zip, tmp_path: Path, monkeypatch, workers):
+    zips = [make_zip(f"batch{b}_images.zip", 4 + b).path for b in (1, 2)]
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert convert(zips, tmp_path / "shards", workers=workers, progress=True).ok
+    assert "11/11" in terminal.getvalue()
+
+
+@pytest.mark.skipif(shutil.which("unzip") is None, reason="the unzip command is not installed")
+def test_bench_convert_measures_every_step(make_zip, tmp_path: Path):
+    from pipeline.bench.convert import bench_convert
+
+    zips = [make_zip(f"batch{b}_images.zip", 6, seed=b).path for b in (1, 2)]
+    result = bench_convert(zips[0], tmp_path / "work", zips, repeat=1)
+    assert result["samples"] == 6 and result["workers_samples"] == 12
+    for key in ("unzip_s", "read_s", "convert_s", "workers1_s", "workers2_s"):
+        assert result[key] > 0
+    assert result["convert_vs_unzip"] > 0 and result["convert_vs_read"] > 0
+    assert result["workers_speedup"] > 0
+    assert not list((tmp_path / "work").iterdir())  # its temporary folders are gone

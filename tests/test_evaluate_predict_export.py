@@ -1,0 +1,157 @@
+"""evaluate (JSON, grid), predict (PNGs on the real sample), export (ONNX), and their errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.cli import cli
+
+REAL = Path(__file__).parent / "fixtures" / "real-sample"
+METRIC_KEYS = {
+    "iou",
+    "dice",
+    "depth_rmse",
+    "depth_abs_rel",
+    "depth_delta1",
+    "depth_ssim",
+    "samples",
+}
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_evaluate_json_is_the_only_stdout(tiny_run: Path, tiny_shards: Path, tmp_path) -> None:
+    grid = tmp_path / "grid.png"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "evaluate",
+            str(tiny_run / "best.pt"),
+            "--shards",
+            str(tiny_shards),
+            "--json",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--batch-size",
+            "16",
+            "--grid",
+            str(grid),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert METRIC_KEYS <= set(metrics)
+    assert metrics["samples"] == 48  # the whole test split, each sample once
+    for key in ("iou", "dice", "depth_delta1", "depth_ssim"):
+        assert 0.0 <= metrics[key] <= 1.0
+    picture = np.asarray(Image.open(grid))
+    assert picture.ndim == 3 and picture.shape[2] == 3 and picture.shape[0] >= 160
+
+
+def test_evaluate_errors(tiny_run: Path, tiny_shards: Path, tmp_path: Path) -> None:
+    missing = run_cli("evaluate", tmp_path / "nope.pt", "--shards", tiny_shards)
+    assert missing.exit_code == 1 and "nope.pt" in missing.output
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    bad = run_cli("evaluate", garbage, "--shards", tiny_shards)
+    assert bad.exit_code == 1 and "garbage.pt" in bad.output
+    no_manifest = run_cli("evaluate", tiny_run / "best.pt", "--shards", tmp_path)
+    assert no_manifest.exit_code == 1 and "manifest" in no_manifest.output
+
+
+def test_predict_on_the_real_sample(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pred"
+    result = run_cli(
+        "predict",
+        tiny_run / "best.pt",
+        "--bg",
+        REAL / "bg_img_51.jpg",
+        "--fg-bg",
+        REAL / "fg_bg_9_51_1_2.jpg",
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    )
+    assert result.exit_code == 0, result.output
+    mask = Image.open(out / "fg_bg_9_51_1_2_mask.png")
+    depth = Image.open(out / "fg_bg_9_51_1_2_depth.png")
+    colour = Image.open(out / "fg_bg_9_51_1_2_depth_plasma.png")
+    assert (mask.mode, mask.size) == ("L", (160, 160))
+    assert (depth.mode, depth.size) == ("L", (80, 80))
+    assert colour.mode == "RGB" and colour.size[0] == 80
+
+
+def test_predict_resizes_and_reads_folders(tiny_run: Path, tmp_path: Path, caplog) -> None:
+    bgs, fgs = tmp_path / "bg", tmp_path / "fg"
+    bgs.mkdir()
+    fgs.mkdir()
+    for name in ("a.png", "b.jpg"):
+        Image.open(REAL / "bg_img_51.jpg").resize((320, 240)).convert("RGB").save(bgs / name)
+        Image.open(REAL / "fg_bg_9_51_1_2.jpg").resize((320, 240)).save(fgs / name)
+    from pipeline.predict import predict
+
+    with caplog.at_level("INFO"):
+        written = predict(tiny_run / "best.pt", bgs, fgs, tmp_path / "out", device="cpu")
+    assert {p.name for p in written} >= {"a_mask.png", "b_depth.png", "b_depth_plasma.png"}
+    assert "resized to 160x160" in caplog.text
+    assert Image.open(tmp_path / "out" / "a_mask.png").size == (160, 160)
+
+
+def test_predict_errors_name_the_file(tiny_run: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 definitely not a jpeg")
+    result = run_cli(
+        "predict",
+        tiny_run / "best.pt",
+        "--bg",
+        broken,
+        "--fg-bg",
+        REAL / "fg_bg_9_51_1_2.jpg",
+        "--out",
+        tmp_path / "o",
+    )
+    assert result.exit_code == 1 and "broken.jpg" in result.output
+    result = run_cli(
+        "predict",
+        tiny_run / "best.pt",
+        "--bg",
+        tmp_path / "missing.jpg",
+        "--fg-bg",
+        REAL / "fg_bg_9_51_1_2.jpg",
+        "--out",
+        tmp_path / "o",
+    )
+    assert result.exit_code == 1 and "missing.jpg" in result.output
+
+
+def test_export_onnx_matches_pytorch(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model.onnx"
+    result = run_cli("export", tiny_run / "best.pt", "--onnx", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["max_abs_diff"] < 1e-4
+    graph = onnx.load(str(out)).graph
+    assert [o.name for o in graph.output] == ["mask_logits", "depth"]
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [2, 160, 160]
+
+
+def test_info_counts_the_published_parameters() -> None:
+    result = run_cli("info", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["params"] == 513_206
+    # The published figure (decoder run twice, thop's counting rules) is reproduced exactly.
+    assert data["macs_decoder_twice_thop_rules"] == 892_294_400
+    assert data["macs"] < data["macs_decoder_twice"]

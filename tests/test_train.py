@@ -1,0 +1,168 @@
+"""The trainer: checkpoints, TensorBoard scalars, --resume, and its errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from pipeline.checkpoint import load_checkpoint
+from pipeline.cli import cli
+from pipeline.train import TrainConfig, train
+
+REQUIRED_SCALARS = {
+    "train/loss",
+    "train/loss_mask",
+    "train/loss_depth",
+    "train/iou",
+    "test/loss",
+    "test/iou",
+    "test/dice",
+    "test/depth_rmse",
+    "test/depth_abs_rel",
+    "test/depth_delta1",
+    "test/depth_ssim",
+    "lr",
+    "perf/samples_per_s",
+    "perf/data_wait_fraction",
+}
+
+
+def read_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in a run folder, read with TensorBoard's own event reader."""
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_two_steps_write_checkpoints_config_and_scalars(tiny_run: Path) -> None:
+    for name in ("last.pt", "best.pt"):
+        state = load_checkpoint(tiny_run / name)
+        assert {"model", "optimizer", "scheduler", "epoch", "step", "config"} <= set(state)
+        assert state["epoch"] == 1 and state["step"] == 2
+        assert state["config"]["world_size"] == 1
+        assert state["config"]["model_args"] == {"image_channels": 1}
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["steps_per_epoch"] == 2 and config["lr"] == 0.01
+    scalars = read_scalars(tiny_run)
+    assert REQUIRED_SCALARS <= set(scalars), REQUIRED_SCALARS - set(scalars)
+    assert all(0.0 <= v <= 1.0 for _, v in scalars["test/iou"])
+    acc = EventAccumulator(str(tiny_run), size_guidance={"images": 0})
+    acc.Reload()
+    assert "test/grid" in acc.Tags()["images"]
+
+
+def test_resume_continues_epochs_and_step_count(tiny_run: Path, tiny_shards: Path, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = load_checkpoint(run / "last.pt")
+    config = TrainConfig(**{**before["config"], "out": str(run), "epochs": 2, "resume": True})
+    config.shards = str(tiny_shards)
+    train(config)
+    after = load_checkpoint(run / "last.pt")
+    assert after["epoch"] == 2
+    assert after["step"] == before["step"] + 2
+    # The optimizer really continued: SGD momentum buffers exist and moved on.
+    assert after["optimizer"]["state"], "optimizer state was not carried over"
+    assert after["scheduler"]["last_epoch"] == 2
+    assert max(step for step, _ in read_scalars(run)["test/iou"]) == 4
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tiny_shards: Path, tmp_path) -> None:
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--shards",
+            str(tiny_shards),
+            "--out",
+            str(tmp_path / "none"),
+            "--resume",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ],
+    )
+    assert result.exit_code == 1
+    assert "last.pt" in result.output and "nothing to resume" in result.output
+
+
+def test_shard_folder_without_manifest_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "shards" / "train").mkdir(parents=True)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--shards",
+            str(tmp_path / "shards"),
+            "--out",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 1
+    assert "manifest.json" in result.output
+
+
+def test_bad_options_fail_before_any_work(tiny_shards: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="optimizer"):
+        train(TrainConfig(shards=str(tiny_shards), out=str(tmp_path), optimizer="lbfgs"))
+    assert not any(tmp_path.iterdir())
+
+
+def test_cprofile_writes_a_dump(tiny_shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(
+        TrainConfig(
+            shards=str(tiny_shards),
+            out=str(run),
+            epochs=1,
+            steps_per_epoch=1,
+            batch_size=4,
+            workers=0,
+            device="cpu",
+            eval_batches=1,
+            profile="cprofile",
+            progress=False,
+        )
+    )
+    import pstats
+
+    stats = pstats.Stats(str(run / "profile-rank0.prof"))
+    assert any("train_one_epoch" in func[2] for func in stats.stats)
+
+
+@pytest.mark.slow
+def test_torch_profiler_writes_a_trace(tiny_shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(
+        TrainConfig(
+            shards=str(tiny_shards),
+            out=str(run),
+            epochs=1,
+            steps_per_epoch=6,
+            batch_size=4,
+            workers=0,
+            device="cpu",
+            eval_batches=1,
+            profile="torch",
+            progress=False,
+        )
+    )
+    traces = list((run / "profile").glob("*.pt.trace.json*"))
+    assert traces, "no torch.profiler trace written"
+
+
+def test_amp_off_on_cpu_by_default() -> None:
+    from pipeline.precision import resolve_amp
+
+    assert resolve_amp("auto", torch.device("cpu")) == "off"
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_amp("fp16", torch.device("cpu"))

@@ -1,0 +1,229 @@
+"""verify: a good conversion passes; each kind of damage fails with the shard (and sample) named."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import build_zip, encode
+
+from pipeline.cli import cli
+from pipeline.convert import ConvertConfig, convert_zips, tar_member
+from pipeline.verify import verify_shards
+
+TRAIN0 = "train/batch01-000000.tar"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    """A finished conversion (batch 1: 7 train samples in 3 shards, batch 10: 3 test samples)."""
+    root = tmp_path_factory.mktemp("converted")
+    zips = [build_zip(root / "batch1_images.zip", 7).path]
+    zips.append(build_zip(root / "batch10_images.zip", 3, seed=5).path)
+    summary = convert_zips(
+        zips, ConvertConfig(out=root / "shards", shard_samples=3, progress=False)
+    )
+    assert summary.ok
+    return root / "shards"
+
+
+@pytest.fixture
+def shards(converted: Path, tmp_path: Path) -> Path:
+    """A private copy of the conversion, for a test to damage."""
+    return Path(shutil.copytree(converted, tmp_path / "shards"))
+
+
+def verify(root: Path, workers: int = 1):
+    return verify_shards(root, workers=workers, progress=False)
+
+
+def problems_of(report) -> list[tuple[str | None, str | None, str]]:
+    return [(p["shard"], p["sample"], p["problem"]) for p in report.problems]
+
+
+def edit_manifest(root: Path, change) -> None:
+    manifest = json.loads((root / "manifest.json").read_text())
+    change(manifest)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def replace_shard(root: Path, rel: str, data: bytes) -> None:
+    """Write a shard and update its manifest entry, so only its content can be at fault."""
+    (root / rel).write_bytes(data)
+
+    def change(manifest):
+        for split in manifest["splits"].values():
+            for shard in split["shards"]:
+                if shard["path"] == rel:
+                    shard["bytes"], shard["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+
+    edit_manifest(root, change)
+
+
+def members_of(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def tar_of(members: list[tuple[str, bytes]]) -> bytes:
+    return b"".join(tar_member(n, d) for n, d in members) + b"\0" * 1024
+
+
+def test_a_good_conversion_passes(converted: Path):
+    report = verify(converted, workers=2)
+    assert report.ok, report.problem_lines()
+    assert (report.shards, report.samples) == (4, 10)
+    assert report.to_dict()["ok"] and report.to_dict()["problems"] == []
+    assert "verify ok: 4 shards, 10 samples" in report.summary_line()
+
+
+def test_no_manifest_is_not_a_finished_conversion(shards: Path):
+    (shards / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="not a finished conversion"):
+        verify(shards)
+
+
+def test_flipped_byte_is_found(shards: Path):
+    path = shards / TRAIN0
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x40
+    path.write_bytes(bytes(data))
+    report = verify(shards, workers=2)
+    assert not report.ok
+    assert (TRAIN0, None, "sha256 differs from the manifest's (changed)") in problems_of(report)
+    assert {p["shard"] for p in report.problems} == {TRAIN0}
+    assert any(line.startswith(f"{TRAIN0}: sha256") for line in report.problem_lines())
+
+
+def test_deleted_shard_is_found(shards: Path):
+    (shards / "test/batch10-000000.tar").unlink()
+    report = verify(shards)
+    assert problems_of(report) == [("test/batch10-000000.tar", None, "shard file is missing")]
+
+
+def test_truncated_tar_is_found(shards: Path):
+    path = shards / TRAIN0
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 + 100])
+    report = verify(shards)
+    texts = [p for s, _, p in problems_of(report) if s == TRAIN0]
+    assert any("truncated or corrupt tar" in t for t in texts)
+    assert any(
+        t.startswith(f"{len(data) // 2 + 100} bytes, manifest says {len(data)}") for t in texts
+    )
+    assert any("readable samples, manifest says 3" in t for t in texts)
+
+
+def test_changed_count_is_found(shards: Path):
+    edit_manifest(shards, lambda m: m["splits"]["train"]["shards"][1].update(samples=4))
+    report = verify(shards)
+    problems = problems_of(report)
+    assert (
+        "train/batch01-000001.tar",
+        None,
+        "holds 3 readable samples, manifest says 4",
+    ) in problems
+    assert (None, None, "train: manifest says 7 samples, its shards list 8") in problems
+
+
+def test_duplicate_key_across_splits_is_found(shards: Path):
+    # A train shard copied into the test split: its keys are in both splits.
+    shutil.copy(shards / TRAIN0, shards / "test/batch10-000009.tar")
+
+    def change(manifest):
+        entry = dict(manifest["splits"]["train"]["shards"][0], path="test/batch10-000009.tar")
+        manifest["splits"]["test"]["shards"].append(entry)
+        manifest["splits"]["test"]["samples"] += entry["samples"]
+
+    edit_manifest(shards, change)
+    report = verify(shards)
+    dupes = [p for p in report.problems if "duplicate key" in p["problem"]]
+    assert len(dupes) == 3
+    assert all(p["shard"] == "test/batch10-000009.tar" and TRAIN0 in p["problem"] for p in dupes)
+    assert all(p["sample"].startswith("b01_") for p in dupes)
+
+
+def test_undecodable_and_wrong_images_are_found(shards: Path):
+    members = members_of(shards / TRAIN0)
+    keys = sorted({name.split(".")[0] for name, _ in members})
+    changed = []
+    for name, data in members:
+        if name == f"{keys[0]}.mask.jpg":
+            data = data[:200] + bytes(len(data) - 200)  # scan data zeroed: decodes with errors
+        elif name == f"{keys[1]}.depth.jpg":
+            data = encode(160, 160, 3)  # a depth of the wrong size
+        elif name == f"{keys[2]}.fg_bg.jpg":
+            data = encode(160, 160, 4, channels=3)  # RGB in an L dataset
+        changed.append((name, data))
+    replace_shard(shards, TRAIN0, tar_of(changed))
+    problems = {p["sample"]: p["problem"] for p in verify(shards).problems}
+    assert set(problems) == set(keys)
+    assert problems[keys[0]].startswith("mask.jpg: undecodable image")
+    assert problems[keys[1]] == "depth.jpg: 160x160, expected 80x80"
+    assert problems[keys[2]] == "fg_bg.jpg: 3 channel(s), the manifest's mode has 1"
+
+
+def test_missing_field_and_bad_json_are_found(shards: Path):
+    members = members_of(shards / TRAIN0)
+    keys = sorted({name.split(".")[0] for name, _ in members})
+    changed = [(n, d) for n, d in members if n != f"{keys[0]}.bg.jpg"]
+    changed = [(n, b"{not json" if n == f"{keys[1]}.json" else d) for n, d in changed]
+    replace_shard(shards, TRAIN0, tar_of(changed))
+    problems = {p["sample"]: p["problem"] for p in verify(shards).problems}
+    assert problems[keys[0]] == "fields missing ['bg.jpg'], unexpected []"
+    assert problems[keys[1]].startswith("json: not the provenance record")
+
+
+def test_cli_verify_json_and_exit_codes(converted: Path, shards: Path):
+    result = CliRunner().invoke(cli, ["verify", str(converted), "--json", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] and (report["shards"], report["samples"]) == (4, 10)
+    (shards / TRAIN0).write_bytes(b"")
+    result = CliRunner().invoke(cli, ["verify", str(shards), "--workers", "1"])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert f"{TRAIN0}: 0 bytes, manifest says" in result.stderr and "verify FAILED" in result.stderr
+    result = CliRunner().invoke(cli, ["verify", str(shards.parent / "nowhere")])
+    assert result.exit_code == 1 and "no such folder" in result.stderr
+
+
+def test_problem_dicts_are_json_ready(shards: Path):
+    (shards / TRAIN0).unlink()
+    data = verify(shards).to_dict()
+    assert json.loads(json.dumps(data)) == data and not data["ok"]
+    assert data["problems"] == [
+        {"shard": TRAIN0, "sample": None, "problem": "shard file is missing"}
+    ]
+
+
+def test_tar_members_match_the_stdlib_layout():
+    data = b"\xff\xd8" + bytes(700) + b"\xff\xd9"
+    info = tarfile.TarInfo("b01_1_2_0_3.bg.jpg")
+    info.size, info.mode, info.mtime = len(data), 0o444, 0
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(data))
+    mine = tar_member(info.name, data)
+    expected = buf.getvalue()[: len(mine)]
+
+    # Byte for byte the same but for the checksum and device fields, which differ between Python
+    # versions (the checksum is checked when the member is read back below).
+    def masked(b: bytes) -> bytes:
+        return b[:148] + b[156:329] + b[345:]
+
+    assert masked(mine) == masked(expected)
+    assert members_of_bytes(mine + bytes(1024)) == [(info.name, data, 0o444, 0, 0, 0)]
+
+
+def members_of_bytes(data: bytes) -> list[tuple]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return [
+            (m.name, tar.extractfile(m).read(), m.mode, m.mtime, m.uid, m.gid)
+            for m in tar.getmembers()
+        ]
