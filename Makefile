@@ -32,4 +32,4 @@ format: setup
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf demo runs shards/*.json shards/train shards/test
+	rm -rf demo runs shards/*.json shards/.parts shards/train shards/test
