@@ -29,7 +29,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only: a checkpoint from elsewhere cannot run code; ours hold tensors, plain data.
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):

@@ -348,13 +348,13 @@ def batch_samples(
 
 
 def collate(samples: list[dict], skipped: int) -> dict[str, Any]:
-    """Decoded samples -> "bg", "fg_bg" float32 (B, C, H, W) in [0, 1], "mask", "depth" uint8."""
+    """Decoded samples -> "bg", "fg_bg", "mask", "depth" uint8 (B, C, H, W), "keys", "skipped"."""
     batch: dict[str, Any] = {"keys": [s["key"] for s in samples], "skipped": skipped}
     for field in FIELDS:
         # uint8 through stacking and the layout change: a quarter of float32's bytes to move.
         images = torch.from_numpy(np.stack([s[field] for s in samples]))  # (B, H, W, C)
         images = images.permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
-        batch[field] = augmentation.to_float(images) if field in INPUTS else images
+        batch[field] = images
     return batch
 
 
@@ -363,8 +363,13 @@ def augment_batches(
 ) -> Iterator[dict]:
     """Apply the training augmentation to each batch (photometric on inputs, flip on all four)."""
     for batch in batches:
-        images = {field: batch[field] for field in FIELDS}
-        yield {**batch, **augmentation.augment_batch(images, config, generator)}
+        images = {f: augmentation.to_float(batch[f]) if f in INPUTS else batch[f] for f in FIELDS}
+        augmented = augmentation.augment_batch(images, config, generator)
+        for field in INPUTS:
+            # Back to uint8: a quarter of the bytes through shared memory, pinning and the copy
+            # to the GPU; rounding to 1/255 is what jitter on 8-bit images does anyway.
+            augmented[field] = augmented[field].mul_(255).round_().to(torch.uint8)
+        yield {**batch, **augmented}
 
 
 def join_inputs(batches: Iterable[dict]) -> Iterator[dict]:
@@ -460,12 +465,23 @@ class BatchStream:
             for batch in itertools.islice(batches, self.limit):
                 self.skipped += batch["skipped"]
                 yield batch
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise ValueError(f"the loader failed: {_worker_message(exc)}") from None
         finally:
             # Stop the workers now rather than when the iterator is garbage-collected: endless
             # train workers would otherwise keep decoding into their queues.
             shutdown = getattr(batches, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
+
+
+def _worker_message(exc: Exception) -> str:
+    """The original message of a DataLoader worker's error, without the re-raised traceback."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].split(": ", 1)[-1] if lines else text
 
 
 def make_train_loader(
@@ -524,8 +540,8 @@ def make_eval_loader(
 def to_device(
     batch: dict, device: torch.device | str, channels_last: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(inputs, mask, depth) on `device`; targets shipped as uint8 and made [0, 1] floats there."""
-    inputs = batch["inputs"].to(device, non_blocking=True)
+    """(inputs, mask, depth) on `device`: shipped as uint8, made [0, 1] floats there."""
+    inputs = batch["inputs"].to(device, non_blocking=True).float().div_(255.0)
     if channels_last:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     mask = batch["mask"].to(device, non_blocking=True).float().div_(255.0)

@@ -76,12 +76,3 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
     return tensor
-
-
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """Send a picklable object from rank `src` to every rank."""
-    if not (torch_dist.is_available() and torch_dist.is_initialized()):
-        return obj
-    holder = [obj]
-    torch_dist.broadcast_object_list(holder, src=src)
-    return holder[0]

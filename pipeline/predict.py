@@ -60,6 +60,12 @@ def pair_paths(bg: Path, fg_bg: Path) -> list[tuple[Path, Path, str]]:
         )
     if not bgs:
         raise ValueError(f"no images in {bg} and {fg_bg}")
+    stems = [Path(name).stem for name in bgs]
+    clashes = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if clashes:
+        raise ValueError(
+            f"{fg_bg}: several images share the name {', '.join(clashes)} (outputs would collide)"
+        )
     return [(bgs[name], fgs[name], Path(name).stem) for name in sorted(bgs)]
 
 

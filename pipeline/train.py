@@ -63,7 +63,7 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda when present
     amp: str = "auto"  # auto = bf16 on GPUs that support it, off on CPU
     compile: bool = False  # torch.compile the model (minutes of warm-up, faster steps)
-    channels_last: bool = True  # NHWC convolutions on GPUs (ignored on CPU)
+    channels_last: bool = True  # NHWC convolutions: faster on GPUs, and ~2x here on CPU too
     steps_per_epoch: int | None = None  # cap each epoch (smoke runs); None = the whole split
     eval_batches: int | None = None  # cap evaluation (smoke runs); None = the whole test split
     resume: bool = False  # continue from OUT/last.pt up to `epochs`
@@ -139,53 +139,73 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class Run:
+    """The objects one training run carries from epoch to epoch."""
+
+    model: UNet  # the bare network: evaluated and saved as is
+    net: torch.nn.Module  # what trains: the model, wrapped in DDP and/or compiled
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp: str  # the resolved precision: off, bf16 or fp16
+    steps: int  # training steps per epoch, the same on every rank
+    has_test: bool
+    writer: Any = None  # rank 0's TensorBoard SummaryWriter
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    best_iou: float = -math.inf
+
+
 def _train(config: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     manifest = open_manifest(config.shards)
-    out = Path(config.out)
-    device = dist.device
-    amp = resolve_amp(config.amp, device)
     config.world_size = dist.world_size
     config.model_args = {"image_channels": int(manifest.get("channels", 1))}
     _seed_everything(config.seed + dist.rank)
+    run = _start_run(config, dist, manifest)
+    metrics: dict[str, Any] = {}
+    for epoch in range(run.epoch, config.epochs):
+        metrics = _train_epoch(run, config, dist, epoch)
+        barrier()  # rank 0 saves; the others wait so a crash can't leave them an epoch ahead
+    if run.writer is not None:
+        run.writer.close()
+    return {"epochs": config.epochs, "step": run.step, "best_iou": run.best_iou, **metrics}
+
+
+def _start_run(config: TrainConfig, dist: DistInfo, manifest: dict) -> Run:
+    """Build the model, optimizer and schedule (or resume them), wrap for DDP, open TensorBoard."""
+    device = dist.device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed 160x160 shapes: pick the fastest kernels once
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
+    amp = resolve_amp(config.amp, device)
     model = UNet(UNetConfig(**config.model_args)).to(device)
-    channels_last = config.channels_last and device.type == "cuda"
-    if channels_last:
+    if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = _make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    start_epoch, step, best_iou = 0, 0, -math.inf
+    optimizer = make_optimizer(model, config)
+    steps = train_steps_per_epoch(manifest, config.batch_size, dist.world_size)
+    run = Run(
+        model=model,
+        net=model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma),
+        scaler=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),
+        amp=amp,
+        steps=min(steps, config.steps_per_epoch or steps),
+        has_test=manifest["splits"].get("test", {}).get("samples", 0) > 0,
+    )
     if config.resume:
-        start_epoch, step, best_iou = _resume(out, model, optimizer, scheduler, scaler, device)
-
-    net: torch.nn.Module = model
+        _resume(Path(config.out), run, device)
     if dist.distributed:
         ids = [device.index] if device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=ids)
+        run.net = DistributedDataParallel(model, device_ids=ids)
     if config.compile:
-        net = torch.compile(net)
-
-    writer = _open_writer(out, config, dist)
-    steps = config.steps_per_epoch or train_steps_per_epoch(
-        manifest, config.batch_size, dist.world_size
-    )
-    loader_config = LoaderConfig(
-        batch_size=config.batch_size,
-        workers=config.workers,
-        shuffle_buffer=config.shuffle_buffer,
-        augment=AugmentConfig(hflip_p=config.hflip) if config.augment else _flip_only(config),
-        pin_memory=device.type == "cuda",
-        seed=config.seed,
-    )
-    has_test = manifest["splits"].get("test", {}).get("samples", 0) > 0
-    if not has_test and dist.is_main:
-        log.warning("the test split is empty: best.pt follows the training IoU instead")
+        run.net = torch.compile(run.net)
+    run.writer = _open_writer(Path(config.out), config, dist)
     if dist.is_main:
+        if not run.has_test:
+            log.warning("the test split is empty: best.pt follows the training IoU instead")
         log.info(
             "training %s on %s (amp %s, %d process%s): %d epochs x %d steps of %d samples",
             _count(model),
@@ -194,92 +214,91 @@ def _train(config: TrainConfig, dist: DistInfo) -> dict[str, Any]:
             dist.world_size,
             "" if dist.world_size == 1 else "es",
             config.epochs,
-            steps,
+            run.steps,
             config.batch_size,
         )
+    return run
 
-    metrics: dict[str, Any] = {}
-    for epoch in range(start_epoch, config.epochs):
-        epoch_start = time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        loader = make_train_loader(
-            config.shards,
-            loader_config,
-            epoch=epoch,
-            rank=dist.rank,
-            world_size=dist.world_size,
-            steps=steps,
-        )
-        profiler = _torch_profiler(config, out, dist, first=epoch == start_epoch)
-        with profiler or contextlib.nullcontext():
-            stats = train_one_epoch(
-                net,
-                loader,
-                optimizer,
-                scaler,
-                device,
-                amp,
-                config,
-                writer,
-                step,
-                epoch,
-                channels_last,
-                profiler,
-            )
-        step += stats.steps
-        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
-        scheduler.step()
-        eval_start = time.perf_counter()
-        if has_test:
-            eval_loader = make_eval_loader(
-                config.shards,
-                "test",
-                dataclasses.replace(loader_config, augment=None),
-                rank=dist.rank,
-                world_size=dist.world_size,
-            )
-            metrics, grid = evaluate_model(
-                model,
-                eval_loader,
-                device,
-                amp,
-                (config.mask_weight, config.depth_weight),
-                grid_rows=config.grid_rows if dist.is_main else 0,
-                max_batches=config.eval_batches,
-                channels_last=channels_last,
-            )
-        else:
-            metrics, grid = {"iou": stats.iou}, None
-        eval_s = time.perf_counter() - eval_start
-        total_s = time.perf_counter() - epoch_start
-        metrics = _epoch_report(
-            writer,
-            dist,
+
+def loader_config(config: TrainConfig, device: torch.device) -> LoaderConfig:
+    """The training loader's settings for a run (evaluation uses the same, unaugmented)."""
+    return LoaderConfig(
+        batch_size=config.batch_size,
+        workers=config.workers,
+        shuffle_buffer=config.shuffle_buffer,
+        augment=AugmentConfig(hflip_p=config.hflip) if config.augment else _flip_only(config),
+        pin_memory=device.type == "cuda",
+        seed=config.seed,
+    )
+
+
+def _train_epoch(run: Run, config: TrainConfig, dist: DistInfo, epoch: int) -> dict[str, Any]:
+    """Train one epoch, evaluate, log, and save the checkpoints (rank 0)."""
+    start = time.perf_counter()
+    device = dist.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    loaders = loader_config(config, device)
+    loader = make_train_loader(
+        config.shards,
+        loaders,
+        epoch=epoch,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        steps=run.steps,
+    )
+    profiler = _torch_profiler(config, dist, run.steps, first=epoch == run.epoch)
+    with profiler or contextlib.nullcontext():
+        stats = train_one_epoch(
+            run.net,
+            loader,
+            run.optimizer,
+            run.scaler,
             device,
+            run.amp,
             config,
+            run.writer,
+            run.step,
             epoch,
-            step,
-            stats,
-            metrics,
-            grid,
-            eval_s,
-            total_s,
-            lr=lr,
+            config.channels_last,
+            profiler,
         )
-        if dist.is_main:
-            improved = metrics["iou"] > best_iou
-            best_iou = max(best_iou, metrics["iou"])
-            state = _checkpoint_state(
-                model, optimizer, scheduler, scaler, config, epoch, step, metrics, best_iou
-            )
-            save_checkpoint(state, out / "last.pt")
-            if improved:
-                save_checkpoint(state, out / "best.pt")
-        barrier()
-    if writer is not None:
-        writer.close()
-    return {"epochs": config.epochs, "step": step, "best_iou": best_iou, **metrics}
+    run.step += stats.steps
+    lr = run.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
+    run.scheduler.step()
+    eval_start = time.perf_counter()
+    metrics, grid = _evaluate_epoch(run, config, dist, dataclasses.replace(loaders, augment=None))
+    times = (time.perf_counter() - eval_start, time.perf_counter() - start)
+    metrics = _epoch_report(run, dist, config, epoch, stats, metrics, grid, times, lr)
+    run.epoch = epoch + 1
+    if dist.is_main:
+        score = metrics["iou"] if run.has_test else stats.iou
+        improved = score > run.best_iou
+        run.best_iou = max(run.best_iou, score)
+        state = _checkpoint_state(run, config, metrics)
+        save_checkpoint(state, Path(config.out) / "last.pt")
+        if improved:
+            save_checkpoint(state, Path(config.out) / "best.pt")
+    return metrics
+
+
+def _evaluate_epoch(run: Run, config: TrainConfig, dist: DistInfo, loaders: LoaderConfig):
+    """Test metrics reduced across ranks and rank 0's grid; nothing without a test split."""
+    if not run.has_test:
+        return {}, None
+    loader = make_eval_loader(
+        config.shards, "test", loaders, rank=dist.rank, world_size=dist.world_size
+    )
+    return evaluate_model(
+        run.model,
+        loader,
+        dist.device,
+        run.amp,
+        (config.mask_weight, config.depth_weight),
+        grid_rows=config.grid_rows if dist.is_main else 0,
+        max_batches=config.eval_batches,
+        channels_last=config.channels_last,
+    )
 
 
 def _flip_only(config: TrainConfig) -> AugmentConfig | None:
@@ -295,7 +314,8 @@ def _count(model: torch.nn.Module) -> str:
     return f"a UNet of {sum(p.numel() for p in model.parameters()):,} parameters"
 
 
-def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (the published recipe) or AdamW."""
     if config.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(
@@ -306,32 +326,42 @@ def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     )
 
 
-def _resume(out: Path, model, optimizer, scheduler, scaler, device) -> tuple[int, int, float]:
-    """Load OUT/last.pt into the run's objects; returns (epochs done, step, best IoU)."""
+def _resume(out: Path, run: Run, device: torch.device) -> None:
+    """Load OUT/last.pt into the run: weights, optimizer, schedule, scaler, epoch and step.
+
+    Every rank reads the file, so under multi-node torchrun OUT must be on a shared disk.
+    """
     path = out / "last.pt"
     if not path.is_file():
         raise FileNotFoundError(f"--resume: {path} does not exist (nothing to resume)")
     state = load_checkpoint(path, map_location=device)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    log.info("resuming %s after epoch %d (step %d)", path, state["epoch"], state["step"])
-    return int(state["epoch"]), int(state["step"]), float(state.get("best_iou", -math.inf))
+    try:
+        run.model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ValueError(
+            f"--resume: {path} holds another network than these shards need ({exc})"
+        ) from None
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler") and run.scaler.is_enabled():
+        run.scaler.load_state_dict(state["scaler"])
+    run.epoch, run.step = int(state["epoch"]), int(state["step"])
+    run.best_iou = float(state.get("best_iou", -math.inf))
+    log.info("resuming %s after epoch %d (step %d)", path, run.epoch, run.step)
 
 
-def _checkpoint_state(model, optimizer, scheduler, scaler, config, epoch, step, metrics, best_iou):
+def _checkpoint_state(run: Run, config: TrainConfig, metrics: dict) -> dict[str, Any]:
+    """The one checkpoint dict (nanoGPT style): everything --resume and evaluate need."""
     return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-        "epoch": epoch + 1,  # epochs completed
-        "step": step,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        "epoch": run.epoch,  # epochs completed
+        "step": run.step,
         "config": dataclasses.asdict(config),
         "metrics": metrics,
-        "best_iou": best_iou,
+        "best_iou": run.best_iou,
     }
 
 
@@ -346,10 +376,20 @@ def _open_writer(out: Path, config: TrainConfig, dist: DistInfo):
     return SummaryWriter(log_dir=str(out))
 
 
-def _torch_profiler(config: TrainConfig, out: Path, dist: DistInfo, first: bool):
+PROFILE_STEPS = (1, 1, 3)  # torch.profiler: steps to skip, to warm up, to record
+
+
+def _torch_profiler(config: TrainConfig, dist: DistInfo, steps: int, first: bool):
     """A torch.profiler over a few steps of the first epoch, traced for TensorBoard's profiler."""
     if config.profile != "torch" or not first or not dist.is_main:
         return None
+    if steps < sum(PROFILE_STEPS):
+        log.warning(
+            "--profile torch needs %d steps in an epoch, this one has %d: the trace "
+            "will be shorter or missing",
+            sum(PROFILE_STEPS),
+            steps,
+        )
     from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
     activities = [ProfilerActivity.CPU]
@@ -357,8 +397,10 @@ def _torch_profiler(config: TrainConfig, out: Path, dist: DistInfo, first: bool)
         activities.append(ProfilerActivity.CUDA)
     return profile(
         activities=activities,
-        schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
-        on_trace_ready=tensorboard_trace_handler(str(out / "profile")),
+        schedule=schedule(
+            wait=PROFILE_STEPS[0], warmup=PROFILE_STEPS[1], active=PROFILE_STEPS[2], repeat=1
+        ),
+        on_trace_ready=tensorboard_trace_handler(str(Path(config.out) / "profile")),
         record_shapes=True,
         profile_memory=True,
     )
@@ -380,7 +422,8 @@ def train_one_epoch(
 ) -> EpochStats:
     """One pass over the loader; losses and IoU are summed on the device (no per-step sync)."""
     net.train()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, mask, depth, iou, samples
+    # loss, loss_mask, loss_depth, iou (each x samples), samples, skipped samples
+    sums = torch.zeros(6, dtype=torch.float64, device=device)
     bar = _progress(loader, config, writer is not None, epoch)
     stats = EpochStats()
     start = time.perf_counter()
@@ -410,28 +453,25 @@ def train_one_epoch(
         n = inputs.shape[0]
         with torch.no_grad():
             iou = batch_iou(mask_logits.detach(), mask)
-            sums += torch.stack(
-                [
-                    loss.detach() * n,
-                    loss_mask.detach() * n,
-                    loss_depth.detach() * n,
-                    iou * n,
-                    torch.tensor(n, device=device, dtype=torch.float64),
-                ]
-            ).double()
+            values = torch.stack([loss.detach(), loss_mask.detach(), loss_depth.detach(), iou])
+            sums[:4] += values.double() * n
+            sums[4] += n  # Python numbers are kernel arguments: no host-to-device copy, no sync
+            sums[5] += batch.get("skipped", 0)
         stats.steps += 1
         if profiler is not None:
             profiler.step()
         if stats.steps % config.log_every == 0:
             _log_progress(bar, writer, sums, step + stats.steps, optimizer)
         bar.update(1)
+    if stats.steps % config.log_every:  # the epoch's last point, so short runs log too
+        _log_progress(bar, writer, sums, step + stats.steps, optimizer)
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     stats.train_s = time.perf_counter() - start
-    stats.skipped = int(getattr(loader, "skipped", 0))
     all_reduce_sum(sums)
-    loss_sum, mask_sum, depth_sum, iou_sum, samples = sums.tolist()
+    loss_sum, mask_sum, depth_sum, iou_sum, samples, skipped = sums.tolist()
+    stats.skipped = int(skipped)
     samples = max(samples, 1.0)
     stats.samples = int(samples)
     stats.loss, stats.loss_mask = loss_sum / samples, mask_sum / samples
@@ -454,7 +494,7 @@ def _progress(loader, config: TrainConfig, main: bool, epoch: int):
 
 def _log_progress(bar, writer, sums: torch.Tensor, step: int, optimizer) -> None:
     """Every `log_every` steps: one host sync to show running means and log them."""
-    loss, loss_mask, loss_depth, iou, samples = sums.tolist()
+    loss, loss_mask, loss_depth, iou, samples, _ = sums.tolist()
     samples = max(samples, 1.0)
     values = {
         "loss": loss / samples,
@@ -470,78 +510,72 @@ def _log_progress(bar, writer, sums: torch.Tensor, step: int, optimizer) -> None
 
 
 def _epoch_report(
-    writer,
-    dist,
-    device,
-    config,
-    epoch,
-    step,
+    run: Run,
+    dist: DistInfo,
+    config: TrainConfig,
+    epoch: int,
     stats: EpochStats,
-    metrics,
+    metrics: dict[str, Any],
     grid,
-    eval_s: float,
-    total_s: float,
+    times: tuple[float, float],
     lr: float,
 ) -> dict[str, Any]:
     """Log an epoch's scalars, timings and grid; print its one-line summary (rank 0)."""
-    samples_per_s = stats.samples / max(stats.train_s, 1e-9)
-    data_wait = stats.data_s / max(stats.train_s, 1e-9)
-    other_s = max(total_s - stats.train_s - eval_s, 0.0)
-    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    if not dist.is_main:
-        return metrics
-    if writer is not None:
-        scalars = {
-            "train/loss": stats.loss,
-            "train/loss_mask": stats.loss_mask,
-            "train/loss_depth": stats.loss_depth,
-            "train/iou": stats.iou,
-            "lr": lr,
-            "perf/samples_per_s": samples_per_s,
-            "perf/data_wait_fraction": data_wait,
-            "time/train_step_s": stats.step_s,
-            "time/data_wait_s": stats.data_s,
-            "time/eval_s": eval_s,
-            "time/other_s": other_s,
-            "data/skipped_samples": stats.skipped,
-        }
-        scalars.update({f"test/{k}": v for k, v in metrics.items() if isinstance(v, float)})
-        if peak_gib is not None:
-            scalars["perf/peak_memory_gib"] = peak_gib
-        for name, value in scalars.items():
-            writer.add_scalar(name, value, step)
-        if grid is not None:
-            writer.add_image("test/grid", grid, step, dataformats="HWC")
-        writer.flush()
+    eval_s, total_s = times
+    perf = {
+        "samples_per_s": stats.samples / max(stats.train_s, 1e-9),
+        "data_wait_fraction": stats.data_s / max(stats.train_s, 1e-9),
+    }
+    if dist.device.type == "cuda":
+        perf["peak_memory_gib"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
+    timing = {
+        "train_step_s": stats.step_s,
+        "data_wait_s": stats.data_s,
+        "eval_s": eval_s,
+        "other_s": max(total_s - stats.train_s - eval_s, 0.0),
+    }
+    if dist.is_main:
+        _log_epoch_scalars(run, stats, metrics, grid, perf, timing)
+        log.info("%s", _epoch_line(config, epoch, run.step, stats, metrics, perf, timing, lr))
+    return {**metrics, "train_loss": stats.loss, "train_iou": stats.iou, **perf}
+
+
+def _log_epoch_scalars(run: Run, stats: EpochStats, metrics, grid, perf, timing) -> None:
+    """TensorBoard at the epoch's last step: reduced training means, test metrics, timings."""
+    if run.writer is None:
+        return
+    scalars = {
+        # The whole epoch over all ranks (train/* are rank 0's running means, every log_every).
+        "train_epoch/loss": stats.loss,
+        "train_epoch/loss_mask": stats.loss_mask,
+        "train_epoch/loss_depth": stats.loss_depth,
+        "train_epoch/iou": stats.iou,
+        "data/skipped_samples": stats.skipped,
+        **{f"perf/{k}": v for k, v in perf.items()},
+        **{f"time/{k}": v for k, v in timing.items()},
+        **{f"test/{k}": v for k, v in metrics.items() if isinstance(v, float)},
+    }
+    for name, value in scalars.items():
+        run.writer.add_scalar(name, value, run.step)
+    if grid is not None:
+        run.writer.add_image("test/grid", grid, run.step, dataformats="HWC")
+    run.writer.flush()
+
+
+def _epoch_line(config, epoch, step, stats: EpochStats, metrics, perf, timing, lr) -> str:
+    """The one summary line printed after each epoch."""
     test = (
         f"test loss {metrics['loss']:.4f} iou {metrics['iou']:.3f} "
         f"depth ssim {metrics['depth_ssim']:.3f} rmse {metrics['depth_rmse']:.4f}"
-        if "loss" in metrics
+        if metrics
         else "no test split"
     )
-    memory = f", peak {peak_gib:.2f} GiB" if peak_gib is not None else ""
-    log.info(
-        "epoch %d/%d step %d: train loss %.4f iou %.3f | %s | %.0f samples/s | "
-        "time: steps %.1fs, data wait %.1fs (%.0f%%), eval %.1fs, other %.1fs%s%s",
-        epoch + 1,
-        config.epochs,
-        step,
-        stats.loss,
-        stats.iou,
-        test,
-        samples_per_s,
-        stats.step_s,
-        stats.data_s,
-        100 * data_wait,
-        eval_s,
-        other_s,
-        memory,
-        f", {stats.skipped} undecodable samples skipped" if stats.skipped else "",
+    memory = f", peak {perf['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in perf else ""
+    skipped = f", {stats.skipped} undecodable samples skipped" if stats.skipped else ""
+    return (
+        f"epoch {epoch + 1}/{config.epochs} step {step} lr {lr:.2g}: train loss {stats.loss:.4f} "
+        f"iou {stats.iou:.3f} | {test} | {perf['samples_per_s']:.0f} samples/s | time: steps "
+        f"{timing['train_step_s']:.1f}s, data wait {timing['data_wait_s']:.1f}s "
+        f"({100 * perf['data_wait_fraction']:.0f}%), eval {timing['eval_s']:.1f}s, "
+        f"other {timing['other_s']:.1f}s{memory}{skipped}"
     )
-    return {
-        **metrics,
-        "train_loss": stats.loss,
-        "train_iou": stats.iou,
-        "samples_per_s": samples_per_s,
-        "data_wait_fraction": data_wait,
-    }

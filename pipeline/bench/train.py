@@ -9,12 +9,11 @@ from collections.abc import Iterator
 import torch
 
 from model import UNet, UNetConfig
-from pipeline.augment import AugmentConfig
-from pipeline.data import LoaderConfig, make_train_loader, open_manifest
+from pipeline.data import make_train_loader, open_manifest
 from pipeline.dist import resolve_device
 from pipeline.layout import DEPTH_SIZE, IMAGE_SIZE
 from pipeline.precision import resolve_amp
-from pipeline.train import TrainConfig, _make_optimizer, train_one_epoch
+from pipeline.train import TrainConfig, loader_config, make_optimizer, train_one_epoch
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,9 @@ def synthetic_batch(batch_size: int, channels: int, device: torch.device) -> dic
     """A random batch in the loader's format, already on the device."""
     (w, h), (dw, dh) = IMAGE_SIZE, DEPTH_SIZE
     return {
-        "inputs": torch.rand(batch_size, 2 * channels, h, w, device=device),
+        "inputs": torch.randint(
+            0, 256, (batch_size, 2 * channels, h, w), dtype=torch.uint8, device=device
+        ),
         "mask": torch.randint(0, 256, (batch_size, 1, h, w), dtype=torch.uint8, device=device),
         "depth": torch.randint(0, 256, (batch_size, 1, dh, dw), dtype=torch.uint8, device=device),
     }
@@ -66,11 +67,11 @@ def _setup(config: TrainConfig, channels: int):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model = UNet(UNetConfig(image_channels=channels)).to(device)
-    channels_last = config.channels_last and device.type == "cuda"
+    channels_last = config.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if config.compile else model
-    optimizer = _make_optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     return device, amp, net, optimizer, scaler, channels_last
 
@@ -107,15 +108,9 @@ def bench_train(
         "model_only": _run(net, RepeatedBatch(batch, steps), *args),
     }
     if shards:
-        loader_config = LoaderConfig(
-            batch_size=config.batch_size,
-            workers=config.workers,
-            shuffle_buffer=config.shuffle_buffer,
-            augment=AugmentConfig(hflip_p=config.hflip) if config.augment else None,
-            pin_memory=device.type == "cuda",
-            seed=config.seed,
+        loader = make_train_loader(
+            shards, loader_config(config, device), epoch=0, steps=warmup + steps
         )
-        loader = make_train_loader(shards, loader_config, epoch=0, steps=warmup + steps)
         batches = iter(loader)
         _run(net, Take(batches, warmup), *args)  # worker start-up is not the steady state
         result["from_shards"] = _run(net, Take(batches, steps), *args)
