@@ -12,9 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pipeline.layout import FIELDS
+from pipeline.layout import FIELDS, INPUTS
 
-INPUTS = ("bg", "fg_bg")  # the only fields that are photometrically changed
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale uses.
 _LUMA = (0.2989, 0.587, 0.114)
 _CHUNK = 4  # images per pass of the jitter: 400 KB per plane, inside L2/L3

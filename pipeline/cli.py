@@ -6,6 +6,7 @@ exit codes. Heavy imports (torch) happen inside the commands that need them, so 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,20 @@ class UserError(click.ClickException):
 
     def show(self, file=None) -> None:  # noqa: D102 - click's hook
         click.echo(f"error: {self.message}", err=True)
+
+
+EXPECTED = (ValueError, OSError)  # bad input, missing or unreadable files
+TORCH_EXPECTED = (*EXPECTED, RuntimeError)  # torch's own (CUDA out of memory, a bad checkpoint)
+
+
+@contextlib.contextmanager
+def user_errors(kinds: tuple[type[Exception], ...] = EXPECTED):
+    """Turn the library's expected exceptions into `error: …` and exit 1 (traceback with -v)."""
+    try:
+        yield
+    except kinds as exc:
+        log.debug("traceback:", exc_info=True)
+        raise UserError(str(exc)) from None
 
 
 def _batches(_ctx, _param, value):
@@ -104,7 +119,8 @@ def synth(out: Path, batches: list[int], samples: int, mode: str, seed: int) -> 
     """
     from pipeline.synth import synth_zips
 
-    paths = synth_zips(out, batches=batches, samples=samples, mode=mode, seed=seed)
+    with user_errors():
+        paths = synth_zips(out, batches=batches, samples=samples, mode=mode, seed=seed)
     for path in paths:
         click.echo(str(path))
 
@@ -169,10 +185,8 @@ def convert(zips, out, test_batches, shard_samples, workers, seed, strict, force
         force=force,
         progress=not as_json,
     )
-    try:
+    with user_errors():
         summary = convert_zips(list(zips), config)
-    except (ValueError, OSError) as exc:
-        raise UserError(str(exc)) from None
     if as_json:
         _emit_json(summary.to_dict())
     else:
@@ -200,10 +214,8 @@ def verify(shards: Path, workers: int, as_json: bool) -> None:
     """
     from pipeline.verify import verify_shards
 
-    try:
+    with user_errors():
         report = verify_shards(shards, workers=workers, progress=not as_json)
-    except (ValueError, OSError) as exc:
-        raise UserError(str(exc)) from None
     if as_json:
         _emit_json(report.to_dict())
     else:
@@ -316,6 +328,12 @@ def info(channels: str, as_json: bool) -> None:
 )
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option(
+    "--channels-last/--no-channels-last",
+    default=True,
+    show_default=True,
+    help="NHWC memory format (faster convolutions on GPUs and here on CPU).",
+)
+@click.option(
     "--steps-per-epoch",
     type=click.IntRange(1),
     default=None,
@@ -357,10 +375,8 @@ def train(**options) -> None:
     options["compile"] = options.pop("compile_")
     options["out"] = str(options["out"])
     config = TrainConfig(**options)
-    try:
+    with user_errors(TORCH_EXPECTED):
         result = run_training(config)
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from None
     if int(os.environ.get("RANK", "0")) == 0:
         _emit_json({k: v for k, v in result.items() if not isinstance(v, dict)})
 
@@ -389,7 +405,7 @@ def evaluate(checkpoint, shards, split, batch_size, workers, device, grid, as_js
     """
     from pipeline.evaluate import evaluate_checkpoint
 
-    try:
+    with user_errors(TORCH_EXPECTED):
         metrics = evaluate_checkpoint(
             checkpoint,
             shards,
@@ -399,8 +415,6 @@ def evaluate(checkpoint, shards, split, batch_size, workers, device, grid, as_js
             device=device,
             grid=grid,
         )
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from None
     if as_json:
         _emit_json(metrics)
         return
@@ -441,10 +455,8 @@ def predict(checkpoint, bg, fg_bg, out, device) -> None:
     """
     from pipeline.predict import predict as run_predict
 
-    try:
+    with user_errors(TORCH_EXPECTED):
         paths = run_predict(checkpoint, bg, fg_bg, out, device=device)
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from None
     for path in paths:
         click.echo(str(path))
 
@@ -474,10 +486,8 @@ def export(checkpoint, onnx_path, check, as_json) -> None:
     """
     from pipeline.export import export_onnx
 
-    try:
+    with user_errors(TORCH_EXPECTED):
         result = export_onnx(checkpoint, onnx_path, check=check)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        raise UserError(str(exc)) from None
     if as_json:
         _emit_json(result)
         return
@@ -512,21 +522,10 @@ def bench_convert_cmd(zips, work, synth_samples, as_json) -> None:
 
     With a second ZIP it also times 2 workers on 2 zips against 1 worker.
     """
-    import tempfile
+    from pipeline.bench.convert import run_bench_convert
 
-    from pipeline.bench.convert import bench_convert
-
-    with tempfile.TemporaryDirectory(prefix="bench-convert-") as tmp:
-        work = work or Path(tmp)
-        if not zips:
-            if synth_samples is None:
-                raise click.UsageError("give a ZIP, or --synth N to make two of N samples")
-            from pipeline.synth import synth_zips
-
-            zips = synth_zips(work / "zips", batches=[1, 2], samples=synth_samples)
-        result = bench_convert(
-            Path(zips[0]), work, list(map(Path, zips[:2])) if len(zips) > 1 else None
-        )
+    with user_errors():
+        result = run_bench_convert(list(zips), work, synth_samples)
     _emit_json(result, indent=None if as_json else 2)
 
 
@@ -541,10 +540,11 @@ def bench_loader_cmd(shards, workers, batch_size, batches, augment, as_json) -> 
     """Samples/s of the training loader alone, side by side with the old loose-file way."""
     from pipeline.bench.loader import bench_loader
 
-    result = bench_loader(
-        shards, workers=workers, batch_size=batch_size, batches=batches, augment=augment
-    )
-    _emit_json(result, indent=None if as_json else 2)
+    with user_errors(TORCH_EXPECTED):
+        result = bench_loader(
+            shards, workers=workers, batch_size=batch_size, batches=batches, augment=augment
+        )
+        _emit_json(result, indent=None if as_json else 2)
 
 
 @bench.command("train")
@@ -557,12 +557,13 @@ def bench_loader_cmd(shards, workers, batch_size, batches, augment, as_json) -> 
     "--amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto", show_default=True
 )
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True)
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(0))
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1))
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--json", "as_json", is_flag=True, help="Print only the figures, as JSON.")
 def bench_train_cmd(
-    shards, device, batch_size, amp, compile_, workers, steps, warmup, as_json
+    shards, device, batch_size, amp, compile_, channels_last, workers, steps, warmup, as_json
 ) -> None:
     """Training samples/s: the model alone on synthetic tensors, and from shards (data wait too)."""
     from pipeline.bench.train import bench_train
@@ -574,12 +575,11 @@ def bench_train_cmd(
         batch_size=batch_size,
         amp=amp,
         compile=compile_,
+        channels_last=channels_last,
         workers=workers,
     )
-    try:
+    with user_errors(TORCH_EXPECTED):
         result = bench_train(config, steps=steps, warmup=warmup, shards=shards)
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from None
     _emit_json(result, indent=None if as_json else 2)
 
 

@@ -1,16 +1,16 @@
 """`convert`: stream batch zips into WebDataset tar shards and a manifest, never extracting.
 
 Per zip, one process reads the central directory, pairs each fg_bg member with its bg, mask and
-depth members, and writes the samples in a seeded random order into tar shards, reading every
-member once. Memory holds the central directory, the ~100 backgrounds (shared by all samples) and
-one sample, whatever the zip's size. A zip's shards are written under temp names, renamed, then a
-record `DIR/.parts/batchNN.json` marks the zip done; the manifest is rebuilt from all records and
-written last, so an interrupted run leaves no manifest and a re-run redoes only unfinished zips.
+depth members, and writes the samples in a seeded random order into tar shards (see
+`shardwriter`), reading every member once. Memory holds the central directory, the ~100
+backgrounds (shared by all samples) and one sample, whatever the zip's size. A zip's shards are
+written under temp names, renamed, then a record `DIR/.parts/batchNN.json` marks the zip done (see
+`records`); the manifest is rebuilt from all records and written last, so an interrupted run
+leaves no manifest and a re-run redoes only unfinished zips.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -19,10 +19,10 @@ import queue as queue_lib
 import random
 import struct
 import sys
-import tarfile
 import time
 import zipfile
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
@@ -44,23 +44,24 @@ from pipeline.layout import (
     batch_number,
     classify,
     sample_key,
-    shard_name,
 )
 from pipeline.manifest import CHANNELS, build_manifest, write_json_atomic
+from pipeline.records import (
+    discard_batch,
+    load_records,
+    make_record,
+    record_path,
+    record_problem,
+    reuse_problem,
+)
+from pipeline.shardwriter import ShardWriter
 
 log = logging.getLogger(__name__)
 
-PARTS_DIR = ".parts"  # per-zip records: which zips are done, with their shards
-RECORD_VERSION = 1
 PROGRESS_EVERY = 200  # samples between progress messages: a queue put per sample would cost more
 MODE_OF = {channels: mode for mode, channels in CHANNELS.items()}
-# Tar members get fixed metadata so the same zip and seed give byte-identical shards.
-TAR_BLOCK = 512
-TAR_RECORD = tarfile.RECORDSIZE
 LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # a member's local header (APPNOTE 4.3.7)
 LOCAL_MAGIC = b"PK\x03\x04"
-RECORD_KEYS = {"zip", "batch", "split", "mode", "shard_samples", "seed", "bytes", "fingerprint"}
-RECORD_KEYS |= {"samples", "shards", "skipped"}
 READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError)
 
 Reporter = Callable[[str, int], None]  # ("total" | "done", count)
@@ -157,114 +158,6 @@ class ConvertSummary:
         )
 
 
-# ---------------------------------------------------------------- tar shards, hashed as written
-
-
-class _HashingFile:
-    """A write-only file that hashes and counts the bytes going through it."""
-
-    def __init__(self, path: Path) -> None:
-        self._file = open(path, "wb", buffering=1 << 20)  # closed by close()
-        self._sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> None:
-        """Write, hash and count `data`."""
-        self._file.write(data)
-        self._sha.update(data)
-        self.size += len(data)
-
-    def close(self) -> str:
-        """Close the file; return the hex sha256 of everything written."""
-        self._file.close()
-        return self._sha.hexdigest()
-
-
-def _ustar_constants() -> tuple[bytes, bytes, bytes, int]:
-    """The fixed parts of a ustar header and their byte sum (checksum field as spaces)."""
-    ids = b"0000444\0" + b"0000000\0" * 2  # mode 0o444, uid 0, gid 0
-    mtime = b"0" * 11 + b"\0"  # 1970: the same bytes whenever the shard is written
-    # type "0" (file), linkname, magic+version, uname, gname, devmajor, devminor, prefix, padding
-    tail = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * (32 + 32 + 8 + 8 + 155 + 12)
-    return ids, mtime, tail, sum(ids) + sum(mtime) + sum(tail) + 8 * ord(" ")
-
-
-_IDS, _MTIME, _TAIL, _FIXED_SUM = _ustar_constants()
-
-
-def tar_member(name: str, data: bytes) -> bytes:
-    """One tar member (header, data, padding) with fixed metadata: mtime 0, uid/gid 0, 0o444."""
-    # tarfile's header code costs ~80 us a member, more than everything else per sample; only
-    # the name, size and checksum vary, so the header is assembled from precomputed parts.
-    raw = name.encode()
-    if len(raw) > 100 or len(data) >= 8**11:
-        raise ValueError(f"{name}: name over 100 bytes or data over 8 GiB: not for a ustar header")
-    size = b"%011o\0" % len(data)
-    checksum = _FIXED_SUM + sum(raw) + sum(size)
-    header = b"".join((raw.ljust(100, b"\0"), _IDS, size, _MTIME, b"%06o\0 " % checksum, _TAIL))
-    return b"".join((header, data, b"\0" * (-len(data) % TAR_BLOCK)))
-
-
-class ShardWriter:
-    """Writes one zip's samples into `DIR/split/batchNN-XXXXXX.tar`, rolling over every N samples.
-
-    Shards are written as `*.tar.tmp` and renamed only by `finish()`, so a crash never leaves a
-    file with a final name but partial content.
-    """
-
-    def __init__(self, out: Path, split: str, batch: int, max_samples: int) -> None:
-        self.out, self.split, self.batch, self.max_samples = out, split, batch, max_samples
-        self.shards: list[dict] = []
-        self._temps: list[Path] = []
-        self._file: _HashingFile | None = None
-        self._count = 0
-        (out / split).mkdir(parents=True, exist_ok=True)
-
-    def write(self, key: str, fields: dict[str, bytes]) -> None:
-        """Append one sample: `KEY.<field>` for each field, in the given order."""
-        if self._file is None or self._count == self.max_samples:
-            self._roll()
-        self._file.write(b"".join(tar_member(f"{key}.{ext}", data) for ext, data in fields.items()))
-        self._count += 1
-
-    def _roll(self) -> None:
-        self._close_current()
-        rel = shard_name(self.split, self.batch, len(self.shards))
-        temp = self.out / f"{rel}.tmp"
-        self._temps.append(temp)
-        self._file = _HashingFile(temp)
-        self._count = 0
-        self.shards.append({"path": rel, "batch": self.batch, "samples": 0})
-
-    def _close_current(self) -> None:
-        if self._file is None:
-            return
-        # End of archive: two zero blocks, then zero padding to a whole record, as tarfile does.
-        end = 2 * TAR_BLOCK
-        end += -(self._file.size + end) % TAR_RECORD
-        self._file.write(b"\0" * end)
-        size = self._file.size
-        self.shards[-1].update(samples=self._count, bytes=size, sha256=self._file.close())
-        self._file = None
-
-    def finish(self) -> list[dict]:
-        """Close the last shard and give every shard its final name; return their entries."""
-        self._close_current()
-        for temp in self._temps:
-            temp.replace(temp.with_suffix(""))
-        self._temps = []
-        return self.shards
-
-    def abort(self) -> None:
-        """Delete every shard written so far (the zip failed)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        for temp in self._temps:
-            temp.unlink(missing_ok=True)
-        self._temps = []
-
-
 # ---------------------------------------------------------------- one zip
 
 
@@ -307,6 +200,16 @@ class _Pairing(NamedTuple):
     fg_bg: Member
     mask: Member | None
     depth: Member | None
+    problem: str | None = None  # why it cannot be used, found while pairing (a duplicate member)
+
+
+class Pairings(NamedTuple):
+    """A zip's members sorted out: its samples, its backgrounds, and what pairing ruled out."""
+
+    pairs: list[_Pairing]  # sorted by sample id
+    bgs: dict[int, Member]  # by background number
+    bg_problems: dict[int, str]  # background number -> why no sample may use it (duplicates)
+    skipped: list[dict]  # duplicate fg_bg members
 
 
 def open_zip(path: Path) -> zipfile.ZipFile:
@@ -317,16 +220,10 @@ def open_zip(path: Path) -> zipfile.ZipFile:
         raise ConvertError(f"{path}: cannot open it as a zip ({exc})") from None
 
 
-def zip_fingerprint(path: Path, infos: Iterable[zipfile.ZipInfo]) -> str:
-    """Identify a zip's content cheaply: its size and its members' names, CRCs and sizes."""
-    listing = sorted(f"{i.filename}\0{i.CRC:08x}\0{i.file_size}\n" for i in infos)
-    text = f"{Path(path).stat().st_size}\n" + "".join(listing)
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def pair_members(zip_name: str, names: Iterable[str]) -> tuple[list[_Pairing], dict, list[dict]]:
-    """Classify members: the samples (sorted), bg members by number, and duplicates skipped."""
+def pair_members(zip_name: str, names: Iterable[str]) -> Pairings:
+    """Classify members into samples and backgrounds; duplicates are never resolved silently."""
     found: dict[str, dict] = {kind: {} for kind in FIELDS}
+    twins: dict[tuple[str, object], list[str]] = {}  # (kind, bg number or sample) -> all names
     skipped: list[dict] = []
     for name in names:
         member = classify(name)
@@ -334,13 +231,28 @@ def pair_members(zip_name: str, names: Iterable[str]) -> tuple[list[_Pairing], d
             continue
         ident = member.bg if member.kind == "bg" else member.sample
         first = found[member.kind].setdefault(ident, member)
-        if first is not member and member.kind == "fg_bg":
+        if first is member:
+            continue
+        if member.kind == "fg_bg":  # the sample itself: the first is converted, this one reported
             skipped.append(_skip(zip_name, name, f"duplicate of sample member {first.name}"))
-    pairs = [
-        _Pairing(sid, m, found["mask"].get(sid), found["depth"].get(sid))
-        for sid, m in sorted(found["fg_bg"].items())
-    ]
-    return pairs, found["bg"], skipped
+        else:  # which copy is right is unknown: the samples that need it are skipped
+            twins.setdefault((member.kind, ident), [first.name]).append(name)
+    bg_problems = {
+        ident: f"duplicate bg members for background {ident}: {' and '.join(names)}"
+        for (kind, ident), names in twins.items()
+        if kind == "bg"
+    }
+    pairs = [_pair(sid, m, found, twins) for sid, m in sorted(found["fg_bg"].items())]
+    return Pairings(pairs, found["bg"], bg_problems, skipped)
+
+
+def _pair(sample: SampleId, fg_bg: Member, found: dict, twins: dict) -> _Pairing:
+    problem = None
+    for kind in ("mask", "depth"):
+        if (kind, sample) in twins:
+            names = " and ".join(twins[kind, sample])
+            problem = problem or f"duplicate {kind} members for {sample.stem()}: {names}"
+    return _Pairing(sample, fg_bg, found["mask"].get(sample), found["depth"].get(sample), problem)
 
 
 def _skip(zip_name: str, member: str, reason: str) -> dict:
@@ -359,24 +271,26 @@ class ZipConverter:
         self._bgs: dict[int, tuple[bytes, JpegInfo | str]] = {}
 
     def run(self) -> dict:
-        """Convert every sample; return the zip's record (see `.parts/`)."""
+        """Convert every sample; return the zip's record (see `records`)."""
         infos = self.zf.infolist()
-        pairs, bg_members, self.skipped = pair_members(self.job.name, (i.filename for i in infos))
+        found = pair_members(self.job.name, (i.filename for i in infos))
+        pairs, self.skipped = found.pairs, found.skipped
         if not pairs:
             raise ConvertError(f"{self.job.path}: no fg_bg_jpg/ members: not a batch zip")
         if self.report:
             self.report("total", len(pairs))
         self._strict_check()
-        self._read_backgrounds(bg_members)
+        self._read_backgrounds(found.bgs, found.bg_problems)
+        self._decide_mode()
         random.Random(f"{self.job.seed}:{self.job.batch}").shuffle(pairs)
         writer = ShardWriter(self.job.out, self.job.split, self.job.batch, self.job.shard_samples)
         try:
-            self._write_all(pairs, bg_members, writer)
+            self._write_all(pairs, found.bgs, writer)
             shards = writer.finish()
         except BaseException:
             writer.abort()
             raise
-        return self._record(infos, shards)
+        return make_record(self.job, self.mode, infos, self.written, shards, self.skipped)
 
     def _write_all(self, pairs: list[_Pairing], bgs: dict[int, Member], writer: ShardWriter):
         done = 0
@@ -405,9 +319,12 @@ class ZipConverter:
                 f"{self.job.path}: --strict: sample {first['member']} skipped: {first['reason']}"
             )
 
-    def _read_backgrounds(self, bg_members: dict[int, Member]) -> None:
+    def _read_backgrounds(self, bg_members: dict[int, Member], problems: dict[int, str]) -> None:
         # Read once: ~100 backgrounds are shared by all samples of a zip.
         for number, member in bg_members.items():
+            if number in problems:
+                self._bgs[number] = (b"", problems[number])
+                continue
             try:
                 data = self.reader.read(member.name)
             except READ_ERRORS as exc:
@@ -418,19 +335,40 @@ class ZipConverter:
             except JpegError as exc:
                 self._bgs[number] = (data, f"bg member {member.name}: {exc}")
 
+    def _decide_mode(self) -> None:
+        """The zip's mode (L or RGB): that of most of its backgrounds, so a stray image can't."""
+        counts = Counter(
+            MODE_OF[info.components]
+            for _, info in self._bgs.values()
+            if not isinstance(info, str) and info.components in MODE_OF
+        )
+        expected = self.job.expected_mode
+        if not counts:
+            return  # no usable background: every sample is skipped for it, mode or not
+        # A tie keeps the output's mode, else the published one (L).
+        self.mode = max(counts, key=lambda m: (counts[m], m == expected, m == "L"))
+        if expected is not None and self.mode != expected:
+            raise ConvertError(
+                f"{self.job.path}: {counts[self.mode]} of its {counts.total()} backgrounds are "
+                f"{self.mode} images but {self.job.out} holds {expected} images; "
+                "convert it into another folder"
+            )
+        log.debug("%s: %s images (backgrounds: %s)", self.job.name, self.mode, dict(counts))
+
     def _read_sample(self, pair: _Pairing, bg: Member | None) -> tuple[dict, dict]:
         """The sample's four images (checked) and member names; SkipSample if any is unusable."""
         missing = [k for k, m in (("bg", bg), ("mask", pair.mask), ("depth", pair.depth)) if not m]
         if missing:
             raise SkipSample(f"missing {' and '.join(missing)} member(s) for {pair.sample.stem()}")
-        fg_bg = self._read_checked("fg_bg", pair.fg_bg.name)
+        if pair.problem:
+            raise SkipSample(pair.problem)
         bg_data, bg_info = self._bgs[pair.sample.bg]
         if isinstance(bg_info, str):
             raise SkipSample(bg_info)
-        self._check_info("bg", bg.name, bg_info)
+        self._check_info("bg", bg.name, bg_info)  # first: the mode comes from the backgrounds
         fields = {
             "bg.jpg": bg_data,
-            "fg_bg.jpg": fg_bg,
+            "fg_bg.jpg": self._read_checked("fg_bg", pair.fg_bg.name),
             "mask.jpg": self._read_checked("mask", pair.mask.name),
             "depth.jpg": self._read_checked("depth", pair.depth.name),
         }
@@ -458,101 +396,18 @@ class ZipConverter:
             raise SkipSample(f"{kind} member {name}: {info.components} colour components")
         if kind in ("mask", "depth"):
             return  # read as single-channel whatever their mode
-        if self.mode is None:
-            self.mode = MODE_OF[info.components]  # the zip's mode: its first good fg_bg's
+        # Only reached after a usable background was checked, so the mode is decided.
         if info.components != CHANNELS[self.mode]:
-            raise self._mode_error(kind, name, info.components)
-
-    def _mode_error(self, kind: str, name: str, components: int) -> Exception:
-        if kind == "fg_bg" and self.written == 0 and self.job.expected_mode:
-            # The first image already differs from the output's: the whole zip is of another mode.
-            return ConvertError(
-                f"{self.job.path}: its images have {components} colour components but "
-                f"{self.job.out} holds {self.job.expected_mode} images; "
-                "convert it into another folder"
+            raise SkipSample(
+                f"{kind} member {name}: {info.components} colour components, expected "
+                f"{CHANNELS[self.mode]} (the zip's backgrounds are mostly {self.mode})"
             )
-        want = CHANNELS[self.mode]
-        return SkipSample(f"{kind} member {name}: {components} colour components, expected {want}")
-
-    def _record(self, infos: list[zipfile.ZipInfo], shards: list[dict]) -> dict:
-        job = self.job
-        return {
-            "version": RECORD_VERSION,
-            "zip": job.name,
-            "batch": job.batch,
-            "split": job.split,
-            "mode": self.mode,
-            "shard_samples": job.shard_samples,
-            "seed": job.seed,
-            "bytes": job.path.stat().st_size,
-            "fingerprint": zip_fingerprint(job.path, infos),
-            "samples": self.written,
-            "shards": shards,
-            "skipped": self.skipped,
-        }
 
 
 def convert_zip(job: ZipJob, report: Reporter | None = None) -> dict:
     """Convert one zip into shards (temp names renamed at the end); return its record."""
     with open_zip(job.path) as zf:
         return ZipConverter(job, zf, report).run()
-
-
-# ---------------------------------------------------------------- records of finished zips
-
-
-def record_path(out: Path, batch: int) -> Path:
-    """Where the record of a converted batch lives."""
-    return out / PARTS_DIR / f"batch{batch:02d}.json"
-
-
-def load_records(out: Path) -> dict[int, dict | str]:
-    """Every record in `DIR/.parts`, by batch; an unreadable one maps to an error message."""
-    records: dict[int, dict | str] = {}
-    for path in sorted((out / PARTS_DIR).glob("batch*.json")):
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-            records[int(record["batch"])] = record
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            records[batch_number(path)] = f"{path}: unreadable record ({exc})"
-    return records
-
-
-def discard_batch(out: Path, batch: int) -> None:
-    """Remove a batch's record, then its shards and temp shards (in both splits)."""
-    record_path(out, batch).unlink(missing_ok=True)
-    for split in SPLITS:
-        for path in (out / split).glob(f"batch{batch:02d}-*.tar*"):
-            path.unlink(missing_ok=True)
-
-
-def record_problem(record: dict | str, out: Path, test_batches: Iterable[int]) -> str | None:
-    """Why a record cannot be trusted as it stands (None if its shards are all there)."""
-    if isinstance(record, str):
-        return record
-    if record.get("version") != RECORD_VERSION or RECORD_KEYS - set(record):
-        return f"{record_path(out, record['batch'])}: not a record of this version of convert"
-    split = "test" if record["batch"] in set(test_batches) else "train"
-    if record["split"] != split:
-        return f"{record['zip']} was converted into {record['split']}, now belongs to {split}"
-    for shard in record["shards"]:
-        path = out / shard["path"]
-        if not path.is_file() or path.stat().st_size != shard["bytes"]:
-            return f"{record['zip']}: shard {path} is missing or has changed size"
-    return None
-
-
-def is_reusable(record: dict | str | None, job: ZipJob, test_batches: Iterable[int]) -> bool:
-    """True when a record shows this very zip already converted with these options."""
-    if record is None or record_problem(record, job.out, test_batches) is not None:
-        return False
-    same = (record["shard_samples"], record["seed"]) == (job.shard_samples, job.seed)
-    if not same or (job.strict and record["skipped"]):
-        return False
-    if record["bytes"] != job.path.stat().st_size:
-        return False
-    with open_zip(job.path) as zf:
-        return record["fingerprint"] == zip_fingerprint(job.path, zf.infolist())
 
 
 # ---------------------------------------------------------------- many zips
@@ -595,7 +450,9 @@ def convert_zips(zips: list[Path], config: ConvertConfig) -> ConvertSummary:
         job.expected_mode = mode
     for job, result in _run_jobs(todo, config):
         mode = _accept(job, result, mode, summary)
-    _write_manifest(out, config, {job.batch for job in jobs}, summary)
+    done = set(summary.reused) | set(summary.converted)  # their shards are checked already
+    checked = {job.batch for job in jobs if job.name in done}
+    _write_manifest(out, config, {job.batch for job in jobs}, checked, summary)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -610,17 +467,19 @@ def _fail_record(summary, out: Path, batch: int, record: dict | str, problem: st
 def _select_todo(jobs, records, config: ConvertConfig, summary: ConvertSummary) -> list[ZipJob]:
     todo = []
     for job in jobs:
+        record = records.get(job.batch)
         try:
-            record = records.get(job.batch)
-            reuse = not config.force and is_reusable(record, job, config.test_batches)
-        except (ConvertError, OSError) as exc:
-            _fail(summary, job, exc)
+            problem = "--force" if config.force else reuse_problem(record, job, config.test_batches)
+        except (ValueError, OSError) as exc:
+            _fail(summary, job, ConvertError(str(exc)) if isinstance(exc, ValueError) else exc)
             continue
-        if reuse:
+        if problem is None:
             log.info("%s: already converted, shards unchanged: reused", job.name)
             summary.reused.append(job.name)
-        else:
-            todo.append(job)
+            continue
+        if record is not None and not config.force:
+            log.info("%s; converting it again", problem)
+        todo.append(job)
     return todo
 
 
@@ -745,11 +604,16 @@ def _drain(progress_queue, report: Reporter | None) -> None:
             return
 
 
-def _write_manifest(out: Path, config: ConvertConfig, given: set[int], summary) -> None:
-    """Rebuild the manifest from every record in DIR/.parts (other runs' zips included)."""
+def _write_manifest(out: Path, config: ConvertConfig, given: set[int], checked: set[int], summary):
+    """Rebuild the manifest from every record in DIR/.parts (other runs' zips included).
+
+    Shards this run has not written or hashed (other runs' zips) are hashed here, so the
+    manifest never lists a shard whose bytes differ from its record.
+    """
     good, mode = [], None
     for batch, record in sorted(load_records(out).items()):
-        problem = record_problem(record, out, config.test_batches)
+        hashes = batch not in checked
+        problem = record_problem(record, out, config.test_batches, hashes=hashes)
         if problem is None and mode is not None and record["mode"] != mode:
             problem = f"{record['zip']}: its images are {record['mode']}, the others' {mode}"
         if problem is not None:

@@ -18,6 +18,7 @@ JUNK_NAMES = (".DS_Store", "Thumbs.db")
 
 # Field names inside a shard sample (the contract with the loader).
 FIELDS = ("bg", "fg_bg", "mask", "depth")
+INPUTS = ("fg_bg", "bg")  # the model's input, concatenated along channels in this order
 IMAGE_SIZE = (160, 160)  # (width, height) of bg, fg_bg, mask
 DEPTH_SIZE = (80, 80)  # (width, height) of depth
 SIZES = {"bg": IMAGE_SIZE, "fg_bg": IMAGE_SIZE, "mask": IMAGE_SIZE, "depth": DEPTH_SIZE}

@@ -22,11 +22,10 @@ import simplejpeg
 from tqdm import tqdm
 
 from pipeline.jpegdecode import decode_simplejpeg
-from pipeline.layout import SIZES, SPLITS
+from pipeline.layout import INPUTS, SIZES, SPLITS
 from pipeline.manifest import CHANNELS, load_manifest, shard_entries
 
 EXTENSIONS = ("bg.jpg", "fg_bg.jpg", "mask.jpg", "depth.jpg", "json")
-COLOUR_FIELDS = ("bg", "fg_bg")  # their channel count is the manifest's mode
 READ_CHUNK = 1 << 20
 
 
@@ -134,7 +133,7 @@ def check_sample(sample: dict, manifest: dict, batch: int | None) -> list[str]:
     for ext in EXTENSIONS[:4]:
         if ext in sample:
             kind = ext[: -len(".jpg")]
-            channels = manifest["channels"] if kind in COLOUR_FIELDS else None
+            channels = manifest["channels"] if kind in INPUTS else None
             found = check_image(ext, sample[ext], manifest["sizes"][kind], channels)
             problems.extend([found] if found else [])
     if "json" in sample:

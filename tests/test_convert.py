@@ -19,9 +19,10 @@ from click.testing import CliRunner
 from conftest import BatchZip, encode
 
 from pipeline.cli import cli
-from pipeline.convert import ConvertConfig, convert_zips, record_path
+from pipeline.convert import ConvertConfig, convert_zips
 from pipeline.jpeg import JpegError, check_jpeg
 from pipeline.layout import SampleId, sample_key
+from pipeline.records import record_path
 from pipeline.verify import verify_shards
 
 
@@ -62,6 +63,16 @@ def assert_matches_zip(
         assert meta == {"batch": batch, **{k: members[k] for k in ("fg_bg", "bg", "mask", "depth")}}
         for kind, member in members.items():
             assert sample[f"{kind}.jpg"] == zipped[member], (kind, member)
+
+
+def rewrite_zip(path: Path, replace: dict[str, bytes]) -> None:
+    """Rewrite a zip in place with some members' bytes replaced or added (dict order kept)."""
+    with zipfile.ZipFile(path) as zf:
+        entries = {i.filename: zf.read(i) for i in zf.infolist()}
+    entries.update(replace)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
 
 
 # ---------------------------------------------------------------- the JPEG header check
@@ -332,6 +343,62 @@ def test_zip_of_another_mode_fails(make_zip, tmp_path: Path):
     assert manifest_of(out)["mode"] == "L" and summary.samples["train"] == 3
 
 
+def test_the_mode_is_the_backgrounds_majority(make_zip, tmp_path: Path):
+    # One RGB fg_bg in a gray zip, at each place in turn: wherever the shuffle puts it (first
+    # included), the zip is L and only that sample is skipped, for its channel count.
+    for stray in range(4):
+        z = make_zip("batch1_images.zip", 4)  # one batch and seed: the same shuffled order
+        member = z.samples[list(z.samples)[stray]]["fg_bg"]
+        rewrite_zip(z.path, {member: encode(160, 160, 99, channels=3)})
+        out = tmp_path / f"out{stray}"
+        summary = convert([z.path], out)
+        assert summary.ok and summary.samples["train"] == 3, stray
+        (skip,) = manifest_of(out)["skipped"]
+        assert skip["member"] == member and manifest_of(out)["mode"] == "L"
+        assert skip["reason"].startswith(f"fg_bg member {member}: 3 colour components, expected 1")
+    # A stray RGB background: the samples on it are skipped, naming it; the rest convert.
+    z = make_zip("batch9_images.zip", 6)  # backgrounds 1, 2, 3; samples 1 and 4 use bg 2
+    bg2 = z.samples[list(z.samples)[1]]["bg"]
+    rewrite_zip(z.path, {bg2: encode(160, 160, 98, channels=3)})
+    summary = convert([z.path], tmp_path / "bg")
+    assert summary.ok and summary.samples["train"] == 4 and summary.skipped == 2
+    reasons = {s["reason"] for s in manifest_of(tmp_path / "bg")["skipped"]}
+    mostly = "(the zip's backgrounds are mostly L)"
+    assert reasons == {f"bg member {bg2}: 3 colour components, expected 1 {mostly}"}
+
+
+def test_duplicate_members_skip_the_samples_that_need_them(make_zip, tmp_path: Path, caplog):
+    z = make_zip(samples=6)  # samples 0, 3 on bg 1; 1, 4 on bg 2; 2, 5 on bg 3
+    ids = list(z.samples)
+    names = [z.samples[i] for i in ids]
+    twins = {
+        "copy/" + names[0]["mask"]: encode(160, 160, 71),  # a top-folder copy beside the root one
+        f"depth_fg_bg_jpg/depth_{ids[2].stem()}.jpg": encode(80, 80, 72),  # the article's name
+        "bg_jpg/bg_2.jpg": encode(160, 160, 73),  # both naming styles of background 2
+    }
+    rewrite_zip(z.path, twins)
+    out = tmp_path / "shards"
+    with caplog.at_level(logging.WARNING):
+        summary = convert([z.path], out)
+    assert summary.ok and summary.samples["train"] == 2 and summary.skipped == 4
+    skipped = {s["member"]: s["reason"] for s in manifest_of(out)["skipped"]}
+    mask0, depth2, bg2 = twins
+    assert skipped[names[0]["fg_bg"]] == (
+        f"duplicate mask members for {ids[0].stem()}: {names[0]['mask']} and {mask0}"
+    )
+    assert skipped[names[2]["fg_bg"]] == (
+        f"duplicate depth members for {ids[2].stem()}: {names[2]['depth']} and {depth2}"
+    )
+    for i in (1, 4):
+        assert skipped[names[i]["fg_bg"]] == (
+            f"duplicate bg members for background 2: {names[1]['bg']} and {bg2}"
+        )
+    assert sorted(json.loads(s["json"])["fg_bg"] for s in read_back(out).values()) == sorted(
+        names[i]["fg_bg"] for i in (3, 5)
+    )
+    assert sum("duplicate" in r.message for r in caplog.records) == 4
+
+
 # ---------------------------------------------------------------- re-runs and interruptions
 
 
@@ -353,6 +420,34 @@ def test_rerun_redoes_nothing(make_zip, tmp_path: Path):
     assert again.samples == first.samples
     forced = convert(zips, out, shard_samples=2, force=True)
     assert len(forced.converted) == 2 and manifest_of(out) == manifest  # same bytes again
+
+
+def test_a_changed_shard_of_the_same_size_is_redone(make_zip, tmp_path: Path, caplog):
+    z1, z2 = make_zip("batch1_images.zip", 5), make_zip("batch2_images.zip", 3)
+    out = tmp_path / "shards"
+    assert convert([z1.path, z2.path], out, shard_samples=3).ok
+    shard = out / "train" / "batch01-000001.tar"
+    good = shard.read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 3] ^= 0xFF  # same size: only the sha256 can tell
+    shard.write_bytes(bytes(bad))
+    with caplog.at_level(logging.INFO):
+        summary = convert([z1.path, z2.path], out, shard_samples=3)
+    assert summary.ok and summary.converted == [z1.name] and summary.reused == [z2.name]
+    assert any(str(shard) in r.message and "sha256" in r.message for r in caplog.records)
+    (entry,) = [
+        e
+        for e in json.loads(record_path(out, 1).read_text())["shards"]
+        if e["path"] == "train/batch01-000001.tar"
+    ]
+    assert shard.read_bytes() == good and hashlib.sha256(good).hexdigest() == entry["sha256"]
+    assert verify_shards(out, workers=1, progress=False).ok
+    # Another run's zip (not given) with a changed shard is left out of the manifest, and said so.
+    shard.write_bytes(bytes(bad))
+    summary = convert([z2.path], out)
+    assert not summary.ok and summary.failed[0]["zip"] == z1.name
+    assert "sha256 differs" in summary.failed[0]["error"]
+    assert [s["zip"] for s in manifest_of(out)["sources"]] == [z2.name]
 
 
 def test_changed_options_or_zip_redo_it(make_zip, tmp_path: Path):
@@ -393,18 +488,18 @@ def test_interrupted_conversion_is_completed(make_zip, tmp_path: Path):
 
 
 def test_a_crash_mid_zip_leaves_no_shard_or_record(make_zip, tmp_path: Path, monkeypatch):
-    from pipeline import convert as convert_module
+    from pipeline import shardwriter
 
     z = make_zip("batch1_images.zip", 6)
     out = tmp_path / "shards"
-    original = convert_module.ShardWriter.write
+    original = shardwriter.ShardWriter.write
 
     def write(self, key, fields):
         if self._count == 2 and len(self.shards) == 2:
             raise OSError("No space left on device")
         original(self, key, fields)
 
-    monkeypatch.setattr(convert_module.ShardWriter, "write", write)
+    monkeypatch.setattr(shardwriter.ShardWriter, "write", write)
     summary = convert([z.path], out, shard_samples=3)
     assert not summary.ok and "No space left" in summary.failed[0]["error"]
     assert not list(out.rglob("*.tar*")) and not record_path(out, 1).exists()
@@ -507,14 +602,42 @@ def test_progress_bar_counts_samples_on_a_terminal(make_zip, tmp_path: Path, mon
 
 
 @pytest.mark.skipif(shutil.which("unzip") is None, reason="the unzip command is not installed")
-def test_bench_convert_measures_every_step(make_zip, tmp_path: Path):
-    from pipeline.bench.convert import bench_convert
+def test_bench_convert_measures_every_step(make_zip, tmp_path: Path, monkeypatch):
+    import tempfile
+
+    from pipeline.bench.convert import run_bench_convert
 
     zips = [make_zip(f"batch{b}_images.zip", 6, seed=b).path for b in (1, 2)]
-    result = bench_convert(zips[0], tmp_path / "work", zips, repeat=1)
+    result = run_bench_convert(zips, tmp_path / "work", repeat=1)
     assert result["samples"] == 6 and result["workers_samples"] == 12
     for key in ("unzip_s", "read_s", "convert_s", "workers1_s", "workers2_s"):
         assert result[key] > 0
     assert result["convert_vs_unzip"] > 0 and result["convert_vs_read"] > 0
     assert result["workers_speedup"] > 0
     assert not list((tmp_path / "work").iterdir())  # its temporary folders are gone
+    # No zip and no --work: two zips synthesized in a temporary folder, removed afterwards.
+    (tmp_path / "temp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    synthesized = run_bench_convert([], None, synth_samples=3, repeat=1)
+    assert synthesized["samples"] == 3 and synthesized["workers_samples"] == 6
+    assert not list((tmp_path / "temp").iterdir())
+
+
+def test_bench_convert_refuses_bad_use(make_zip, tmp_path: Path):
+    from pipeline.bench.convert import run_bench_convert
+
+    z = make_zip("batch1_images.zip", 2).path
+    nameless = tmp_path / "images.zip"
+    nameless.write_bytes(z.read_bytes())
+    for zips, synth, message in (
+        ([], None, "give a ZIP, or --synth N"),
+        ([z], 5, "not both"),
+        ([z, z, z], None, "one or two zips"),
+        ([z, nameless], None, "batch number"),
+        ([z, z], None, "both batch 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            run_bench_convert(zips, tmp_path / "work", synth)
+    assert not (tmp_path / "work").exists()  # refused before any work
+    result = CliRunner().invoke(cli, ["bench", "convert", str(nameless)])
+    assert result.exit_code == 1 and "error:" in result.stderr and "batch number" in result.stderr

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from pipeline import augment as augmentation
-from pipeline import data
+from pipeline import data, shardreader
 from pipeline.augment import AugmentConfig
 from pipeline.data import (
     LoaderConfig,
@@ -336,7 +336,7 @@ def test_tar_reader_matches_tarfile(tmp_path, tar_format, dir_len):
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     with path.open("rb") as stream:
-        got = {f["fname"]: f["data"] for f in data.tar_files(stream, str(path))}
+        got = {f["fname"]: f["data"] for f in shardreader.tar_files(stream, str(path))}
     assert got == members
 
 

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from conftest import build_zip, encode
 
 from pipeline.cli import cli
-from pipeline.convert import ConvertConfig, convert_zips, tar_member
+from pipeline.convert import ConvertConfig, convert_zips
+from pipeline.shardwriter import tar_member
 from pipeline.verify import verify_shards
 
 TRAIN0 = "train/batch01-000000.tar"

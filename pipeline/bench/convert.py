@@ -1,8 +1,10 @@
 """`pipeline bench convert`: convert against `unzip -q` and against merely reading the zip.
 
-Each figure is the best of `repeat` runs on a warm page cache (the zip is read once first), so the
-numbers compare the work done, not the disk. The goals (issue 2): convert at most 0.5x the unzip
-time and at most 2.5x the read-only time in one process; 2 workers on 2 zips at least 1.7x faster.
+`run_bench_convert` is the command: it checks its arguments, makes a scratch folder and, when no
+zip is given, synthesizes two. Each figure is the best of `repeat` runs on a warm page cache (the
+zip is read once first), so the numbers compare the work done, not the disk. The goals (issue 2):
+convert at most 0.5x the unzip time and at most 2.5x the read-only time in one process; 2 workers
+on 2 zips at least 1.7x faster.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from pipeline.convert import ConvertConfig, convert_zips
 from pipeline.layout import batch_number
+from pipeline.synth import synth_zips
 
 log = logging.getLogger(__name__)
 
@@ -125,3 +128,24 @@ def _bench_workers(zips: list[Path], work: Path, repeat: int) -> dict:
         "workers2_s": round(two_s, 4),
         "workers_speedup": round(one_s / two_s, 3),
     }
+
+
+def run_bench_convert(
+    zips: list[Path], work: Path | None = None, synth_samples: int | None = None, repeat: int = 3
+) -> dict:
+    """`pipeline bench convert`: time one zip (and 2 workers on two); ValueError for bad use."""
+    zips = [Path(z) for z in zips]
+    if not zips and synth_samples is None:
+        raise ValueError("give a ZIP, or --synth N to make two zips of N samples")
+    if zips and synth_samples is not None:
+        raise ValueError("give ZIPs or --synth N, not both")
+    if len(zips) > 2:
+        raise ValueError(f"give one or two zips, not {len(zips)}")
+    batches = [batch_number(z) for z in zips]  # clear errors now rather than after the unzip
+    if len(set(batches)) < len(batches):
+        raise ValueError(f"{zips[0]} and {zips[1]} are both batch {batches[0]}")
+    with tempfile.TemporaryDirectory(prefix="bench-convert-") as tmp:
+        work = Path(work) if work is not None else Path(tmp)
+        if not zips:
+            zips = synth_zips(work / "zips", batches=[1, 2], samples=synth_samples)
+        return bench_convert(zips[0], work, zips if len(zips) == 2 else None, repeat=repeat)

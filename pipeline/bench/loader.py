@@ -33,11 +33,9 @@ from pipeline.data import (
     shard_urls,
 )
 from pipeline.jpegdecode import measure_decoders
-from pipeline.layout import FIELDS
+from pipeline.layout import FIELDS, INPUTS
 
 log = logging.getLogger(__name__)
-
-INPUT_FIELDS = ("bg", "fg_bg")  # decoded with the manifest's mode; mask and depth always as L
 
 
 def bench_loader(
@@ -131,7 +129,7 @@ class LooseFiles(Dataset):
     def __getitem__(self, index: int) -> dict:
         sample: dict = {"key": self.paths[index]["fg_bg"].stem}
         for field, path in self.paths[index].items():
-            mode = self.mode if field in INPUT_FIELDS else "L"
+            mode = self.mode if field in INPUTS else "L"
             with Image.open(path) as image:
                 array = np.asarray(image.convert(mode))
             sample[field] = array[:, :, None] if array.ndim == 2 else array  # (H, W, C)
