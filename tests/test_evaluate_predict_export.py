@@ -155,3 +155,16 @@ def test_info_counts_the_published_parameters() -> None:
     # The published figure (decoder run twice, thop's counting rules) is reproduced exactly.
     assert data["macs_decoder_twice_thop_rules"] == 892_294_400
     assert data["macs"] < data["macs_decoder_twice"]
+
+
+def test_predict_refuses_folders_whose_outputs_would_collide(tiny_run: Path, tmp_path) -> None:
+    bgs, fgs = tmp_path / "bg", tmp_path / "fg"
+    bgs.mkdir()
+    fgs.mkdir()
+    for name in ("a.png", "a.jpg"):
+        Image.open(REAL / "bg_img_51.jpg").save(bgs / name)
+        Image.open(REAL / "fg_bg_9_51_1_2.jpg").save(fgs / name)
+    result = run_cli(
+        "predict", tiny_run / "best.pt", "--bg", bgs, "--fg-bg", fgs, "--out", tmp_path / "out"
+    )
+    assert result.exit_code == 1 and "share the name a" in result.output

@@ -166,3 +166,77 @@ def test_amp_off_on_cpu_by_default() -> None:
     assert resolve_amp("auto", torch.device("cpu")) == "off"
     with pytest.raises(ValueError, match="fp16"):
         resolve_amp("fp16", torch.device("cpu"))
+
+
+def test_without_a_test_split_best_follows_training_and_no_test_scalars(tmp_path, caplog):
+    from pipeline.convert import ConvertConfig, convert_zips
+    from pipeline.synth import synth_zips
+
+    zips = synth_zips(tmp_path / "zips", batches=[1], samples=16, seed=3)
+    shards = tmp_path / "shards"
+    assert convert_zips(zips, ConvertConfig(out=shards, shard_samples=8, progress=False)).ok
+    run = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        train(
+            TrainConfig(
+                shards=str(shards),
+                out=str(run),
+                epochs=1,
+                batch_size=4,
+                workers=0,
+                device="cpu",
+                steps_per_epoch=1,
+                progress=False,
+            )
+        )
+    assert "test split is empty" in caplog.text
+    assert (run / "best.pt").is_file()
+    scalars = read_scalars(run)
+    assert not [tag for tag in scalars if tag.startswith("test/")]
+    assert {"train/loss", "train/iou", "train_epoch/iou", "lr"} <= set(scalars)
+
+
+def test_steps_per_epoch_caps_but_never_extends_an_epoch(tiny_shards: Path, tmp_path) -> None:
+    run = tmp_path / "run"
+    # 48 training samples in batches of 16: an epoch is 3 steps, asking for 50 must not repeat data.
+    train(
+        TrainConfig(
+            shards=str(tiny_shards),
+            out=str(run),
+            epochs=1,
+            batch_size=16,
+            workers=0,
+            device="cpu",
+            steps_per_epoch=50,
+            eval_batches=1,
+            progress=False,
+        )
+    )
+    assert load_checkpoint(run / "last.pt")["step"] == 3
+
+
+def test_a_broken_shard_is_a_clean_error_not_a_traceback(tiny_shards: Path, tmp_path) -> None:
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    for tar in (shards / "train").glob("*.tar"):
+        tar.write_bytes(b"this is no tar file" * 40)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--shards",
+            str(shards),
+            "--out",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+            "--workers",
+            "1",
+            "--batch-size",
+            "8",
+            "--steps-per-epoch",
+            "1",
+        ],
+    )
+    assert result.exit_code == 1
+    assert "error:" in result.output and "Traceback" not in result.output
