@@ -11,13 +11,10 @@ leaves no manifest and a re-run redoes only unfinished zips.
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
-import os
 import queue as queue_lib
 import random
-import struct
 import sys
 import time
 import zipfile
@@ -27,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii as quote_json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -55,13 +53,13 @@ from pipeline.records import (
     reuse_problem,
 )
 from pipeline.shardwriter import ShardWriter
+from pipeline.zipreader import MemberReader
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 200  # samples between progress messages: a queue put per sample would cost more
 MODE_OF = {channels: mode for mode, channels in CHANNELS.items()}
-LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # a member's local header (APPNOTE 4.3.7)
-LOCAL_MAGIC = b"PK\x03\x04"
+SAMPLE_JSON = '{"batch": %d, "fg_bg": %s, "bg": %s, "mask": %s, "depth": %s}'
 READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError)
 
 Reporter = Callable[[str, int], None]  # ("total" | "done", count)
@@ -161,38 +159,6 @@ class ConvertSummary:
 # ---------------------------------------------------------------- one zip
 
 
-class MemberReader:
-    """Reads a zip's members by offset: a pread of the local header, one of the data, inflate.
-
-    zipfile's own `read` costs ~35 us a member (a file object, a decompressor, several small
-    reads); this costs a third of that, and convert reads ~120,000 members a zip. The CRC and
-    size are checked as zipfile does. Encrypted or unusual members go through zipfile.
-    """
-
-    def __init__(self, zf: zipfile.ZipFile) -> None:
-        self.zf = zf
-        self._fd = zf.fp.fileno() if hasattr(os, "pread") and zf.fp is not None else None
-
-    def read(self, name: str) -> bytes:
-        """The member's uncompressed bytes; BadZipFile, zlib.error or EOFError if damaged."""
-        info = self.zf.getinfo(name)
-        fast = info.compress_type in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
-        if self._fd is None or not fast or info.flag_bits & 1:
-            return self.zf.read(info)
-        header = os.pread(self._fd, LOCAL_HEADER.size, info.header_offset)
-        if len(header) != LOCAL_HEADER.size or header[:4] != LOCAL_MAGIC:
-            raise zipfile.BadZipFile("bad local header (damaged zip)")
-        name_len, extra_len = LOCAL_HEADER.unpack(header)[-2:]
-        start = info.header_offset + LOCAL_HEADER.size + name_len + extra_len
-        raw = os.pread(self._fd, info.compress_size, start)
-        if len(raw) != info.compress_size:
-            raise EOFError("the zip ends inside this member")
-        data = zlib.decompress(raw, -15) if info.compress_type == zipfile.ZIP_DEFLATED else raw
-        if len(data) != info.file_size or zlib.crc32(data) != info.CRC:
-            raise zipfile.BadZipFile("bad CRC-32 or size (damaged member)")
-        return data
-
-
 class _Pairing(NamedTuple):
     """One sample's members: fg_bg defines it; the others may be missing (None)."""
 
@@ -212,10 +178,10 @@ class Pairings(NamedTuple):
     skipped: list[dict]  # duplicate fg_bg members
 
 
-def open_zip(path: Path) -> zipfile.ZipFile:
+def open_zip(path: Path) -> MemberReader:
     """Open a zip for reading; ConvertError naming it if it is missing or not a zip."""
     try:
-        return zipfile.ZipFile(path)
+        return MemberReader(path)
     except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
         raise ConvertError(f"{path}: cannot open it as a zip ({exc})") from None
 
@@ -242,7 +208,13 @@ def pair_members(zip_name: str, names: Iterable[str]) -> Pairings:
         for (kind, ident), names in twins.items()
         if kind == "bg"
     }
-    pairs = [_pair(sid, m, found, twins) for sid, m in sorted(found["fg_bg"].items())]
+    masks, depths = found["mask"], found["depth"]
+    pairs = [
+        _pair(sid, m, found, twins)
+        if twins
+        else _Pairing(sid, m, masks.get(sid), depths.get(sid))  # no duplicate: no problem
+        for sid, m in sorted(found["fg_bg"].items())
+    ]
     return Pairings(pairs, found["bg"], bg_problems, skipped)
 
 
@@ -255,6 +227,13 @@ def _pair(sample: SampleId, fg_bg: Member, found: dict, twins: dict) -> _Pairing
     return _Pairing(sample, fg_bg, found["mask"].get(sample), found["depth"].get(sample), problem)
 
 
+def sample_json(batch: int, fg_bg: str, bg: str, mask: str, depth: str) -> bytes:
+    """A sample's json field: the bytes json.dumps gives for {"batch", "fg_bg", "bg", ...}."""
+    # A template with json's own string quoting: a third of json.dumps's cost, same bytes.
+    names = map(quote_json, (fg_bg, bg, mask, depth))
+    return (SAMPLE_JSON % (batch, *names)).encode()
+
+
 def _skip(zip_name: str, member: str, reason: str) -> dict:
     return {"zip": zip_name, "member": member, "reason": reason}
 
@@ -262,17 +241,17 @@ def _skip(zip_name: str, member: str, reason: str) -> dict:
 class ZipConverter:
     """Converts one opened zip: checks each sample cheaply and writes it to shards."""
 
-    def __init__(self, job: ZipJob, zf: zipfile.ZipFile, report: Reporter | None) -> None:
-        self.job, self.zf, self.report = job, zf, report
-        self.reader = MemberReader(zf)
+    def __init__(self, job: ZipJob, reader: MemberReader, report: Reporter | None) -> None:
+        self.job, self.reader, self.report = job, reader, report
         self.mode = job.expected_mode
         self.skipped: list[dict] = []
         self.written = 0
         self._bgs: dict[int, tuple[bytes, JpegInfo | str]] = {}
+        self._accepted: dict[str, frozenset[JpegInfo]] = {}
 
     def run(self) -> dict:
         """Convert every sample; return the zip's record (see `records`)."""
-        infos = self.zf.infolist()
+        infos = self.reader.infos
         found = pair_members(self.job.name, (i.filename for i in infos))
         pairs, self.skipped = found.pairs, found.skipped
         if not pairs:
@@ -293,15 +272,15 @@ class ZipConverter:
         return make_record(self.job, self.mode, infos, self.written, shards, self.skipped)
 
     def _write_all(self, pairs: list[_Pairing], bgs: dict[int, Member], writer: ShardWriter):
+        self._accepted = self._accepted_infos()
         done = 0
         for pair in pairs:
             try:
-                fields, names = self._read_sample(pair, bgs.get(pair.sample.bg))
+                fields = self._read_sample(pair, bgs.get(pair.sample.bg))
             except SkipSample as exc:
                 self.skipped.append(_skip(self.job.name, pair.fg_bg.name, str(exc)))
                 self._strict_check()
             else:
-                fields["json"] = json.dumps({"batch": self.job.batch, **names}).encode()
                 writer.write(sample_key(self.job.batch, pair.sample), fields)
                 self.written += 1
             done += 1
@@ -355,26 +334,26 @@ class ZipConverter:
             )
         log.debug("%s: %s images (backgrounds: %s)", self.job.name, self.mode, dict(counts))
 
-    def _read_sample(self, pair: _Pairing, bg: Member | None) -> tuple[dict, dict]:
-        """The sample's four images (checked) and member names; SkipSample if any is unusable."""
-        missing = [k for k, m in (("bg", bg), ("mask", pair.mask), ("depth", pair.depth)) if not m]
-        if missing:
+    def _read_sample(self, pair: _Pairing, bg: Member | None) -> dict[str, bytes]:
+        """The sample's fields: four images (checked) and its json; SkipSample if unusable."""
+        mask, depth = pair.mask, pair.depth
+        if bg is None or mask is None or depth is None:
+            missing = [k for k, m in (("bg", bg), ("mask", mask), ("depth", depth)) if not m]
             raise SkipSample(f"missing {' and '.join(missing)} member(s) for {pair.sample.stem()}")
         if pair.problem:
             raise SkipSample(pair.problem)
         bg_data, bg_info = self._bgs[pair.sample.bg]
         if isinstance(bg_info, str):
             raise SkipSample(bg_info)
-        self._check_info("bg", bg.name, bg_info)  # first: the mode comes from the backgrounds
-        fields = {
+        if bg_info not in self._accepted["bg"]:  # first: the mode comes from the backgrounds
+            self._check_info("bg", bg.name, bg_info)
+        return {
             "bg.jpg": bg_data,
             "fg_bg.jpg": self._read_checked("fg_bg", pair.fg_bg.name),
-            "mask.jpg": self._read_checked("mask", pair.mask.name),
-            "depth.jpg": self._read_checked("depth", pair.depth.name),
+            "mask.jpg": self._read_checked("mask", mask.name),
+            "depth.jpg": self._read_checked("depth", depth.name),
+            "json": sample_json(self.job.batch, pair.fg_bg.name, bg.name, mask.name, depth.name),
         }
-        names = {"fg_bg": pair.fg_bg.name, "bg": bg.name}
-        names.update(mask=pair.mask.name, depth=pair.depth.name)
-        return fields, names
 
     def _read_checked(self, kind: str, name: str) -> bytes:
         try:
@@ -385,8 +364,20 @@ class ZipConverter:
             info = check_jpeg(data)
         except JpegError as exc:
             raise SkipSample(f"{kind} member {name}: {exc}") from None
-        self._check_info(kind, name, info)
+        if info not in self._accepted[kind]:
+            self._check_info(kind, name, info)
         return data
+
+    def _accepted_infos(self) -> dict[str, frozenset[JpegInfo]]:
+        """Per kind, the frame headers `_check_info` accepts (a set lookup is cheaper)."""
+        accepted = {}
+        for kind, (width, height) in SIZES.items():
+            if kind in ("mask", "depth"):
+                channels = set(MODE_OF)
+            else:  # no mode (no usable background): every sample is skipped before this check
+                channels = {CHANNELS[self.mode]} if self.mode else set()
+            accepted[kind] = frozenset(JpegInfo(width, height, c) for c in channels)
+        return accepted
 
     def _check_info(self, kind: str, name: str, info: JpegInfo) -> None:
         if (info.width, info.height) != SIZES[kind]:
@@ -406,8 +397,8 @@ class ZipConverter:
 
 def convert_zip(job: ZipJob, report: Reporter | None = None) -> dict:
     """Convert one zip into shards (temp names renamed at the end); return its record."""
-    with open_zip(job.path) as zf:
-        return ZipConverter(job, zf, report).run()
+    with open_zip(job.path) as reader:
+        return ZipConverter(job, reader, report).run()
 
 
 # ---------------------------------------------------------------- many zips

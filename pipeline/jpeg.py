@@ -18,6 +18,9 @@ OTHER_SOF = frozenset({0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xC
 # Markers that stand alone, with no length field after them.
 STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 SOS = 0xDA
+# Markers that end read_frame_header's fast path (fill bytes, standalone, image data, errors).
+NOT_PLAIN = frozenset({0xFF, SOS, 0xD9, *STANDALONE, *OTHER_SOF})
+SEGMENT = struct.Struct(">BBH")  # 0xFF, a marker, the segment's length
 # Some writers pad a file after its EOI; that is harmless to decoders.
 PADDING = b"\x00\r\n\t "
 
@@ -36,16 +39,32 @@ class JpegInfo(NamedTuple):
 
 def check_jpeg(data: bytes) -> JpegInfo:
     """Check the SOI/EOI markers and parse the frame header; raise JpegError if broken."""
-    if len(data) < 4 or data[:2] != SOI:
+    if len(data) < 4 or not data.startswith(SOI):
         raise JpegError("not a JPEG (no start-of-image marker)")
-    if data[-2:] != EOI and not data.rstrip(PADDING).endswith(EOI):
+    if not data.endswith(EOI) and not data.rstrip(PADDING).endswith(EOI):
         raise JpegError("truncated JPEG (no end-of-image marker)")
     return read_frame_header(data)
 
 
 def read_frame_header(data: bytes) -> JpegInfo:
     """Walk the marker segments up to the frame header (SOFn) and return what it says."""
+    # Fast path: segments that are a marker then a length, as writers make them, one struct
+    # call each. At anything else (fill bytes, standalone markers, errors, the end of the
+    # data), the general walk takes over from the same place, so the outcome is the same.
     pos, end = 2, len(data)
+    while pos + 4 <= end:
+        prefix, marker, length = SEGMENT.unpack_from(data, pos)
+        if prefix != 0xFF or marker in NOT_PLAIN:
+            break
+        if marker in SOF_MARKERS:
+            return _parse_sof(data, pos + 2, length)
+        pos += 2 + length
+    return _walk_segments(data, pos)
+
+
+def _walk_segments(data: bytes, pos: int) -> JpegInfo:
+    """read_frame_header's general walk, from the marker at `pos` on."""
+    end = len(data)
     while pos < end:
         if data[pos] != 0xFF:
             raise JpegError(f"corrupt JPEG header (no marker at byte {pos})")

@@ -34,6 +34,13 @@ _PATTERNS = {
     "depth": re.compile(rf"^{DEPTH_DIR}/depth_(?:fg_bg_)?{_IDS}\.jpe?g$", re.IGNORECASE),
 }
 _BATCH = re.compile(r"batch[_-]?(\d+)", re.IGNORECASE)
+# The same patterns without their folder, for names directly in a sample folder (the usual case).
+_FILE_PATTERNS = {
+    BG_DIR: ("bg", re.compile(r"bg_(?:img_)?(\d+)\.jpe?g$", re.IGNORECASE)),
+    FG_BG_DIR: ("fg_bg", re.compile(rf"fg_bg_{_IDS}\.jpe?g$", re.IGNORECASE)),
+    MASK_DIR: ("mask", re.compile(rf"bg_mask_{_IDS}\.jpe?g$", re.IGNORECASE)),
+    DEPTH_DIR: ("depth", re.compile(rf"depth_(?:fg_bg_)?{_IDS}\.jpe?g$", re.IGNORECASE)),
+}
 
 
 class SampleId(NamedTuple):
@@ -96,6 +103,20 @@ def strip_top_folder(name: str) -> str:
 
 def classify(name: str) -> Member | None:
     """Recognise a member of a sample; None for anything else (junk, fg_jpg/, mask_jpg/, …)."""
+    # Fast path, one regex on the file name: `FOLDER/file` with FOLDER a sample folder, as in
+    # the published zips. What the general path would decide is the same: such a name is never
+    # junk, needs no stripping, and only its folder's pattern can match it.
+    folder, _, file = name.partition("/")
+    found = _FILE_PATTERNS.get(folder)
+    if found is not None and "/" not in file:
+        kind, pattern = found
+        match = pattern.match(file)
+        if match is None:
+            return None
+        if kind == "bg":
+            return Member(kind, name, int(match.group(1)), None)
+        sample = SampleId(*map(int, match.groups()))
+        return Member(kind, name, sample.bg, sample)
     if is_junk(name):
         return None
     inner = strip_top_folder(name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from pipeline.layout import shard_name
@@ -17,26 +18,66 @@ from pipeline.layout import shard_name
 TAR_BLOCK = 512
 TAR_RECORD = tarfile.RECORDSIZE
 WRITE_BUFFER = 1 << 20  # a shard goes out in 1 MB writes, not one per member
+NAME_FIELD = 100  # bytes in a ustar header's name field
+MAX_SIZE = 8**11  # a ustar size field holds 11 octal digits
 
 
 class _HashingFile:
-    """A write-only file that hashes and counts the bytes going through it."""
+    """A write-only file that hashes and counts the bytes going through it.
+
+    Bytes gather in a megabyte buffer; a full one is hashed and written by a helper thread
+    (both release the GIL) while the next fills, so hashing and writing overlap the caller's
+    work. At most two buffers are held; an error in the thread is raised by the next call.
+    """
 
     def __init__(self, path: Path) -> None:
-        self._file = open(path, "wb", buffering=WRITE_BUFFER)  # closed by close()
+        self._file = open(path, "wb", buffering=0)  # closed by close() or discard()
         self._sha = hashlib.sha256()
-        self.size = 0
+        self._buffer = bytearray()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        self._pending: Future | None = None  # the buffer the thread is writing
+        self.size = 0  # every byte given to write(), buffered ones included
 
     def write(self, data: bytes) -> None:
         """Write, hash and count `data`."""
-        self._file.write(data)
-        self._sha.update(data)
+        self._buffer += data
         self.size += len(data)
+        if len(self._buffer) >= WRITE_BUFFER:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        self._wait()  # in order, and never more than two buffers
+        chunk, self._buffer = self._buffer, bytearray()
+        self._pending = self._thread.submit(self._hash_and_write, chunk)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _hash_and_write(self, chunk: bytearray) -> None:
+        self._sha.update(chunk)
+        view, done = memoryview(chunk), 0
+        try:
+            while done < len(view):  # a raw file may write less than it was given
+                done += self._file.write(view[done:])
+        finally:
+            view.release()
 
     def close(self) -> str:
-        """Close the file; return the hex sha256 of everything written."""
-        self._file.close()
+        """Write what is buffered and close the file; return the hex sha256 of all written."""
+        try:
+            self._wait()
+            self._hash_and_write(self._buffer)
+        finally:
+            self._thread.shutdown()
+            self._file.close()
         return self._sha.hexdigest()
+
+    def discard(self) -> None:
+        """Close the file, dropping what is buffered (the shard is about to be deleted)."""
+        self._thread.shutdown()  # waits for the buffer being written; its error is moot
+        self._file.close()
 
 
 def _ustar_constants() -> tuple[bytes, bytes, bytes, int]:
@@ -49,6 +90,18 @@ def _ustar_constants() -> tuple[bytes, bytes, bytes, int]:
 
 
 _IDS, _MTIME, _TAIL, _FIXED_SUM = _ustar_constants()
+# A header is its NUL-padded name, then this with the size and checksum filled in.
+_AFTER_NAME = _IDS + b"%011o\0" + _MTIME + b"%06o\0 " + _TAIL
+_ZEROS = bytes(TAR_BLOCK)
+
+
+def _header(raw_name: bytes, name_sum: int, size: int) -> bytes:
+    """A ustar header from the encoded name, that name's byte sum and the data size."""
+    if len(raw_name) > NAME_FIELD or size >= MAX_SIZE:
+        name = raw_name.decode(errors="replace")
+        raise ValueError(f"{name}: name over 100 bytes or data over 8 GiB: not for a ustar header")
+    checksum = _FIXED_SUM + name_sum + sum(b"%011o" % size)  # the size field's NUL adds 0
+    return raw_name.ljust(NAME_FIELD, b"\0") + _AFTER_NAME % (size, checksum)
 
 
 def tar_member(name: str, data: bytes) -> bytes:
@@ -56,12 +109,36 @@ def tar_member(name: str, data: bytes) -> bytes:
     # tarfile's header code costs ~80 us a member, more than everything else per sample; only
     # the name, size and checksum vary, so the header is assembled from precomputed parts.
     raw = name.encode()
-    if len(raw) > 100 or len(data) >= 8**11:
-        raise ValueError(f"{name}: name over 100 bytes or data over 8 GiB: not for a ustar header")
-    size = b"%011o\0" % len(data)
-    checksum = _FIXED_SUM + sum(raw) + sum(size)
-    header = b"".join((raw.ljust(100, b"\0"), _IDS, size, _MTIME, b"%06o\0 " % checksum, _TAIL))
-    return b"".join((header, data, b"\0" * (-len(data) % TAR_BLOCK)))
+    return b"".join((_header(raw, sum(raw), len(data)), data, _ZEROS[: -len(data) % TAR_BLOCK]))
+
+
+_SUFFIXES: dict[str, tuple[bytes, int]] = {}  # field name -> (b".field", its byte sum)
+
+
+def _suffix(ext: str) -> tuple[bytes, int]:
+    found = _SUFFIXES.get(ext)
+    if found is None:
+        raw = f".{ext}".encode()
+        found = _SUFFIXES[ext] = (raw, sum(raw))
+    return found
+
+
+def sample_members(key: str, fields: dict[str, bytes]) -> bytes:
+    """A sample's tar members, `KEY.<field>` for each field in order (as tar_member writes)."""
+    # tar_member's work, with the key's bytes and byte sum shared by all its fields' headers.
+    raw_key = key.encode()
+    key_sum = _FIXED_SUM + sum(raw_key)
+    room = NAME_FIELD - len(raw_key)  # what the name field has left after the key
+    parts = []
+    for ext, data in fields.items():
+        suffix, suffix_sum = _SUFFIXES.get(ext) or _suffix(ext)
+        size = len(data)
+        if len(suffix) > room or size >= MAX_SIZE:
+            _header(raw_key + suffix, 0, size)  # raises, naming the member
+        checksum = key_sum + suffix_sum + sum(b"%011o" % size)  # the size field's NUL adds 0
+        parts += (raw_key, suffix.ljust(room, b"\0"), _AFTER_NAME % (size, checksum), data)
+        parts.append(_ZEROS[: -size % TAR_BLOCK])
+    return b"".join(parts)
 
 
 class ShardWriter:
@@ -83,7 +160,7 @@ class ShardWriter:
         """Append one sample: `KEY.<field>` for each field, in the given order."""
         if self._file is None or self._count == self.max_samples:
             self._roll()
-        self._file.write(b"".join(tar_member(f"{key}.{ext}", data) for ext, data in fields.items()))
+        self._file.write(sample_members(key, fields))
         self._count += 1
 
     def _roll(self) -> None:
@@ -117,7 +194,7 @@ class ShardWriter:
     def abort(self) -> None:
         """Delete every shard written so far (the zip failed)."""
         if self._file is not None:
-            self._file.close()
+            self._file.discard()
             self._file = None
         for temp in self._temps:
             temp.unlink(missing_ok=True)

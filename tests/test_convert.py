@@ -104,6 +104,151 @@ def test_check_jpeg_rejects_broken_data(data: bytes, reason: str):
         check_jpeg(data)
 
 
+def test_check_jpeg_agrees_with_the_general_walk_on_odd_headers():
+    # The fast path hands over to the general marker walk at anything unusual: same outcome.
+    from pipeline.jpeg import _walk_segments, read_frame_header
+
+    good = encode(16, 8, 1, 1)
+    odd = [
+        good[:2] + b"\xff\xff" + good[2:],  # fill bytes
+        good[:2] + b"\xff\xd3" + good[2:],  # a standalone marker
+        good[:2] + b"\xff\xc3\x00\x02" + good[2:],  # a lossless frame first
+        good[:2] + b"\xff\xda\x00\x02" + good[2:],  # image data first
+        good[:6],  # cut inside the first segment
+    ]
+    for data in [good, *odd]:
+        outcomes = []
+        for read in (read_frame_header, lambda d: _walk_segments(d, 2)):
+            try:
+                outcomes.append(read(data))
+            except JpegError as exc:
+                outcomes.append(str(exc))
+        assert outcomes[0] == outcomes[1], data[:12]
+    assert read_frame_header(odd[0]) == read_frame_header(odd[1]) == (16, 8, 1)
+
+
+def test_classify_fast_path_agrees_with_the_general_path():
+    # `FOLDER/file` names take a shortcut; under a top folder they take the general path.
+    from pipeline.layout import classify
+
+    files = {
+        "bg_jpg": ["bg_img_3.jpg", "bg_3.JPEG", "bg_x.jpg", "._bg_img_3.jpg", ".DS_Store"],
+        "fg_bg_jpg": ["fg_bg_1_2_0_3.jpg", "fg_bg_1_2_2_3.jpg", "sub/fg_bg_1_2_0_3.jpg", ""],
+        "mask_black_jpg": ["bg_mask_1_2_1_3.jpeg", "fg_bg_1_2_0_3.jpg"],
+        "depth_fg_bg_jpg": ["depth_1_2_0_3.jpg", "depth_fg_bg_1_2_0_3.jpg", "depth_1_2.jpg"],
+    }
+    recognised = 0
+    for folder, names in files.items():
+        for file in names:
+            fast, general = classify(f"{folder}/{file}"), classify(f"top/{folder}/{file}")
+            assert (fast is None) == (general is None), (folder, file)
+            if fast is not None:
+                assert fast[:1] + fast[2:] == general[:1] + general[2:]
+                recognised += 1
+    assert recognised == 6
+
+
+# ---------------------------------------------------------------- reading zips
+
+
+def directory_of(path: Path):
+    from pipeline.zipreader import read_central_directory
+
+    with open(path, "rb") as f:
+        return read_central_directory(f)
+
+
+def assert_lists_as_zipfile(path: Path) -> None:
+    entries = directory_of(path)
+    with zipfile.ZipFile(path) as zf:
+        infos = zf.infolist()
+    assert entries is not None and len(entries) == len(infos)
+    for entry, info in zip(entries, infos, strict=True):
+        assert entry == tuple(getattr(info, f) for f in entry._fields)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"top": "batch1/", "junk": True}, {"compression": zipfile.ZIP_STORED}, {"mode": "RGB"}],
+)
+def test_central_directory_is_read_as_zipfile_reads_it(make_zip, options: dict):
+    assert_lists_as_zipfile(make_zip("batch1_images.zip", 4, **options).path)
+
+
+def test_zip64_directory_and_unicode_names_are_read(tmp_path: Path, monkeypatch):
+    path = tmp_path / "z64.zip"
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 3)  # a ZIP64 end record from 4 members
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name in ["fg_bg_jpg/a.jpg", "bg_jpg/é.jpg", "x/ü ß", "y/plain"]:
+            zf.writestr(name, name.encode() * 3)
+    monkeypatch.undo()
+    with open(path, "rb") as f:
+        assert b"PK\x06\x06" in f.read()  # really ZIP64
+    assert_lists_as_zipfile(path)
+
+
+def test_unusual_zips_are_listed_by_zipfile_and_convert_alike(make_zip, tmp_path: Path):
+    # A comment, bytes before the zip, members streamed with data descriptors: the first two
+    # are listed by zipfile, the last by the fast reader; all give the plain zip's shards.
+    z = make_zip("batch1_images.zip", 5)
+    plain = z.path.read_bytes()
+    variants = tmp_path / "variants"
+    variants.mkdir()
+    (variants / "batch1_images.zip").write_bytes(b"#!/bin/sh\nexit\n" + plain)
+    commented = variants / "c" / "batch1_images.zip"
+    commented.parent.mkdir()
+    shutil.copy(z.path, commented)
+    with zipfile.ZipFile(commented, "a") as zf:
+        zf.comment = b"made by hand"
+    streamed = variants / "s" / "batch1_images.zip"
+    streamed.parent.mkdir()
+    with zipfile.ZipFile(streamed, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in z.members.items():
+            with zf.open(name, "w") as f:
+                f.write(data)
+    assert directory_of(variants / "batch1_images.zip") is None and directory_of(commented) is None
+    assert directory_of(streamed) is not None
+    assert convert([z.path], tmp_path / "ref").ok
+    expected = (tmp_path / "ref/train/batch01-000000.tar").read_bytes()
+    for i, path in enumerate([variants / "batch1_images.zip", commented, streamed]):
+        assert convert([path], tmp_path / f"out{i}").ok
+        assert (tmp_path / f"out{i}/train/batch01-000000.tar").read_bytes() == expected, path
+
+
+def test_damaged_zip_ends_fall_back_to_zipfile(make_zip, tmp_path: Path):
+    # A directory that does not parse is left to zipfile, which reports it as before.
+    z = make_zip("batch1_images.zip", 3)
+    data = bytearray(z.path.read_bytes())
+    start = data.rindex(b"PK\x01\x02")
+    data[start : start + 4] = b"PK\x01\x09"  # the last directory entry's signature
+    z.path.write_bytes(bytes(data))
+    assert directory_of(z.path) is None
+    summary = convert([z.path], tmp_path / "out")
+    assert not summary.ok and "cannot open it as a zip" in summary.failed[0]["error"]
+
+
+def test_sample_json_is_what_json_dumps_gives():
+    from pipeline.convert import sample_json
+
+    for name in ["fg_bg_jpg/fg_bg_1_2_0_3.jpg", 'a"b\\c', "é/ü\u2028", "tab\there"]:
+        names = {"fg_bg": name, "bg": "bg_jpg/bg_img_2.jpg", "mask": name + "m", "depth": "d"}
+        assert sample_json(7, *names.values()) == json.dumps({"batch": 7, **names}).encode()
+
+
+def test_shards_hashed_across_many_buffers_match_their_bytes(make_zip, tmp_path: Path, monkeypatch):
+    from pipeline import shardwriter
+
+    z = make_zip("batch1_images.zip", 9)
+    assert convert([z.path], tmp_path / "ref", shard_samples=4).ok
+    monkeypatch.setattr(shardwriter, "WRITE_BUFFER", 3000)  # a hand-over every sample or so
+    out = tmp_path / "small"
+    assert convert([z.path], out, shard_samples=4).ok
+    for shard in manifest_of(out)["splits"]["train"]["shards"]:
+        data = (out / shard["path"]).read_bytes()
+        assert data == (tmp_path / "ref" / shard["path"]).read_bytes()
+        assert shard["sha256"] == hashlib.sha256(data).hexdigest() and shard["bytes"] == len(data)
+
+
 # ---------------------------------------------------------------- round trips
 
 

@@ -18,7 +18,7 @@ def test_help_and_data_commands_do_not_import_torch() -> None:
     code = (
         "import sys\n"
         "from pipeline import cli, convert, verify, synth, layout, jpeg, manifest, records\n"
-        "from pipeline import shardwriter\n"
+        "from pipeline import shardwriter, shardreader, zipreader\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -222,6 +222,16 @@ def test_tar_members_match_the_stdlib_layout():
     assert members_of_bytes(mine + bytes(1024)) == [(info.name, data, 0o444, 0, 0, 0)]
 
 
+def test_a_sample_is_its_fields_as_tar_members():
+    from pipeline.shardwriter import sample_members
+
+    fields = {"bg.jpg": bytes(range(256)) * 3, "json": b"{}", "depth.jpg": b"", "x.jpg": bytes(512)}
+    expected = b"".join(tar_member(f"b01_1_2_0_3.{ext}", d) for ext, d in fields.items())
+    assert sample_members("b01_1_2_0_3", fields) == expected
+    with pytest.raises(ValueError, match="over 100 bytes"):
+        sample_members("k" * 95, fields)
+
+
 def members_of_bytes(data: bytes) -> list[tuple]:
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         return [
