@@ -153,22 +153,27 @@ def tiny_shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
+def smoke_config(shards: Path, out: Path, **overrides):
+    """A tiny CPU training run: one epoch of one step, one evaluation batch, no progress bar."""
+    from pipeline.train import TrainConfig
+
+    settings = dict(
+        epochs=1,
+        steps_per_epoch=1,
+        batch_size=4,
+        workers=0,
+        device="cpu",
+        eval_batches=1,
+        progress=False,
+    )
+    return TrainConfig(shards=str(shards), out=str(out), **{**settings, **overrides})
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_shards: Path, tmp_path_factory) -> Path:
     """A 2-step CPU training run of the published recipe on the tiny shards."""
-    from pipeline.train import TrainConfig, train
+    from pipeline.train import train
 
     run = tmp_path_factory.mktemp("run") / "r1"
-    config = TrainConfig(
-        shards=str(tiny_shards),
-        out=str(run),
-        epochs=1,
-        steps_per_epoch=2,
-        batch_size=8,
-        workers=0,
-        device="cpu",
-        eval_batches=2,
-        progress=False,
-    )
-    train(config)
+    train(smoke_config(tiny_shards, run, steps_per_epoch=2, batch_size=8, eval_batches=2))
     return run

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import smoke_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.checkpoint import load_checkpoint
@@ -31,20 +32,6 @@ REQUIRED_SCALARS = {
     "perf/samples_per_s",
     "perf/data_wait_fraction",
 }
-
-
-def smoke(shards: Path, out: Path, **overrides) -> TrainConfig:
-    """A tiny CPU run: one epoch of one step, one evaluation batch, no progress bar."""
-    settings = dict(
-        epochs=1,
-        steps_per_epoch=1,
-        batch_size=4,
-        workers=0,
-        device="cpu",
-        eval_batches=1,
-        progress=False,
-    )
-    return TrainConfig(shards=str(shards), out=str(out), **{**settings, **overrides})
 
 
 def read_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
@@ -133,7 +120,7 @@ def test_bad_options_fail_before_any_work(tiny_shards: Path, tmp_path: Path) -> 
 
 def test_cprofile_writes_a_dump(tiny_shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train(smoke(tiny_shards, run, profile="cprofile"))
+    train(smoke_config(tiny_shards, run, profile="cprofile"))
     import pstats
 
     stats = pstats.Stats(str(run / "profile-rank0.prof"))
@@ -143,7 +130,7 @@ def test_cprofile_writes_a_dump(tiny_shards: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_torch_profiler_writes_a_trace(tiny_shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train(smoke(tiny_shards, run, steps_per_epoch=6, profile="torch"))
+    train(smoke_config(tiny_shards, run, steps_per_epoch=6, profile="torch"))
     traces = list((run / "profile").glob("*.pt.trace.json*"))
     assert traces, "no torch.profiler trace written"
 
@@ -165,7 +152,7 @@ def test_without_a_test_split_best_follows_training_and_no_test_scalars(tmp_path
     assert convert_zips(zips, ConvertConfig(out=shards, shard_samples=8, progress=False)).ok
     run = tmp_path / "run"
     with caplog.at_level("WARNING"):
-        train(smoke(shards, run))
+        train(smoke_config(shards, run))
     assert "test split is empty" in caplog.text
     assert (run / "best.pt").is_file()
     scalars = read_scalars(run)
@@ -176,7 +163,7 @@ def test_without_a_test_split_best_follows_training_and_no_test_scalars(tmp_path
 def test_steps_per_epoch_caps_but_never_extends_an_epoch(tiny_shards: Path, tmp_path) -> None:
     run = tmp_path / "run"
     # 48 training samples in batches of 16: an epoch is 3 steps, asking for 50 must not repeat data.
-    train(smoke(tiny_shards, run, batch_size=16, steps_per_epoch=50))
+    train(smoke_config(tiny_shards, run, batch_size=16, steps_per_epoch=50))
     assert load_checkpoint(run / "last.pt")["step"] == 3
 
 
