@@ -10,7 +10,9 @@ import contextlib
 import json
 import logging
 import os
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import click
@@ -28,7 +30,8 @@ class UserError(click.ClickException):
         click.echo(f"error: {self.message}", err=True)
 
 
-EXPECTED = (ValueError, OSError)  # bad input, missing or unreadable files
+# Bad input, missing or unreadable files, a zip that is not one, an external tool that failed.
+EXPECTED = (ValueError, OSError, zipfile.BadZipFile, subprocess.CalledProcessError)
 TORCH_EXPECTED = (*EXPECTED, RuntimeError)  # torch's own (CUDA out of memory, a bad checkpoint)
 
 

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 import numpy as np
@@ -188,7 +188,18 @@ def read_shards(urls: Iterable[str], handler: Handler = reraise_exception) -> It
             if not handler(ValueError(f"{url}: cannot read the shard ({exn})")):
                 return
         finally:
-            stream.close()
+            failed = _close(stream, url)  # a pipe: or http shard reports its errors on close
+        if failed is not None and not handler(failed):
+            return
+
+
+def _close(stream: BinaryIO, url: str) -> ValueError | None:
+    """Close a shard's stream; the error closing it raised, if any (a failed pipe command)."""
+    try:
+        stream.close()
+    except OSError as exn:
+        return ValueError(f"{url}: the shard's stream failed ({exn})")
+    return None
 
 
 def keep_slot(samples: Iterable[dict], slot: int, slots: int) -> Iterator[dict]:

@@ -10,7 +10,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +153,7 @@ class Run:
     has_test: bool
     writer: Any = None  # rank 0's TensorBoard SummaryWriter
     epoch: int = 0  # epochs completed
+    start_epoch: int = 0  # epochs completed when this process started (after --resume)
     step: int = 0  # optimizer steps completed
     best_iou: float = -math.inf
 
@@ -164,11 +165,13 @@ def _train(config: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     _seed_everything(config.seed + dist.rank)
     run = _start_run(config, dist, manifest)
     metrics: dict[str, Any] = {}
-    for epoch in range(run.epoch, config.epochs):
-        metrics = _train_epoch(run, config, dist, epoch)
-        barrier()  # rank 0 saves; the others wait so a crash can't leave them an epoch ahead
-    if run.writer is not None:
-        run.writer.close()
+    try:
+        for epoch in range(run.start_epoch, config.epochs):
+            metrics = _train_epoch(run, config, dist, epoch)
+            barrier()  # rank 0 saves; the others wait so a crash can't leave them an epoch ahead
+    finally:
+        if run.writer is not None:
+            run.writer.close()  # flush what was logged, also when an epoch failed
     return {"epochs": config.epochs, "step": run.step, "best_iou": run.best_iou, **metrics}
 
 
@@ -196,7 +199,8 @@ def _start_run(config: TrainConfig, dist: DistInfo, manifest: dict) -> Run:
         has_test=manifest["splits"].get("test", {}).get("samples", 0) > 0,
     )
     if config.resume:
-        _resume(Path(config.out), run, device)
+        _resume(Path(config.out), run, config, device)
+    run.start_epoch = run.epoch
     if dist.distributed:
         ids = [device.index] if device.type == "cuda" else None
         run.net = DistributedDataParallel(model, device_ids=ids)
@@ -247,7 +251,7 @@ def _train_epoch(run: Run, config: TrainConfig, dist: DistInfo, epoch: int) -> d
         world_size=dist.world_size,
         steps=run.steps,
     )
-    profiler = _torch_profiler(config, dist, run.steps, first=epoch == run.epoch)
+    profiler = _torch_profiler(config, dist, run.steps, first=epoch == run.start_epoch)
     with profiler or contextlib.nullcontext():
         stats = train_one_epoch(
             run.net,
@@ -267,12 +271,16 @@ def _train_epoch(run: Run, config: TrainConfig, dist: DistInfo, epoch: int) -> d
     lr = run.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
     run.scheduler.step()
     eval_start = time.perf_counter()
-    metrics, grid = _evaluate_epoch(run, config, dist, dataclasses.replace(loaders, augment=None))
+    try:
+        metrics, grid = _evaluate_epoch(run, config, dist, replace(loaders, augment=None))
+    except ValueError as exc:  # e.g. no test sample could be decoded: keep the epoch's work
+        log.warning("evaluation failed, this epoch has no test metrics: %s", exc)
+        metrics, grid = {}, None
     times = (time.perf_counter() - eval_start, time.perf_counter() - start)
     metrics = _epoch_report(run, dist, config, epoch, stats, metrics, grid, times, lr)
     run.epoch = epoch + 1
     if dist.is_main:
-        score = metrics["iou"] if run.has_test else stats.iou
+        score = metrics["iou"] if metrics else stats.iou
         improved = score > run.best_iou
         run.best_iou = max(run.best_iou, score)
         state = _checkpoint_state(run, config, metrics)
@@ -326,7 +334,10 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
     )
 
 
-def _resume(out: Path, run: Run, device: torch.device) -> None:
+RESUME_MUST_MATCH = ("optimizer", "lr", "step_size", "gamma")  # else the restored state lies
+
+
+def _resume(out: Path, run: Run, config: TrainConfig, device: torch.device) -> None:
     """Load OUT/last.pt into the run: weights, optimizer, schedule, scaler, epoch and step.
 
     Every rank reads the file, so under multi-node torchrun OUT must be on a shared disk.
@@ -335,6 +346,16 @@ def _resume(out: Path, run: Run, device: torch.device) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"--resume: {path} does not exist (nothing to resume)")
     state = load_checkpoint(path, map_location=device)
+    changed = [
+        f"--{name.replace('_', '-')} {state['config'].get(name)} -> {getattr(config, name)}"
+        for name in RESUME_MUST_MATCH
+        if state["config"].get(name) != getattr(config, name)
+    ]
+    if changed:
+        raise ValueError(
+            f"--resume: {path} was trained with other settings ({', '.join(changed)}); "
+            "resume with the same ones, or train into a new folder"
+        )
     try:
         run.model.load_state_dict(state["model"])
     except RuntimeError as exc:
@@ -568,7 +589,7 @@ def _epoch_line(config, epoch, step, stats: EpochStats, metrics, perf, timing, l
         f"test loss {metrics['loss']:.4f} iou {metrics['iou']:.3f} "
         f"depth ssim {metrics['depth_ssim']:.3f} rmse {metrics['depth_rmse']:.4f}"
         if metrics
-        else "no test split"
+        else "no test metrics"
     )
     memory = f", peak {perf['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in perf else ""
     skipped = f", {stats.skipped} undecodable samples skipped" if stats.skipped else ""

@@ -370,3 +370,12 @@ def test_bench_loader_reports_both_ways(shards):
     )
     assert result["workers"] == 0 and result["decoder"] == "simplejpeg"
     assert set(result["decoders_images_per_s"]) == {"simplejpeg", "cv2", "pil"}
+
+
+def test_a_shard_command_that_fails_on_close_is_skipped_not_fatal(caplog):
+    # pipe: shards report a failed command only when closed; training must skip, not crash.
+    from pipeline.data import LogOnce, read_shards
+
+    with caplog.at_level("WARNING"):
+        assert list(read_shards(["pipe:exit 3"], LogOnce())) == []
+    assert "pipe:exit 3" in caplog.text

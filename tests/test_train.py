@@ -192,3 +192,29 @@ def test_a_broken_shard_is_a_clean_error_not_a_traceback(tiny_shards: Path, tmp_
     )
     assert result.exit_code == 1
     assert "error:" in result.output and "Traceback" not in result.output
+
+
+def test_resume_with_other_settings_is_a_clear_error(tiny_run: Path, tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--shards",
+            str(tiny_shards),
+            "--out",
+            str(run),
+            "--resume",
+            "--epochs",
+            "2",
+            "--optimizer",
+            "adamw",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ],
+    )
+    assert result.exit_code == 1, result.output
+    assert "--optimizer sgd -> adamw" in result.output and "Traceback" not in result.output
