@@ -280,7 +280,7 @@ def _train_epoch(run: Run, config: TrainConfig, dist: DistInfo, epoch: int) -> d
     metrics = _epoch_report(run, dist, config, epoch, stats, metrics, grid, times, lr)
     run.epoch = epoch + 1
     if dist.is_main:
-        score = metrics["iou"] if metrics else stats.iou
+        score = metrics.get("iou", stats.iou)  # the training IoU when there are no test metrics
         improved = score > run.best_iou
         run.best_iou = max(run.best_iou, score)
         state = _checkpoint_state(run, config, metrics)
