@@ -34,6 +34,11 @@ REQUIRED_SCALARS = {
 }
 
 
+def train_cli(*args):
+    """`pipeline train ARGS` through click's test runner (paths may be Path objects)."""
+    return CliRunner().invoke(cli, ["train", *map(str, args)])
+
+
 def read_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar series in a run folder, read with TensorBoard's own event reader."""
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
@@ -75,20 +80,16 @@ def test_resume_continues_epochs_and_step_count(tiny_run: Path, tiny_shards: Pat
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tiny_shards: Path, tmp_path) -> None:
-    result = CliRunner().invoke(
-        cli,
-        [
-            "train",
-            "--shards",
-            str(tiny_shards),
-            "--out",
-            str(tmp_path / "none"),
-            "--resume",
-            "--device",
-            "cpu",
-            "--workers",
-            "0",
-        ],
+    result = train_cli(
+        "--shards",
+        str(tiny_shards),
+        "--out",
+        str(tmp_path / "none"),
+        "--resume",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
     )
     assert result.exit_code == 1
     assert "last.pt" in result.output and "nothing to resume" in result.output
@@ -96,17 +97,8 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tiny_shards: Path, tmp_pat
 
 def test_shard_folder_without_manifest_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "shards" / "train").mkdir(parents=True)
-    result = CliRunner().invoke(
-        cli,
-        [
-            "train",
-            "--shards",
-            str(tmp_path / "shards"),
-            "--out",
-            str(tmp_path / "run"),
-            "--device",
-            "cpu",
-        ],
+    result = train_cli(
+        "--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "run"), "--device", "cpu"
     )
     assert result.exit_code == 1
     assert "manifest.json" in result.output
@@ -172,23 +164,19 @@ def test_a_broken_shard_is_a_clean_error_not_a_traceback(tiny_shards: Path, tmp_
     shutil.copytree(tiny_shards, shards)
     for tar in (shards / "train").glob("*.tar"):
         tar.write_bytes(b"this is no tar file" * 40)
-    result = CliRunner().invoke(
-        cli,
-        [
-            "train",
-            "--shards",
-            str(shards),
-            "--out",
-            str(tmp_path / "run"),
-            "--device",
-            "cpu",
-            "--workers",
-            "1",
-            "--batch-size",
-            "8",
-            "--steps-per-epoch",
-            "1",
-        ],
+    result = train_cli(
+        "--shards",
+        str(shards),
+        "--out",
+        str(tmp_path / "run"),
+        "--device",
+        "cpu",
+        "--workers",
+        "1",
+        "--batch-size",
+        "8",
+        "--steps-per-epoch",
+        "1",
     )
     assert result.exit_code == 1
     assert "error:" in result.output and "Traceback" not in result.output
@@ -197,24 +185,20 @@ def test_a_broken_shard_is_a_clean_error_not_a_traceback(tiny_shards: Path, tmp_
 def test_resume_with_other_settings_is_a_clear_error(tiny_run: Path, tiny_shards, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    result = CliRunner().invoke(
-        cli,
-        [
-            "train",
-            "--shards",
-            str(tiny_shards),
-            "--out",
-            str(run),
-            "--resume",
-            "--epochs",
-            "2",
-            "--optimizer",
-            "adamw",
-            "--device",
-            "cpu",
-            "--workers",
-            "0",
-        ],
+    result = train_cli(
+        "--shards",
+        str(tiny_shards),
+        "--out",
+        str(run),
+        "--resume",
+        "--epochs",
+        "2",
+        "--optimizer",
+        "adamw",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
     )
     assert result.exit_code == 1, result.output
     assert "--optimizer sgd -> adamw" in result.output and "Traceback" not in result.output
