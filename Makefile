@@ -14,6 +14,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip uninstall -q -y pipeline 2>/dev/null || true  # the distribution's old name
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 

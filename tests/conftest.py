@@ -10,7 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.layout import DEPTH_SIZE, IMAGE_SIZE, SampleId
+from pipeline.schema import DEPTH_SIZE, IMAGE_SIZE
+from pipeline.store.names import SampleId
 
 REPO = Path(__file__).resolve().parents[1]
 # The real sample: shared/ beside the checkout (CI clones elsewhere with shared/ beside it too),
@@ -142,8 +143,8 @@ def real_sample_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
     """Synthetic zips (batch 1 train, batch 2 test) converted into small shards, once a session."""
-    from pipeline.convert import ConvertConfig, convert_zips
-    from pipeline.synth import synth_zips
+    from pipeline.store.runner import ConvertConfig, convert_zips
+    from pipeline.store.synth import synth_zips
 
     root = tmp_path_factory.mktemp("tiny")
     zips = synth_zips(root / "zips", batches=[1, 2], samples=48, seed=1)
@@ -155,7 +156,7 @@ def tiny_shards(tmp_path_factory) -> Path:
 
 def smoke_config(shards: Path, out: Path, **overrides):
     """A tiny CPU training run: one epoch of one step, one evaluation batch, no progress bar."""
-    from pipeline.train import TrainConfig
+    from pipeline.train.config import TrainConfig
 
     settings = dict(
         epochs=1,
@@ -172,7 +173,7 @@ def smoke_config(shards: Path, out: Path, **overrides):
 @pytest.fixture(scope="session")
 def tiny_run(tiny_shards: Path, tmp_path_factory) -> Path:
     """A 2-step CPU training run of the published recipe on the tiny shards."""
-    from pipeline.train import train
+    from pipeline.train.run import train
 
     run = tmp_path_factory.mktemp("run") / "r1"
     train(smoke_config(tiny_shards, run, steps_per_epoch=2, batch_size=8, eval_batches=2))

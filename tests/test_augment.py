@@ -7,13 +7,7 @@ import colorsys
 import pytest
 import torch
 
-from pipeline.augment import (
-    AugmentConfig,
-    augment_batch,
-    hsv_to_rgb,
-    rgb_to_hsv,
-    to_float,
-)
+from pipeline.train.augment import AugmentConfig, augment_batch, hsv_to_rgb, rgb_to_hsv, to_float
 
 FIELDS = ("bg", "fg_bg", "mask", "depth")
 NOTHING = dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, noise_std=0.0, noise_p=0.0)

@@ -19,11 +19,11 @@ from click.testing import CliRunner
 from conftest import BatchZip, encode
 
 from pipeline.cli import cli
-from pipeline.convert import ConvertConfig, convert_zips
-from pipeline.jpeg import JpegError, check_jpeg
-from pipeline.layout import SampleId, sample_key
-from pipeline.records import record_path
-from pipeline.verify import verify_shards
+from pipeline.images import JpegError, check_jpeg
+from pipeline.store.catalog import record_path
+from pipeline.store.names import SampleId, sample_key
+from pipeline.store.runner import ConvertConfig, convert_zips
+from pipeline.store.verify import verify_shards
 
 
 def convert(zips, out: Path, **options):
@@ -106,7 +106,7 @@ def test_check_jpeg_rejects_broken_data(data: bytes, reason: str):
 
 def test_check_jpeg_agrees_with_the_general_walk_on_odd_headers():
     # The fast path hands over to the general marker walk at anything unusual: same outcome.
-    from pipeline.jpeg import _walk_segments, read_frame_header
+    from pipeline.images import _walk_segments, read_frame_header
 
     good = encode(16, 8, 1, 1)
     odd = [
@@ -129,7 +129,7 @@ def test_check_jpeg_agrees_with_the_general_walk_on_odd_headers():
 
 def test_classify_fast_path_agrees_with_the_general_path():
     # `FOLDER/file` names take a shortcut; under a top folder they take the general path.
-    from pipeline.layout import classify
+    from pipeline.store.names import classify
 
     files = {
         "bg_jpg": ["bg_img_3.jpg", "bg_3.JPEG", "bg_x.jpg", "._bg_img_3.jpg", ".DS_Store"],
@@ -152,7 +152,7 @@ def test_classify_fast_path_agrees_with_the_general_path():
 
 
 def directory_of(path: Path):
-    from pipeline.zipreader import read_central_directory
+    from pipeline.store.zipread import read_central_directory
 
     with open(path, "rb") as f:
         return read_central_directory(f)
@@ -228,7 +228,7 @@ def test_damaged_zip_ends_fall_back_to_zipfile(make_zip, tmp_path: Path):
 
 
 def test_sample_json_is_what_json_dumps_gives():
-    from pipeline.convert import sample_json
+    from pipeline.store.convert import sample_json
 
     for name in ["fg_bg_jpg/fg_bg_1_2_0_3.jpg", 'a"b\\c', "é/ü\u2028", "tab\there"]:
         names = {"fg_bg": name, "bg": "bg_jpg/bg_img_2.jpg", "mask": name + "m", "depth": "d"}
@@ -236,7 +236,7 @@ def test_sample_json_is_what_json_dumps_gives():
 
 
 def test_shards_hashed_across_many_buffers_match_their_bytes(make_zip, tmp_path: Path, monkeypatch):
-    from pipeline import shardwriter
+    from pipeline.store import tar as shardwriter
 
     z = make_zip("batch1_images.zip", 9)
     assert convert([z.path], tmp_path / "ref", shard_samples=4).ok
@@ -253,7 +253,7 @@ def test_shards_hashed_across_many_buffers_match_their_bytes(make_zip, tmp_path:
 
 
 def test_synth_round_trip_byte_for_byte(tmp_path: Path):
-    from pipeline.synth import synth_zips
+    from pipeline.store.synth import synth_zips
 
     zips = synth_zips(tmp_path / "zips", batches=[1, 10], samples=12)
     out = tmp_path / "shards"
@@ -633,7 +633,7 @@ def test_interrupted_conversion_is_completed(make_zip, tmp_path: Path):
 
 
 def test_a_crash_mid_zip_leaves_no_shard_or_record(make_zip, tmp_path: Path, monkeypatch):
-    from pipeline import shardwriter
+    from pipeline.store import tar as shardwriter
 
     z = make_zip("batch1_images.zip", 6)
     out = tmp_path / "shards"

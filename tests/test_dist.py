@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checkpoint import load_checkpoint
+from pipeline.train.checkpoint import load_checkpoint
 
 
 def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

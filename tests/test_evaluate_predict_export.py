@@ -99,7 +99,7 @@ def test_predict_resizes_and_reads_folders(tiny_run: Path, tmp_path: Path, caplo
     for name in ("a.png", "b.jpg"):
         Image.open(REAL / "bg_img_51.jpg").resize((320, 240)).convert("RGB").save(bgs / name)
         Image.open(REAL / "fg_bg_9_51_1_2.jpg").resize((320, 240)).save(fgs / name)
-    from pipeline.predict import predict
+    from pipeline.deploy.predict import predict
 
     with caplog.at_level("INFO"):
         written = predict(tiny_run / "best.pt", bgs, fgs, tmp_path / "out", device="cpu")

@@ -8,7 +8,9 @@ import pytest
 import torch
 from pytorch_msssim import ssim
 
-from pipeline.metrics import MetricAccumulator, batch_iou, compute_loss, depth_ssim
+from pipeline.train.config import LossWeights
+from pipeline.train.loss import compute_loss, depth_ssim
+from pipeline.train.metrics import MetricAccumulator, batch_iou
 
 BIG = 20.0  # a logit whose sigmoid is 1 - 2e-9: a confident prediction
 
@@ -193,9 +195,7 @@ def test_bce_matches_the_formula_and_ssim_term_is_zero_for_identical_depths():
     assert loss_mask.item() == pytest.approx(expected, rel=1e-6)
     assert loss_depth.item() == pytest.approx(0.0, abs=1e-6)
     assert loss.item() == pytest.approx(2.0 * expected, rel=1e-5)
-    weighted, _, _ = compute_loss(
-        logits, depth * 0.5, target, depth, mask_weight=1.0, depth_weight=3.0
-    )
+    weighted, _, _ = compute_loss(logits, depth * 0.5, target, depth, LossWeights(1.0, 3.0))
     ssim_term = 1 - ssim(depth * 0.5, depth, data_range=1.0).item()
     assert weighted.item() == pytest.approx(expected + 3.0 * ssim_term, rel=1e-5)
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from model import UNet, UNetConfig
-from pipeline.info import count_macs, count_params, model_info
+from pipeline.deploy.info import count_macs, count_params, model_info
 
 PUBLISHED_PARAMS = 513_206  # 1-channel images
 PUBLISHED_MACS = 892_294_400  # decoder run twice, counted with thop's rules (see pipeline/info.py)

@@ -1,7 +1,9 @@
-"""The CLI starts fast (no torch for commands that don't need it), Docker files lint clean."""
+"""The house: three stages that import downwards only, no torch where none is needed, small
+modules, a CLI that starts fast, and Docker files that lint clean."""
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -12,17 +14,106 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
+# Floors, lowest first: a module may import its own floor and those below, never above.
+FLOORS = {
+    "model": 0,
+    "pipeline": 1,  # __init__ (the version)
+    "pipeline.schema": 1,
+    "pipeline.images": 1,
+    "pipeline.store": 2,
+    "pipeline.train": 3,
+    "pipeline.deploy": 4,
+    "pipeline.bench": 5,
+    "pipeline.cli": 6,
+    "pipeline.__main__": 6,
+}
+MAX_LINES = 400
 
 
-def test_help_and_data_commands_do_not_import_torch() -> None:
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted([*ROOT.glob("pipeline/**/*.py"), *ROOT.glob("model/**/*.py")]):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+def _floor(module: str) -> int:
+    best = max((k for k in FLOORS if module == k or module.startswith(k + ".")), key=len)
+    return FLOORS[best]
+
+
+def _imports(path: Path, top_level_only: bool) -> set[str]:
+    """The project modules a file imports (at module level only, if asked)."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    names = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    modules = _modules()
+    return {name for name in names if name in modules}
+
+
+def test_every_import_points_down() -> None:
+    wrong = []
+    for name, path in _modules().items():
+        for target in _imports(path, top_level_only=False):
+            if _floor(target) > _floor(name):
+                wrong.append(f"{name} imports {target}")
+    assert not wrong, wrong
+
+
+def test_no_import_circle() -> None:
+    graph = {name: _imports(path, True) - {name} for name, path in _modules().items()}
+    # A package's submodule importing its package's __init__ only is not a circle here:
+    # every __init__ of ours is a docstring (checked below).
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph[node]:
+            if state.get(nxt) == 1:
+                raise AssertionError(" -> ".join([*trail, node, nxt]))
+            if nxt not in state:
+                visit(nxt, [*trail, node])
+        state[node] = 2
+
+    for node in graph:
+        if node not in state:
+            visit(node, [])
+
+
+def test_stage_packages_import_nothing_on_their_own() -> None:
+    for package in ("store", "train", "deploy", "bench"):
+        tree = ast.parse((ROOT / "pipeline" / package / "__init__.py").read_text())
+        assert all(isinstance(node, ast.Expr) for node in tree.body), package
+
+
+def test_no_module_over_400_lines() -> None:
+    long = {
+        name: n
+        for name, path in _modules().items()
+        if (n := len(path.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long, long
+
+
+def test_store_and_the_cli_never_import_torch() -> None:
+    store = [name for name in _modules() if name.startswith("pipeline.store.")]
     code = (
-        "import sys\n"
-        "from pipeline import cli, convert, verify, synth, layout, jpeg, manifest, records\n"
-        "from pipeline import shardwriter, shardreader, zipreader\n"
+        "import importlib, sys\n"
+        f"for name in {store + ['pipeline.cli', 'pipeline.schema', 'pipeline.images']!r}:\n"
+        "    importlib.import_module(name)\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    assert len(store) >= 8  # names, zipread, tar, convert, runner, catalog, verify, synth
 
 
 def test_every_command_has_help() -> None:
@@ -38,9 +129,22 @@ def test_every_command_has_help() -> None:
         ["export", "--help"],
         ["info", "--help"],
         ["bench", "loader", "--help"],
+        ["bench", "quality", "--help"],
     ):
         result = runner.invoke(cli, args)
         assert result.exit_code == 0 and "Usage:" in result.output, args
+
+
+def test_option_defaults_are_the_config_dataclasses() -> None:
+    from pipeline.store.runner import ConvertConfig
+    from pipeline.train.config import TrainConfig
+
+    train = {p.name: p.default for p in cli.commands["train"].params}
+    for name in ("epochs", "batch_size", "lr", "momentum", "workers", "mask_weight", "amp"):
+        assert train[name] == getattr(TrainConfig, name), name
+    convert = {p.name: p.default for p in cli.commands["convert"].params}
+    assert convert["shard_samples"] == ConvertConfig.shard_samples
+    assert convert["test_batches"] == ",".join(map(str, ConvertConfig.test_batches))
 
 
 def test_dockerfile_passes_hadolint() -> None:

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import cli
-from pipeline.layout import IGNORED_DIRS, classify, member_names
-from pipeline.synth import (
+from pipeline.store.names import IGNORED_DIRS, classify, member_names
+from pipeline.store.synth import (
     ZIP_DIRS,
     encode_jpeg,
     make_background,
@@ -203,5 +203,5 @@ def test_cli_writes_zips(tmp_path: Path) -> None:
 
 
 def test_does_not_import_torch() -> None:
-    code = "import sys, pipeline.synth; sys.exit('torch' in sys.modules)"
+    code = "import sys, pipeline.store.synth; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -12,9 +12,10 @@ from click.testing import CliRunner
 from conftest import smoke_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import cli
-from pipeline.train import TrainConfig, train
+from pipeline.train.checkpoint import load_checkpoint
+from pipeline.train.config import TrainConfig
+from pipeline.train.run import train
 
 REQUIRED_SCALARS = {
     "train/loss",
@@ -128,7 +129,7 @@ def test_torch_profiler_writes_a_trace(tiny_shards: Path, tmp_path: Path) -> Non
 
 
 def test_amp_off_on_cpu_by_default() -> None:
-    from pipeline.precision import resolve_amp
+    from pipeline.train.runtime import resolve_amp
 
     assert resolve_amp("auto", torch.device("cpu")) == "off"
     with pytest.raises(ValueError, match="fp16"):
@@ -136,8 +137,8 @@ def test_amp_off_on_cpu_by_default() -> None:
 
 
 def test_without_a_test_split_best_follows_training_and_no_test_scalars(tmp_path, caplog):
-    from pipeline.convert import ConvertConfig, convert_zips
-    from pipeline.synth import synth_zips
+    from pipeline.store.runner import ConvertConfig, convert_zips
+    from pipeline.store.synth import synth_zips
 
     zips = synth_zips(tmp_path / "zips", batches=[1], samples=16, seed=3)
     shards = tmp_path / "shards"

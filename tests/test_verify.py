@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from conftest import build_zip, encode
 
 from pipeline.cli import cli
-from pipeline.convert import ConvertConfig, convert_zips
-from pipeline.shardwriter import tar_member
-from pipeline.verify import verify_shards
+from pipeline.store.runner import ConvertConfig, convert_zips
+from pipeline.store.tar import tar_member
+from pipeline.store.verify import verify_shards
 
 TRAIN0 = "train/batch01-000000.tar"
 
@@ -223,7 +223,7 @@ def test_tar_members_match_the_stdlib_layout():
 
 
 def test_a_sample_is_its_fields_as_tar_members():
-    from pipeline.shardwriter import sample_members
+    from pipeline.store.tar import sample_members
 
     fields = {"bg.jpg": bytes(range(256)) * 3, "json": b"{}", "depth.jpg": b"", "x.jpg": bytes(512)}
     expected = b"".join(tar_member(f"b01_1_2_0_3.{ext}", d) for ext, d in fields.items())

@@ -18,9 +18,9 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.convert import ConvertConfig, convert_zips
-from pipeline.layout import batch_number
-from pipeline.synth import synth_zips
+from pipeline.store.names import batch_number
+from pipeline.store.runner import ConvertConfig, convert_zips
+from pipeline.store.synth import synth_zips
 
 log = logging.getLogger(__name__)
 

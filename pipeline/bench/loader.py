@@ -20,20 +20,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from pipeline.augment import AugmentConfig
-from pipeline.data import (
-    LoaderConfig,
-    augment_batches,
-    collate,
-    init_worker,
-    join_inputs,
-    make_train_loader,
-    open_manifest,
-    read_shards,
-    shard_urls,
-)
-from pipeline.jpegdecode import measure_decoders
-from pipeline.layout import FIELDS, INPUTS
+from pipeline.images import measure_decoders
+from pipeline.schema import FIELDS, INPUTS
+from pipeline.train.augment import AugmentConfig
+from pipeline.train.loader import LoaderConfig, init_worker, make_train_loader
+from pipeline.train.sources import open_manifest, shard_urls
+from pipeline.train.stages import augment_batches, collate, join_inputs, read_shards
 
 log = logging.getLogger(__name__)
 

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterator
 
 import torch
 
-from model import UNet, UNetConfig
-from pipeline.data import make_train_loader, open_manifest
-from pipeline.dist import resolve_device
-from pipeline.layout import DEPTH_SIZE, IMAGE_SIZE
-from pipeline.precision import resolve_amp
-from pipeline.train import TrainConfig, loader_config, make_optimizer, train_one_epoch
+from pipeline.schema import DEPTH_SIZE, IMAGE_SIZE
+from pipeline.train.config import TrainConfig
+from pipeline.train.loader import make_train_loader
+from pipeline.train.loop import Stepper, train_one_epoch
+from pipeline.train.run import build_stepper, loader_config
+from pipeline.train.runtime import resolve_device
+from pipeline.train.sources import open_manifest
 
 log = logging.getLogger(__name__)
 
@@ -61,25 +61,8 @@ def synthetic_batch(batch_size: int, channels: int, device: torch.device) -> dic
     }
 
 
-def _setup(config: TrainConfig, channels: int):
-    device = resolve_device(config.device)
-    amp = resolve_amp(config.amp, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    model = UNet(UNetConfig(image_channels=channels)).to(device)
-    channels_last = config.channels_last
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if config.compile else model
-    optimizer = make_optimizer(model, config)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    return device, amp, net, optimizer, scaler, channels_last
-
-
-def _run(net, loader, optimizer, scaler, device, amp, config, channels_last) -> dict:
-    stats = train_one_epoch(
-        net, loader, optimizer, scaler, device, amp, config, None, 0, 0, channels_last
-    )
+def _run(stepper: Stepper, loader) -> dict:
+    stats = train_one_epoch(stepper, loader)
     return {
         "samples_per_s": stats.samples / max(stats.train_s, 1e-9),
         "data_wait_fraction": stats.data_s / max(stats.train_s, 1e-9),
@@ -92,28 +75,29 @@ def bench_train(
     config: TrainConfig, steps: int = 50, warmup: int = 10, shards: str | None = None
 ) -> dict:
     """Samples/s of training steps on synthetic tensors, and from shards when given."""
-    config = dataclasses.replace(config, progress=False, log_every=10**9)
-    channels = int(open_manifest(shards).get("channels", 1)) if shards else 1
-    device, amp, net, optimizer, scaler, channels_last = _setup(config, channels)
+    channels = open_manifest(shards)["channels"] if shards else 1
+    device = resolve_device(config.device)
+    model, stepper = build_stepper(config, device, {"image_channels": channels})
+    if config.compile:
+        stepper.net = torch.compile(model)
     batch = synthetic_batch(config.batch_size, channels, device)
-    args = (optimizer, scaler, device, amp, config, channels_last)
-    _run(net, RepeatedBatch(batch, warmup), *args)  # cudnn autotuning, compilation
+    _run(stepper, RepeatedBatch(batch, warmup))  # cudnn autotuning, compilation
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "batch_size": config.batch_size,
-        "amp": amp,
+        "amp": stepper.amp,
         "compile": config.compile,
-        "channels_last": channels_last,
+        "channels_last": config.channels_last,
         "threads": torch.get_num_threads(),
-        "model_only": _run(net, RepeatedBatch(batch, steps), *args),
+        "model_only": _run(stepper, RepeatedBatch(batch, steps)),
     }
     if shards:
         loader = make_train_loader(
             shards, loader_config(config, device), epoch=0, steps=warmup + steps
         )
         batches = iter(loader)
-        _run(net, Take(batches, warmup), *args)  # worker start-up is not the steady state
-        result["from_shards"] = _run(net, Take(batches, steps), *args)
+        _run(stepper, Take(batches, warmup))  # worker start-up is not the steady state
+        result["from_shards"] = _run(stepper, Take(batches, steps))
         result["from_shards"]["workers"] = config.workers
         for _ in batches:  # drain, so the workers shut down cleanly
             pass

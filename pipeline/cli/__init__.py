@@ -1,0 +1,60 @@
+"""The `pipeline` command line: parses options and calls one library function per command.
+
+A module per stage (`store`, `train`, `deploy`) and the benchmarks (`bench`). Library code raises
+exceptions with clear messages; only the CLI turns them into messages and exit codes. torch is
+imported inside the commands that need it, so `--help` is quick.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from pipeline import __version__
+from pipeline.cli import bench, deploy, store, train
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="pipeline")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages (and tracebacks).")
+def cli(verbose: bool) -> None:
+    """Mask and depth from a background and a composite: zips -> shards -> a trained UNet.
+
+    \b
+    Typical use:
+      pipeline synth data/                      # or use the published batch*_images.zip
+      pipeline convert data/*.zip --out shards
+      pipeline verify shards
+      pipeline train --shards shards --out runs/r1
+      pipeline evaluate runs/r1/best.pt --shards shards --grid grid.png
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(message)s" if verbose else "%(message)s",
+        stream=sys.stderr,
+    )
+
+
+for command in (
+    store.synth,
+    store.convert,
+    store.verify,
+    train.train,
+    train.evaluate,
+    deploy.predict,
+    deploy.export,
+    deploy.info,
+    bench.bench,
+):
+    cli.add_command(command)
+
+
+def main() -> None:
+    """Entry point of the `pipeline` console script."""
+    cli(prog_name="pipeline")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""What every command shares: turning the library's errors into messages, JSON output, and
+options whose defaults come from the library's own config dataclasses (one source)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import json
+import logging
+import subprocess
+import zipfile
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+log = logging.getLogger("pipeline")
+
+
+class UserError(click.ClickException):
+    """An error the user can act on: printed as `error: …`, exit code 1."""
+
+    def show(self, file=None) -> None:  # noqa: D102 - click's hook
+        click.echo(f"error: {self.message}", err=True)
+
+
+# Bad input, missing or unreadable files, a zip that is not one, an external tool that failed.
+EXPECTED = (ValueError, OSError, zipfile.BadZipFile, subprocess.CalledProcessError)
+TORCH_EXPECTED = (*EXPECTED, RuntimeError)  # torch's own (CUDA out of memory, a bad checkpoint)
+
+
+@contextlib.contextmanager
+def user_errors(kinds: tuple[type[Exception], ...] = EXPECTED):
+    """Turn the library's expected exceptions into `error: …` and exit 1 (traceback with -v)."""
+    try:
+        yield
+    except kinds as exc:
+        log.debug("traceback:", exc_info=True)
+        raise UserError(str(exc)) from None
+
+
+def default_of(source: Any, name: str) -> Any:
+    """The default of a dataclass field or of a function's parameter called `name`."""
+    if dataclasses.is_dataclass(source):
+        found = {f.name: f for f in dataclasses.fields(source)}[name]
+        if found.default is not dataclasses.MISSING:
+            return found.default
+        if found.default_factory is not dataclasses.MISSING:
+            return found.default_factory()
+        raise TypeError(f"{source.__name__}.{name} has no default")
+    default = inspect.signature(source).parameters[name].default
+    if default is inspect.Parameter.empty:
+        raise TypeError(f"{source.__name__}({name}) has no default")
+    return default
+
+
+def option_from(
+    source: Any, name: str, *decls: str, show: Callable[[Any], Any] | None = None, **kwargs
+) -> Callable:
+    """A click option for `name` whose default is `source`'s (a dataclass or a function).
+
+    `show` turns the default into what the option takes (e.g. a tuple into "1,2").
+    """
+    default = default_of(source, name)
+    if show is not None:
+        default = show(default)
+    kwargs.setdefault("show_default", True)
+    return click.option(*decls, name, default=default, **kwargs)
+
+
+def finite(value: Any) -> Any:
+    """NaN (a metric with nothing to average) becomes null: strict JSON has no NaN."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
+def emit_json(data: dict, indent: int | None = None) -> None:
+    """Print `data` as strict JSON on stdout."""
+    click.echo(json.dumps(finite(data), indent=indent, allow_nan=False))
+
+
+def batches_option(_ctx, _param, value):
+    """click callback: `1-3,5` -> [1, 2, 3, 5], or a usage error."""
+    from pipeline.store.names import parse_batches
+
+    if value is None:
+        return None
+    try:
+        return parse_batches(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def json_flag(help_text: str = "Print only the result, as JSON.") -> Callable:
+    """The `--json` flag, as every command spells it."""
+    return click.option("--json", "as_json", is_flag=True, help=help_text)

@@ -1,0 +1,1 @@
+"""Stage 3, a trained network -> answers: predict, export (ONNX), import-weights, info."""

@@ -1,0 +1,88 @@
+"""Export a trained model to ONNX, and check the export with onnxruntime against PyTorch."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import DISTRIBUTION
+from pipeline.schema import IMAGE_SIZE
+from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "inputs"
+OUTPUT_NAMES = ("mask_logits", "depth")
+OPSET = 18
+
+
+EXTRA_HINT = f"pip install '{DISTRIBUTION}[export]'"
+
+
+def require_export_extra(check: bool) -> None:
+    """ValueError naming the extra to install when onnx (or, to check, onnxruntime) is missing."""
+    missing = [m for m in ("onnx", "onnxruntime")[: 2 if check else 1] if not find_spec(m)]
+    if missing:
+        raise ValueError(
+            f"exporting needs {' and '.join(missing)}, which come with the export extra: "
+            f"{EXTRA_HINT} (or `pip install -e '.[export]'` in a checkout)"
+        )
+
+
+def export_onnx(checkpoint: Path, onnx_path: Path, check: bool, batch: int = 4) -> dict:
+    """Write `onnx_path` from a checkpoint: input (N, 2C, 160, 160) float32 in [0, 1], N dynamic."""
+    require_export_extra(check)
+    model = model_from_checkpoint(load_checkpoint(checkpoint), "cpu")
+    channels = 2 * model.config.image_channels
+    width, height = IMAGE_SIZE
+    example = torch.rand(batch, channels, height, width)
+    onnx_path = Path(onnx_path)
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter is chatty about internals we don't control
+        torch.onnx.export(
+            model,
+            (example,),
+            str(onnx_path),
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+            opset_version=OPSET,
+            dynamo=False,  # the TorchScript exporter: no onnxscript needed, dynamic batch by name
+        )
+    result = {
+        "onnx": str(onnx_path),
+        "bytes": onnx_path.stat().st_size,
+        "input": {"name": INPUT_NAME, "shape": ["N", channels, height, width]},
+        "outputs": {
+            "mask_logits": ["N", 1, height, width],
+            "depth": ["N", 1, height // 2, width // 2],
+        },
+    }
+    if check:
+        result["max_abs_diff"] = check_onnx(model, onnx_path, channels)
+    return result
+
+
+def check_onnx(model: torch.nn.Module, onnx_path: Path, channels: int, batch: int = 3) -> float:
+    """Run the ONNX file with onnxruntime at another batch size; the largest difference."""
+    import onnxruntime as ort  # present: require_export_extra checked
+    width, height = IMAGE_SIZE
+    inputs = torch.rand(batch, channels, height, width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = [t.numpy() for t in model(inputs)]
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(list(OUTPUT_NAMES), {INPUT_NAME: inputs.numpy()})
+    for name, want, have in zip(OUTPUT_NAMES, expected, got, strict=True):
+        if want.shape != have.shape:
+            raise ValueError(
+                f"{onnx_path}: output {name} has shape {have.shape}, want {want.shape}"
+            )
+    diff = max(float(np.abs(w - h).max()) for w, h in zip(expected, got, strict=True))
+    log.info("onnxruntime vs PyTorch on %d samples: largest difference %.2e", batch, diff)
+    return diff

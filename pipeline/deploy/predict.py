@@ -1,0 +1,93 @@
+"""Predict the mask and depth for a user's own (bg, fg_bg) pairs: single files or two folders."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.schema import IMAGE_SIZE, INPUTS
+from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint
+from pipeline.train.pictures import plasma, save_png
+from pipeline.train.runtime import resolve_device
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def read_image(path: Path, mode: str) -> np.ndarray:
+    """Read an image as `mode` (L or RGB) at 160x160, resizing (and saying so) when needed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as img:
+            img = img.convert(mode)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable image ({exc})") from None
+    if img.size != IMAGE_SIZE:
+        log.info("%s: %dx%d resized to %dx%d", path, *img.size, *IMAGE_SIZE)
+        img = img.resize(IMAGE_SIZE, Image.BILINEAR)
+    array = np.asarray(img, dtype=np.uint8)
+    return array[:, :, None] if array.ndim == 2 else array  # (H, W, C)
+
+
+def make_input(bg: np.ndarray, fg_bg: np.ndarray) -> torch.Tensor:
+    """The network's input, (1, 2C, 160, 160) in [0, 1], its images in schema.INPUTS order."""
+    images = {"bg": bg, "fg_bg": fg_bg}
+    pair = np.concatenate([images[field] for field in INPUTS], axis=2).transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(pair)).float().div_(255).unsqueeze(0)
+
+
+def pair_paths(bg: Path, fg_bg: Path) -> list[tuple[Path, Path, str]]:
+    """(bg, fg_bg, output stem) triples: one pair of files, or two folders matched by file name."""
+    bg, fg_bg = Path(bg), Path(fg_bg)
+    if bg.is_dir() != fg_bg.is_dir() and bg.exists() and fg_bg.exists():
+        raise ValueError("--bg and --fg-bg must both be files or both be folders")
+    if not bg.is_dir():
+        return [(bg, fg_bg, fg_bg.stem)]
+    bgs = {p.name: p for p in bg.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    fgs = {p.name: p for p in fg_bg.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    unmatched = sorted(set(bgs) ^ set(fgs))
+    if unmatched:
+        raise ValueError(
+            f"images without a partner of the same name in {bg} and {fg_bg}: "
+            + ", ".join(unmatched[:10])
+            + (" …" if len(unmatched) > 10 else "")
+        )
+    if not bgs:
+        raise ValueError(f"no images in {bg} and {fg_bg}")
+    stems = [Path(name).stem for name in bgs]
+    clashes = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if clashes:
+        raise ValueError(
+            f"{fg_bg}: several images share the name {', '.join(clashes)} (outputs would collide)"
+        )
+    return [(bgs[name], fgs[name], Path(name).stem) for name in sorted(bgs)]
+
+
+@torch.no_grad()
+def predict(checkpoint: Path, bg: Path, fg_bg: Path, out: Path, device: str = "auto") -> list[Path]:
+    """Write mask, depth and coloured depth PNGs for each pair; returns the files written."""
+    pairs = pair_paths(bg, fg_bg)
+    dev = resolve_device(device)
+    model = model_from_checkpoint(load_checkpoint(checkpoint, map_location=dev), dev)
+    mode = "RGB" if model.config.image_channels == 3 else "L"
+    written: list[Path] = []
+    for bg_path, fg_bg_path, stem in pairs:
+        inputs = make_input(read_image(bg_path, mode), read_image(fg_bg_path, mode)).to(dev)
+        mask_logits, depth = model(inputs)
+        mask = (torch.sigmoid(mask_logits)[0, 0].cpu().numpy() * 255).round().astype(np.uint8)
+        depth01 = depth[0, 0].float().clamp(0, 1).cpu().numpy()
+        depth8 = (depth01 * 255).round().astype(np.uint8)
+        written += [
+            save_png(mask, Path(out) / f"{stem}_mask.png"),
+            save_png(depth8, Path(out) / f"{stem}_depth.png"),
+            save_png(plasma(depth01), Path(out) / f"{stem}_depth_plasma.png"),
+        ]
+    log.info("%d pair%s predicted into %s", len(pairs), "" if len(pairs) == 1 else "s", out)
+    return written

@@ -1,0 +1,129 @@
+"""The shard contract (docs/FORMAT.md): what convert writes and verify and the loader read.
+
+One definition of each fact both halves rely on: the fields of a sample and their file names,
+image sizes, the model's input order, modes and channels, shard paths, and the manifest's strict
+validation with accessors, so that no reader has to guess a value the manifest lacks.
+No I/O here beyond reading a local manifest file; no torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# Field names inside a shard sample: `KEY.bg.jpg`, `KEY.fg_bg.jpg`, `KEY.mask.jpg`, `KEY.depth.jpg`.
+FIELDS = ("bg", "fg_bg", "mask", "depth")
+IMAGE_EXT = "jpg"  # the image fields' extension in a shard
+META = "json"  # the provenance field: `KEY.json`
+INPUTS = ("fg_bg", "bg")  # the model's input, concatenated along channels in this order
+TARGETS = ("mask", "depth")  # read as one channel whatever their mode
+IMAGE_SIZE = (160, 160)  # (width, height) of bg, fg_bg, mask
+DEPTH_SIZE = (80, 80)  # (width, height) of depth
+SIZES = {"bg": IMAGE_SIZE, "fg_bg": IMAGE_SIZE, "mask": IMAGE_SIZE, "depth": DEPTH_SIZE}
+SPLITS = ("train", "test")
+MANIFEST_NAME = "manifest.json"
+CHANNELS = {"L": 1, "RGB": 3}  # image mode -> channels of bg and fg_bg
+MODE_OF = {channels: mode for mode, channels in CHANNELS.items()}
+
+FORMAT_NAME = "pipeline-shards"
+FORMAT_VERSION = 1
+
+
+def member_ext(field: str) -> str:
+    """A field's extension inside a sample: `bg` -> `bg.jpg` (the tar member is `KEY.bg.jpg`)."""
+    return f"{field}.{IMAGE_EXT}"
+
+
+SAMPLE_EXTS = (*map(member_ext, FIELDS), META)  # every file of a sample, in the order written
+
+
+def shard_name(split: str, batch: int, index: int) -> str:
+    """A shard's path relative to the output root: `train/batch01-000000.tar`."""
+    return f"{split}/batch{batch:02d}-{index:06d}.tar"
+
+
+def field_channels(manifest: dict, field: str) -> int:
+    """Channels a field decodes to: the manifest's for the inputs, 1 for mask and depth."""
+    return manifest["channels"] if field in INPUTS else 1
+
+
+def field_sizes(manifest: dict) -> dict[str, tuple[int, int]]:
+    """Each field's (width, height) as the manifest gives them."""
+    return {field: tuple(manifest["sizes"][field]) for field in FIELDS}
+
+
+def split_samples(manifest: dict, split: str) -> int:
+    """Samples the manifest lists for a split (0 for a split it lacks)."""
+    return manifest["splits"].get(split, {}).get("samples", 0)
+
+
+def split_shards(manifest: dict, split: str) -> list[dict]:
+    """The shard entries of a split, in manifest order."""
+    return manifest["splits"].get(split, {}).get("shards", [])
+
+
+def shard_entries(manifest: dict) -> list[tuple[str, dict]]:
+    """Every shard of the manifest as (split, entry), train first."""
+    return [(split, shard) for split in SPLITS for shard in split_shards(manifest, split)]
+
+
+def load_manifest(root: Path) -> dict:
+    """Load and validate `root/manifest.json`; ValueError if absent or not one of ours."""
+    path = Path(root) / MANIFEST_NAME
+    if not Path(root).is_dir():
+        raise ValueError(f"{root}: no such folder")
+    if not path.is_file():
+        raise ValueError(
+            f"{root}: no {MANIFEST_NAME}, so not a finished conversion "
+            "(run `pipeline convert ... --out` into it, or finish the interrupted one)"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    validate_manifest(data, path)
+    return data
+
+
+def validate_manifest(data: Any, path: Path | str) -> None:
+    """Raise ValueError naming `path` unless `data` holds everything FORMAT.md promises."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path}: not a pipeline shard manifest (format != {FORMAT_NAME!r})")
+    if data.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: manifest version {data.get('version')!r}, this tool reads {FORMAT_VERSION}"
+        )
+    mode = data.get("mode")
+    if mode not in CHANNELS:
+        raise ValueError(f"{path}: unknown image mode {mode!r}")
+    if data.get("channels") != CHANNELS[mode]:
+        raise ValueError(
+            f"{path}: 'channels' is {data.get('channels')!r}, mode {mode} has {CHANNELS[mode]}"
+        )
+    _check_sizes(data.get("sizes"), path)
+    splits = data.get("splits")
+    if not isinstance(splits, dict) or any(s not in splits for s in SPLITS):
+        raise ValueError(f"{path}: 'splits' must hold {' and '.join(SPLITS)}")
+    for split in SPLITS:
+        shards = splits[split].get("shards", []) if isinstance(splits[split], dict) else None
+        if not isinstance(shards, list):
+            raise ValueError(f"{path}: splits.{split} must be an object with a 'shards' list")
+        for shard in shards:
+            missing = {"path", "samples", "bytes", "sha256"} - set(shard)
+            if missing:
+                raise ValueError(f"{path}: a {split} shard lacks {sorted(missing)}: {shard}")
+
+
+def _check_sizes(sizes: Any, path: Path | str) -> None:
+    """`sizes` must give [width, height] for every field."""
+    if not isinstance(sizes, dict):
+        raise ValueError(f"{path}: 'sizes' must give [width, height] for {', '.join(FIELDS)}")
+    for field in FIELDS:
+        size = sizes.get(field)
+        if not (isinstance(size, list) and len(size) == 2 and all(_positive_int(v) for v in size)):
+            raise ValueError(f"{path}: sizes.{field} must be [width, height], got {size!r}")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0

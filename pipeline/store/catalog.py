@@ -1,0 +1,164 @@
+"""The catalog of a shard folder: per-zip records `DIR/.parts/batchNN.json`, and the manifest.
+
+convert writes a zip's record after its shards have their final names, so a record means "this
+zip is done"; the manifest is rebuilt from all records and written last. A re-run reuses a zip
+only when its record is of this version, was made with the same options from the same zip (its
+fingerprint), and every shard it lists is there with its recorded size and sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.schema import CHANNELS, FORMAT_NAME, FORMAT_VERSION, SIZES, SPLITS
+from pipeline.store.names import batch_number
+
+PARTS_DIR = ".parts"  # per-zip records: which zips are done, with their shards
+RECORD_VERSION = 1
+RECORD_KEYS = {"zip", "batch", "split", "mode", "shard_samples", "seed", "bytes", "fingerprint"}
+RECORD_KEYS |= {"samples", "shards", "skipped"}
+
+
+def record_path(out: Path, batch: int) -> Path:
+    """Where the record of a converted batch lives."""
+    return out / PARTS_DIR / f"batch{batch:02d}.json"
+
+
+def make_record(
+    *, zip_path: Path, batch: int, split: str, mode: str, shard_samples: int, seed: int,
+    fingerprint: str, samples: int, shards: list, skipped: list
+) -> dict:  # fmt: skip
+    """The record of a zip just converted: its options, fingerprint, shards and skipped samples."""
+    return {
+        "version": RECORD_VERSION,
+        "zip": Path(zip_path).name,
+        "batch": batch,
+        "split": split,
+        "mode": mode,
+        "shard_samples": shard_samples,
+        "seed": seed,
+        "bytes": Path(zip_path).stat().st_size,
+        "fingerprint": fingerprint,
+        "samples": samples,
+        "shards": shards,
+        "skipped": skipped,
+    }
+
+
+def load_records(out: Path) -> dict[int, dict | str]:
+    """Every record in `DIR/.parts`, by batch; an unreadable one maps to an error message."""
+    records: dict[int, dict | str] = {}
+    for path in sorted((out / PARTS_DIR).glob("batch*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            records[int(record["batch"])] = record
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            records[batch_number(path)] = f"{path}: unreadable record ({exc})"
+    return records
+
+
+def discard_batch(out: Path, batch: int) -> None:
+    """Remove a batch's record, then its shards and temp shards (in both splits)."""
+    record_path(out, batch).unlink(missing_ok=True)
+    for split in SPLITS:
+        for path in (out / split).glob(f"batch{batch:02d}-*.tar*"):
+            path.unlink(missing_ok=True)
+
+
+def record_problem(
+    record: dict | str, out: Path, test_batches: Iterable[int], *, hashes: bool = False
+) -> str | None:
+    """Why a record cannot be trusted as it stands (None if its shards are all there, intact).
+
+    Shards are checked by size; with `hashes`, by sha256 too (it reads every byte).
+    """
+    if isinstance(record, str):
+        return record
+    if record.get("version") != RECORD_VERSION or RECORD_KEYS - set(record):
+        return f"{record_path(out, record['batch'])}: not a record of this version of convert"
+    split = "test" if record["batch"] in set(test_batches) else "train"
+    if record["split"] != split:
+        return f"{record['zip']} was converted into {record['split']}, now belongs to {split}"
+    return shards_problem(record, out, hashes=hashes)
+
+
+def shards_problem(record: dict, out: Path, *, hashes: bool) -> str | None:
+    """Why a record's shards are not as it lists them (None: all there, as recorded)."""
+    for shard in record["shards"]:
+        path = out / shard["path"]
+        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+            return f"{record['zip']}: shard {path} is missing or has changed size"
+    if not hashes:
+        return None
+    # Sizes first, for all shards: a missing shard is found without reading any.
+    for shard in record["shards"]:
+        path = out / shard["path"]
+        if file_sha256(path) != shard.get("sha256"):
+            return f"{record['zip']}: shard {path} has changed (sha256 differs from the record's)"
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# ---------------------------------------------------------------- the manifest
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temp file beside `path`, fsync it, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_manifest(records: Iterable[dict], test_batches: Iterable[int], mode: str) -> dict:
+    """The manifest of a conversion from its per-zip records (see convert's `.parts/`)."""
+    records = sorted(records, key=lambda r: r["batch"])
+    splits: dict[str, dict] = {split: {"samples": 0, "shards": []} for split in SPLITS}
+    for record in records:
+        split = splits[record["split"]]
+        split["samples"] += record["samples"]
+        split["shards"].extend(record["shards"])
+    for split in splits.values():
+        split["shards"].sort(key=lambda s: s["path"])
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "mode": mode,
+        "channels": CHANNELS[mode],
+        "sizes": {field: list(size) for field, size in SIZES.items()},
+        "test_batches": sorted(set(test_batches)),
+        "splits": splits,
+        "skipped": [skip for record in records for skip in record["skipped"]],
+        "sources": [_source(record) for record in records],
+        "tool": f"pipeline {__version__}",
+    }
+
+
+def _source(record: dict) -> dict:
+    keys = ("zip", "batch", "split", "samples")
+    return {
+        **{k: record[k] for k in keys},
+        "skipped": len(record["skipped"]),
+        "bytes": record["bytes"],
+        "fingerprint": record["fingerprint"],
+    }

@@ -1,0 +1,321 @@
+"""Convert one zip: pair its members into samples, check them cheaply, write them to shards.
+
+One process reads the central directory, pairs each fg_bg member with its bg, mask and depth
+members, and writes the samples in a seeded random order into tar shards (see `store.tar`),
+reading every member once. Memory holds the central directory, the ~100 backgrounds (shared by all
+samples) and one sample, whatever the zip's size. The shards are written under temp names and
+renamed at the end; the result is the zip's record (see `store.catalog`). Many zips, the pool and
+the manifest are `store.runner`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import zipfile
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as quote_json
+from pathlib import Path
+from typing import NamedTuple
+
+from pipeline.images import JpegError, JpegInfo, check_jpeg
+from pipeline.schema import CHANNELS, FIELDS, META, MODE_OF, SIZES, TARGETS, member_ext
+from pipeline.store.catalog import make_record
+from pipeline.store.names import Member, SampleId, classify, sample_key
+from pipeline.store.tar import ShardWriter
+from pipeline.store.zipread import MemberReader, zip_fingerprint
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY = 200  # samples between progress messages: a queue put per sample would cost more
+SAMPLE_JSON = '{"batch": %d, "fg_bg": %s, "bg": %s, "mask": %s, "depth": %s}'
+READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError)
+
+Reporter = Callable[[str, int], None]  # ("total" | "done", count)
+
+
+class ConvertError(Exception):
+    """A whole zip failed; the message names the zip and what is wrong."""
+
+
+class SkipSample(Exception):
+    """One sample cannot be converted; the message is the reason."""
+
+
+@dataclass
+class ZipJob:
+    """One zip to convert, with everything a worker process needs (picklable)."""
+
+    path: Path
+    batch: int
+    split: str
+    out: Path
+    shard_samples: int
+    seed: int
+    strict: bool
+    expected_mode: str | None = None  # the mode of the zips already in the output
+
+    @property
+    def name(self) -> str:
+        """The zip's file name, as the manifest and the skip reports give it."""
+        return self.path.name
+
+
+# ---------------------------------------------------------------- one zip
+
+
+class _Pairing(NamedTuple):
+    """One sample's members: fg_bg defines it; the others may be missing (None)."""
+
+    sample: SampleId
+    fg_bg: Member
+    mask: Member | None
+    depth: Member | None
+    problem: str | None = None  # why it cannot be used, found while pairing (a duplicate member)
+
+
+class Pairings(NamedTuple):
+    """A zip's members sorted out: its samples, its backgrounds, and what pairing ruled out."""
+
+    pairs: list[_Pairing]  # sorted by sample id
+    bgs: dict[int, Member]  # by background number
+    bg_problems: dict[int, str]  # background number -> why no sample may use it (duplicates)
+    skipped: list[dict]  # duplicate fg_bg members
+
+
+def open_zip(path: Path) -> MemberReader:
+    """Open a zip for reading; ConvertError naming it if it is missing or not a zip."""
+    try:
+        return MemberReader(path)
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+        raise ConvertError(f"{path}: cannot open it as a zip ({exc})") from None
+
+
+def pair_members(zip_name: str, names: Iterable[str]) -> Pairings:
+    """Classify members into samples and backgrounds; duplicates are never resolved silently."""
+    found: dict[str, dict] = {kind: {} for kind in FIELDS}
+    twins: dict[tuple[str, object], list[str]] = {}  # (kind, bg number or sample) -> all names
+    skipped: list[dict] = []
+    for name in names:
+        member = classify(name)
+        if member is None:
+            continue
+        ident = member.bg if member.kind == "bg" else member.sample
+        first = found[member.kind].setdefault(ident, member)
+        if first is member:
+            continue
+        if member.kind == "fg_bg":  # the sample itself: the first is converted, this one reported
+            skipped.append(_skip(zip_name, name, f"duplicate of sample member {first.name}"))
+        else:  # which copy is right is unknown: the samples that need it are skipped
+            twins.setdefault((member.kind, ident), [first.name]).append(name)
+    bg_problems = {
+        ident: f"duplicate bg members for background {ident}: {' and '.join(names)}"
+        for (kind, ident), names in twins.items()
+        if kind == "bg"
+    }
+    masks, depths = found["mask"], found["depth"]
+    pairs = [
+        _pair(sid, m, found, twins)
+        if twins
+        else _Pairing(sid, m, masks.get(sid), depths.get(sid))  # no duplicate: no problem
+        for sid, m in sorted(found["fg_bg"].items())
+    ]
+    return Pairings(pairs, found["bg"], bg_problems, skipped)
+
+
+def _pair(sample: SampleId, fg_bg: Member, found: dict, twins: dict) -> _Pairing:
+    problem = None
+    for kind in TARGETS:
+        if (kind, sample) in twins:
+            names = " and ".join(twins[kind, sample])
+            problem = problem or f"duplicate {kind} members for {sample.stem()}: {names}"
+    return _Pairing(sample, fg_bg, found["mask"].get(sample), found["depth"].get(sample), problem)
+
+
+def sample_json(batch: int, fg_bg: str, bg: str, mask: str, depth: str) -> bytes:
+    """A sample's json field: the bytes json.dumps gives for {"batch", "fg_bg", "bg", ...}."""
+    # A template with json's own string quoting: a third of json.dumps's cost, same bytes.
+    names = map(quote_json, (fg_bg, bg, mask, depth))
+    return (SAMPLE_JSON % (batch, *names)).encode()
+
+
+def _skip(zip_name: str, member: str, reason: str) -> dict:
+    return {"zip": zip_name, "member": member, "reason": reason}
+
+
+class ZipConverter:
+    """Converts one opened zip: checks each sample cheaply and writes it to shards."""
+
+    def __init__(self, job: ZipJob, reader: MemberReader, report: Reporter | None) -> None:
+        self.job, self.reader, self.report = job, reader, report
+        self.mode = job.expected_mode
+        self.skipped: list[dict] = []
+        self.written = 0
+        self._bgs: dict[int, tuple[bytes, JpegInfo | str]] = {}
+        self._accepted: dict[str, frozenset[JpegInfo]] = {}
+
+    def run(self) -> dict:
+        """Convert every sample; return the zip's record (see `records`)."""
+        infos = self.reader.infos
+        found = pair_members(self.job.name, (i.filename for i in infos))
+        pairs, self.skipped = found.pairs, found.skipped
+        if not pairs:
+            raise ConvertError(f"{self.job.path}: no fg_bg_jpg/ members: not a batch zip")
+        if self.report:
+            self.report("total", len(pairs))
+        self._strict_check()
+        self._read_backgrounds(found.bgs, found.bg_problems)
+        self._decide_mode()
+        random.Random(f"{self.job.seed}:{self.job.batch}").shuffle(pairs)
+        writer = ShardWriter(self.job.out, self.job.split, self.job.batch, self.job.shard_samples)
+        try:
+            self._write_all(pairs, found.bgs, writer)
+            shards = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        job = self.job
+        return make_record(
+            zip_path=job.path,
+            batch=job.batch,
+            split=job.split,
+            mode=self.mode,
+            shard_samples=job.shard_samples,
+            seed=job.seed,
+            fingerprint=zip_fingerprint(job.path, infos),
+            samples=self.written,
+            shards=shards,
+            skipped=self.skipped,
+        )
+
+    def _write_all(self, pairs: list[_Pairing], bgs: dict[int, Member], writer: ShardWriter):
+        self._accepted = self._accepted_infos()
+        done = 0
+        for pair in pairs:
+            try:
+                fields = self._read_sample(pair, bgs.get(pair.sample.bg))
+            except SkipSample as exc:
+                self.skipped.append(_skip(self.job.name, pair.fg_bg.name, str(exc)))
+                self._strict_check()
+            else:
+                writer.write(sample_key(self.job.batch, pair.sample), fields)
+                self.written += 1
+            done += 1
+            if self.report and done % PROGRESS_EVERY == 0:
+                self.report("done", PROGRESS_EVERY)
+        if self.report and done % PROGRESS_EVERY:
+            self.report("done", done % PROGRESS_EVERY)
+        if not self.written:
+            raise ConvertError(f"{self.job.path}: no sample could be converted (all skipped)")
+
+    def _strict_check(self) -> None:
+        if self.job.strict and self.skipped:
+            first = self.skipped[0]
+            raise ConvertError(
+                f"{self.job.path}: --strict: sample {first['member']} skipped: {first['reason']}"
+            )
+
+    def _read_backgrounds(self, bg_members: dict[int, Member], problems: dict[int, str]) -> None:
+        # Read once: ~100 backgrounds are shared by all samples of a zip.
+        for number, member in bg_members.items():
+            if number in problems:
+                self._bgs[number] = (b"", problems[number])
+                continue
+            try:
+                data = self.reader.read(member.name)
+            except READ_ERRORS as exc:
+                self._bgs[number] = (b"", f"bg member {member.name}: cannot read it ({exc})")
+                continue
+            try:
+                self._bgs[number] = (data, check_jpeg(data))
+            except JpegError as exc:
+                self._bgs[number] = (data, f"bg member {member.name}: {exc}")
+
+    def _decide_mode(self) -> None:
+        """The zip's mode (L or RGB): that of most of its backgrounds, so a stray image can't."""
+        counts = Counter(
+            MODE_OF[info.components]
+            for _, info in self._bgs.values()
+            if not isinstance(info, str) and info.components in MODE_OF
+        )
+        expected = self.job.expected_mode
+        if not counts:
+            return  # no usable background: every sample is skipped for it, mode or not
+        # A tie keeps the output's mode, else the published one (L).
+        self.mode = max(counts, key=lambda m: (counts[m], m == expected, m == "L"))
+        if expected is not None and self.mode != expected:
+            raise ConvertError(
+                f"{self.job.path}: {counts[self.mode]} of its {counts.total()} backgrounds are "
+                f"{self.mode} images but {self.job.out} holds {expected} images; "
+                "convert it into another folder"
+            )
+        log.debug("%s: %s images (backgrounds: %s)", self.job.name, self.mode, dict(counts))
+
+    def _read_sample(self, pair: _Pairing, bg: Member | None) -> dict[str, bytes]:
+        """The sample's fields: four images (checked) and its json; SkipSample if unusable."""
+        mask, depth = pair.mask, pair.depth
+        if bg is None or mask is None or depth is None:
+            missing = [k for k, m in (("bg", bg), ("mask", mask), ("depth", depth)) if not m]
+            raise SkipSample(f"missing {' and '.join(missing)} member(s) for {pair.sample.stem()}")
+        if pair.problem:
+            raise SkipSample(pair.problem)
+        bg_data, bg_info = self._bgs[pair.sample.bg]
+        if isinstance(bg_info, str):
+            raise SkipSample(bg_info)
+        if bg_info not in self._accepted["bg"]:  # first: the mode comes from the backgrounds
+            self._check_info("bg", bg.name, bg_info)
+        return {
+            member_ext("bg"): bg_data,
+            member_ext("fg_bg"): self._read_checked("fg_bg", pair.fg_bg.name),
+            member_ext("mask"): self._read_checked("mask", mask.name),
+            member_ext("depth"): self._read_checked("depth", depth.name),
+            META: sample_json(self.job.batch, pair.fg_bg.name, bg.name, mask.name, depth.name),
+        }
+
+    def _read_checked(self, kind: str, name: str) -> bytes:
+        try:
+            data = self.reader.read(name)
+        except READ_ERRORS as exc:
+            raise SkipSample(f"{kind} member {name}: cannot read it ({exc})") from None
+        try:
+            info = check_jpeg(data)
+        except JpegError as exc:
+            raise SkipSample(f"{kind} member {name}: {exc}") from None
+        if info not in self._accepted[kind]:
+            self._check_info(kind, name, info)
+        return data
+
+    def _accepted_infos(self) -> dict[str, frozenset[JpegInfo]]:
+        """Per kind, the frame headers `_check_info` accepts (a set lookup is cheaper)."""
+        accepted = {}
+        for kind, (width, height) in SIZES.items():
+            if kind in TARGETS:
+                channels = set(MODE_OF)
+            else:  # no mode (no usable background): every sample is skipped before this check
+                channels = {CHANNELS[self.mode]} if self.mode else set()
+            accepted[kind] = frozenset(JpegInfo(width, height, c) for c in channels)
+        return accepted
+
+    def _check_info(self, kind: str, name: str, info: JpegInfo) -> None:
+        if (info.width, info.height) != SIZES[kind]:
+            want = "x".join(map(str, SIZES[kind]))
+            raise SkipSample(f"{kind} member {name}: {info.width}x{info.height}, expected {want}")
+        if info.components not in MODE_OF:
+            raise SkipSample(f"{kind} member {name}: {info.components} colour components")
+        if kind in TARGETS:
+            return  # read as single-channel whatever their mode
+        # Only reached after a usable background was checked, so the mode is decided.
+        if info.components != CHANNELS[self.mode]:
+            raise SkipSample(
+                f"{kind} member {name}: {info.components} colour components, expected "
+                f"{CHANNELS[self.mode]} (the zip's backgrounds are mostly {self.mode})"
+            )
+
+
+def convert_zip(job: ZipJob, report: Reporter | None = None) -> dict:
+    """Convert one zip into shards (temp names renamed at the end); return its record."""
+    with open_zip(job.path) as reader:
+        return ZipConverter(job, reader, report).run()

@@ -1,0 +1,157 @@
+"""Member names: the published zip layout, how members pair into samples, sample keys (no I/O)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+# Folders of the published zips that hold a sample's members.
+BG_DIR = "bg_jpg"
+FG_BG_DIR = "fg_bg_jpg"
+MASK_DIR = "mask_black_jpg"
+DEPTH_DIR = "depth_fg_bg_jpg"
+# Raw foregrounds and their masks: in the zips, never part of a sample.
+IGNORED_DIRS = ("fg_jpg", "mask_jpg")
+JUNK_PARTS = ("__MACOSX",)
+JUNK_NAMES = (".DS_Store", "Thumbs.db")
+
+_IDS = r"(\d+)_(\d+)_([01])_(\d+)"
+# Both naming styles: the published zips', and the article's (bg_{bg}.jpg, depth_{ids}.jpg).
+_PATTERNS = {
+    "bg": re.compile(rf"^{BG_DIR}/bg_(?:img_)?(\d+)\.jpe?g$", re.IGNORECASE),
+    "fg_bg": re.compile(rf"^{FG_BG_DIR}/fg_bg_{_IDS}\.jpe?g$", re.IGNORECASE),
+    "mask": re.compile(rf"^{MASK_DIR}/bg_mask_{_IDS}\.jpe?g$", re.IGNORECASE),
+    "depth": re.compile(rf"^{DEPTH_DIR}/depth_(?:fg_bg_)?{_IDS}\.jpe?g$", re.IGNORECASE),
+}
+_BATCH = re.compile(r"batch[_-]?(\d+)", re.IGNORECASE)
+# The same patterns without their folder, for names directly in a sample folder (the usual case).
+_FILE_PATTERNS = {
+    BG_DIR: ("bg", re.compile(r"bg_(?:img_)?(\d+)\.jpe?g$", re.IGNORECASE)),
+    FG_BG_DIR: ("fg_bg", re.compile(rf"fg_bg_{_IDS}\.jpe?g$", re.IGNORECASE)),
+    MASK_DIR: ("mask", re.compile(rf"bg_mask_{_IDS}\.jpe?g$", re.IGNORECASE)),
+    DEPTH_DIR: ("depth", re.compile(rf"depth_(?:fg_bg_)?{_IDS}\.jpe?g$", re.IGNORECASE)),
+}
+
+
+class SampleId(NamedTuple):
+    """The four numbers that name a sample: foreground, background, flip, placement."""
+
+    fg: int
+    bg: int
+    flip: int
+    seq: int
+
+    def stem(self) -> str:
+        return f"{self.fg}_{self.bg}_{self.flip}_{self.seq}"
+
+
+class Member(NamedTuple):
+    """A zip member recognised as part of a sample."""
+
+    kind: str  # one of schema.FIELDS
+    name: str  # the member's name exactly as in the zip
+    bg: int  # the background number (for every kind)
+    sample: SampleId | None  # None for a bg member, shared by many samples
+
+
+def batch_number(zip_path: str | Path) -> int:
+    """The batch number in a zip's file name (`batch7_images.zip` -> 7)."""
+    name = Path(zip_path).name
+    match = _BATCH.search(name)
+    if not match:
+        raise ValueError(
+            f"{zip_path}: cannot tell the batch number from the file name "
+            "(expected a name like batch7_images.zip)"
+        )
+    return int(match.group(1))
+
+
+def _parts(name: str) -> list[str]:
+    # str.split, not PurePosixPath: this runs once per zip member, and pathlib costs ~10 us a call.
+    return [p for p in name.split("/") if p not in ("", ".")]
+
+
+def is_junk(name: str) -> bool:
+    """True for members that are never data: folders, macOS resource forks, .DS_Store."""
+    parts = _parts(name)
+    if name.endswith("/") or not parts:
+        return True
+    if any(p in JUNK_PARTS for p in parts) or parts[-1] in JUNK_NAMES:
+        return True
+    return parts[-1].startswith("._")
+
+
+def strip_top_folder(name: str) -> str:
+    """Drop a top-level folder added by hand-made zips (`batch3/fg_bg_jpg/x.jpg`)."""
+    parts = _parts(name)
+    known = (BG_DIR, FG_BG_DIR, MASK_DIR, DEPTH_DIR, *IGNORED_DIRS)
+    for i, part in enumerate(parts[:-1]):
+        if part in known:
+            return "/".join(parts[i:])
+    return name
+
+
+def classify(name: str) -> Member | None:
+    """Recognise a member of a sample; None for anything else (junk, fg_jpg/, mask_jpg/, …)."""
+    # Fast path, one regex on the file name: `FOLDER/file` with FOLDER a sample folder, as in
+    # the published zips. What the general path would decide is the same: such a name is never
+    # junk, needs no stripping, and only its folder's pattern can match it.
+    folder, _, file = name.partition("/")
+    found = _FILE_PATTERNS.get(folder)
+    if found is not None and "/" not in file:
+        kind, pattern = found
+        match = pattern.match(file)
+        if match is None:
+            return None
+        if kind == "bg":
+            return Member(kind, name, int(match.group(1)), None)
+        sample = SampleId(*map(int, match.groups()))
+        return Member(kind, name, sample.bg, sample)
+    if is_junk(name):
+        return None
+    inner = strip_top_folder(name)
+    for kind, pattern in _PATTERNS.items():
+        match = pattern.match(inner)
+        if match is None:
+            continue
+        if kind == "bg":
+            return Member(kind, name, int(match.group(1)), None)
+        sample = SampleId(*(int(g) for g in match.groups()))
+        return Member(kind, name, sample.bg, sample)
+    return None
+
+
+def member_names(sample: SampleId, prefix: str = "") -> dict[str, str]:
+    """The published members of one sample (the names `synth` writes)."""
+    s = sample.stem()
+    return {
+        "bg": f"{prefix}{BG_DIR}/bg_img_{sample.bg}.jpg",
+        "fg_bg": f"{prefix}{FG_BG_DIR}/fg_bg_{s}.jpg",
+        "mask": f"{prefix}{MASK_DIR}/bg_mask_{s}.jpg",
+        "depth": f"{prefix}{DEPTH_DIR}/depth_fg_bg_{s}.jpg",
+    }
+
+
+def sample_key(batch: int, sample: SampleId) -> str:
+    """A key unique across all batches, with no dot (WebDataset splits keys at the first dot)."""
+    return f"b{batch:02d}_{sample.stem()}"
+
+
+def parse_batches(spec: str) -> list[int]:
+    """Parse `1-3,5` into [1, 2, 3, 5]."""
+    out: list[int] = []
+    for part in spec.replace(" ", "").split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(
+                f"bad batch list {spec!r}: use numbers and ranges like 1-3,5"
+            ) from None
+        if first < 1 or last < first:
+            raise ValueError(f"bad batch range {part!r} in {spec!r}")
+        out.extend(range(first, last + 1))
+    return sorted(set(out))

@@ -1,0 +1,360 @@
+"""Convert many zips: plan re-runs, run zips in a pool with a progress bar, write the manifest.
+
+Each zip is independent (`store.convert` converts one); a zip's shards are written under temp
+names, renamed, then a record `DIR/.parts/batchNN.json` marks the zip done (`store.catalog`). The
+manifest is rebuilt from all records and written last, so an interrupted run leaves no manifest
+and a re-run redoes only unfinished zips.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue as queue_lib
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from pipeline.schema import MANIFEST_NAME, SPLITS
+from pipeline.store.catalog import (
+    build_manifest,
+    discard_batch,
+    load_records,
+    record_path,
+    record_problem,
+    shards_problem,
+    write_json_atomic,
+)
+from pipeline.store.convert import ConvertError, Reporter, ZipJob, convert_zip
+from pipeline.store.names import batch_number
+from pipeline.store.zipread import fingerprint_zip
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConvertConfig:
+    """Options of `pipeline convert`."""
+
+    out: Path  # output root: DIR/{train,test}/*.tar and DIR/manifest.json
+    test_batches: tuple[int, ...] = (10,)  # the published recipe: batches 1-9 train, 10 tests
+    shard_samples: int = 5000  # ~60 MB shards: few files, yet several per zip for shuffling
+    workers: int = 1  # zips converted in parallel processes (one zip per process)
+    seed: int = 0  # seed of the order samples are written in
+    strict: bool = False  # any skipped sample fails its zip
+    force: bool = False  # redo every zip, even those a record says are done
+    progress: bool = True  # a progress bar, only when stderr is a terminal
+
+
+@dataclass
+class ConvertSummary:
+    """What a conversion did; `ok` is False when any zip failed."""
+
+    out: Path
+    zips: int
+    converted: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+    samples: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLITS})
+    skipped: int = 0
+    shards: int = 0
+    written: int = 0  # samples written by this run (reused zips excluded)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when every zip converted (skipped samples allowed, unless --strict)."""
+        return not self.failed
+
+    def to_dict(self) -> dict:
+        """The JSON summary (`convert --json`)."""
+        rate = self.written / self.seconds if self.seconds > 0 else 0.0
+        return {
+            "ok": self.ok,
+            "zips": self.zips,
+            "converted": len(self.converted),
+            "reused": len(self.reused),
+            "failed": self.failed,
+            "samples": dict(self.samples),
+            "skipped": self.skipped,
+            "shards": self.shards,
+            "written": self.written,
+            "seconds": round(self.seconds, 3),
+            "samples_per_s": round(rate, 1),
+            "out": str(self.out),
+        }
+
+    def summary_line(self) -> str:
+        """One human line: what was done and what the output holds."""
+        d = self.to_dict()
+        status = "ok" if self.ok else f"FAILED ({len(self.failed)} zip(s))"
+        return (
+            f"convert {status}: {d['zips']} zip(s), {d['converted']} converted, "
+            f"{d['reused']} reused; {self.out} holds {d['samples']['train']} train + "
+            f"{d['samples']['test']} test samples in {d['shards']} shards, {d['skipped']} skipped; "
+            f"{d['seconds']:.1f} s ({d['samples_per_s']:.0f} samples/s)"
+        )
+
+
+def plan_jobs(zips: list[Path], config: ConvertConfig) -> list[ZipJob]:
+    """One job per zip; ValueError for bad arguments (no batch number, a batch given twice)."""
+    if not zips:
+        raise ValueError("no zip to convert")
+    if config.shard_samples < 1 or config.workers < 1:
+        raise ValueError("shard_samples and workers must be at least 1")
+    jobs: dict[int, ZipJob] = {}
+    for path in map(Path, zips):
+        batch = batch_number(path)
+        if batch in jobs:
+            raise ValueError(f"{jobs[batch].path} and {path} are both batch {batch}")
+        split = "test" if batch in config.test_batches else "train"
+        jobs[batch] = ZipJob(
+            path, batch, split, Path(config.out), config.shard_samples, config.seed, config.strict
+        )
+    return list(jobs.values())
+
+
+def convert_zips(zips: list[Path], config: ConvertConfig) -> ConvertSummary:
+    """Convert zips into shards under `config.out` and (re)write its manifest last."""
+    start = time.perf_counter()
+    jobs = plan_jobs(zips, config)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = ConvertSummary(out=out, zips=len(jobs))
+    records = load_records(out)
+    todo = _select_todo(jobs, records, config, summary)
+    if todo:
+        (out / MANIFEST_NAME).unlink(missing_ok=True)  # the output is unfinished from here on
+        for job in todo:
+            discard_batch(out, job.batch)
+            records.pop(job.batch, None)
+    mode = _reference_mode(records.values())
+    for job in todo:
+        job.expected_mode = mode
+    for job, result in _run_jobs(todo, config):
+        mode = _accept(job, result, mode, summary)
+    done = set(summary.reused) | set(summary.converted)  # their shards are checked already
+    checked = {job.batch for job in jobs if job.name in done}
+    _write_manifest(out, config, {job.batch for job in jobs}, checked, summary)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _fail_record(summary, out: Path, batch: int, record: dict | str, problem: str) -> None:
+    """A record from an earlier run (not one of this run's zips) that cannot go in the manifest."""
+    name = record["zip"] if isinstance(record, dict) else f"batch {batch}"
+    summary.failed.append({"zip": name, "error": problem})
+    log.error("%s; re-run convert with that zip, or delete %s", problem, record_path(out, batch))
+
+
+def _select_todo(jobs, records, config: ConvertConfig, summary: ConvertSummary) -> list[ZipJob]:
+    todo = []
+    for job in jobs:
+        record = records.get(job.batch)
+        try:
+            problem = "--force" if config.force else reuse_problem(record, job, config.test_batches)
+        except (ValueError, OSError) as exc:
+            _fail(summary, job, ConvertError(str(exc)) if isinstance(exc, ValueError) else exc)
+            continue
+        if problem is None:
+            log.info("%s: already converted, shards unchanged: reused", job.name)
+            summary.reused.append(job.name)
+            continue
+        if record is not None and not config.force:
+            log.info("%s; converting it again", problem)
+        todo.append(job)
+    return todo
+
+
+def reuse_problem(
+    record: dict | str | None, job: ZipJob, test_batches: Iterable[int]
+) -> str | None:
+    """Why `job`'s zip must be converted again (None: its record and shards can be reused).
+
+    Cheap checks come first; each shard's sha256 is recomputed last, only for a record that
+    passes all of them. ValueError naming the zip if it cannot be read as a zip.
+    """
+    if record is None:
+        return f"{job.name}: not converted yet"
+    problem = record_problem(record, job.out, test_batches)
+    if problem is not None:
+        return problem
+    was, now = (record["shard_samples"], record["seed"]), (job.shard_samples, job.seed)
+    if was != now:
+        options = "converted with --shard-samples {} --seed {}, now with {} and {}"
+        return f"{job.name}: " + options.format(*was, *now)
+    if job.strict and record["skipped"]:
+        return f"{job.name}: --strict, and {len(record['skipped'])} sample(s) were skipped"
+    changed = record["bytes"] != job.path.stat().st_size
+    if changed or record["fingerprint"] != _fingerprint(job.path):
+        return f"{job.name}: the zip has changed since it was converted"
+    return shards_problem(record, job.out, hashes=True)
+
+
+def _fingerprint(path: Path) -> str:
+    try:
+        return fingerprint_zip(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot open it as a zip ({exc})") from None
+
+
+def _reference_mode(records: Iterable[dict | str]) -> str | None:
+    modes = [r["mode"] for r in records if isinstance(r, dict) and r.get("mode")]
+    return modes[0] if modes else None
+
+
+def _accept(job: ZipJob, result: dict | BaseException, mode: str | None, summary) -> str | None:
+    """Record a finished zip (or its failure); return the output's mode."""
+    if isinstance(result, BaseException):
+        discard_batch(job.out, job.batch)
+        _fail(summary, job, result)
+        return mode
+    if mode is not None and result["mode"] != mode:
+        discard_batch(job.out, job.batch)
+        msg = f"{job.path}: its images are {result['mode']} but {job.out} holds {mode} images"
+        _fail(summary, job, ConvertError(msg + "; convert it into another folder"))
+        return mode
+    for skip in result["skipped"]:
+        log.warning("%s: skipped %s: %s", skip["zip"], skip["member"], skip["reason"])
+    write_json_atomic(record_path(job.out, job.batch), result)
+    summary.converted.append(job.name)
+    summary.written += result["samples"]
+    shards, skipped = len(result["shards"]), len(result["skipped"])
+    log.info(
+        "%s: %d samples -> %d %s shard(s), %d skipped",
+        *(job.name, result["samples"], shards, job.split, skipped),
+    )
+    return mode or result["mode"]
+
+
+def _fail(summary: ConvertSummary, job: ZipJob, exc: BaseException) -> None:
+    message = str(exc) if isinstance(exc, ConvertError) else f"{job.path}: {exc!r}"
+    log.error("%s", message)
+    summary.failed.append({"zip": str(job.path), "error": message})
+
+
+def _run_jobs(jobs: list[ZipJob], config: ConvertConfig):
+    """Yield (job, record or exception) as zips finish, with a progress bar on a terminal."""
+    if not jobs:
+        return
+    show = config.progress and sys.stderr.isatty()
+    if config.workers == 1 or len(jobs) == 1:
+        yield from _run_here(jobs, show)
+    else:
+        yield from _run_pool(jobs, min(config.workers, len(jobs)), show)
+
+
+@contextmanager
+def _progress_bar(show: bool) -> Iterator[Reporter | None]:
+    """A sample-counting bar on stderr, and logging routed around it; None when not shown."""
+    if not show:
+        yield None
+        return
+    with tqdm(total=0, unit="sample", file=sys.stderr, smoothing=0.1) as bar:
+        with logging_redirect_tqdm():
+
+            def report(kind: str, n: int) -> None:
+                if kind == "total":  # each zip's count arrives when a worker has listed it
+                    bar.total += n
+                    bar.refresh()
+                else:
+                    bar.update(n)
+
+            yield report
+
+
+def _run_here(jobs: list[ZipJob], show: bool):
+    # One process: no pool to start, no pickling; a failed zip does not stop the others.
+    with _progress_bar(show) as report:
+        for job in jobs:
+            try:
+                yield job, convert_zip(job, report)
+            except Exception as exc:  # as in a pool: one zip's failure must not stop the others
+                yield job, exc
+
+
+_QUEUE = None  # a worker's progress channel to the parent
+
+
+def _init_worker(progress_queue) -> None:
+    global _QUEUE
+    _QUEUE = progress_queue
+
+
+def _queue_report(kind: str, n: int) -> None:
+    _QUEUE.put((kind, n))
+
+
+def _convert_in_worker(job: ZipJob) -> dict:
+    return convert_zip(job, _queue_report if _QUEUE is not None else None)
+
+
+def _run_pool(jobs: list[ZipJob], workers: int, show: bool):
+    # A manager's queue: put() returns once the message is queued, so when a zip's result
+    # arrives, all its progress messages are already there to drain.
+    with multiprocessing.Manager() if show else nullcontext() as manager:
+        progress_queue = manager.Queue() if show else None
+        yield from _pool_results(jobs, workers, show, progress_queue)
+
+
+def _pool_results(jobs: list[ZipJob], workers: int, show: bool, progress_queue):
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(progress_queue,)) as pool:
+        # Submit before the bar exists: workers fork here, before tqdm starts its monitor thread.
+        futures: dict[Future, ZipJob] = {pool.submit(_convert_in_worker, j): j for j in jobs}
+        pending = set(futures)
+        with _progress_bar(show) as report:
+            while pending:
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                _drain(progress_queue, report)
+                for future in done:
+                    exc = future.exception()
+                    yield futures[future], exc if exc is not None else future.result()
+
+
+def _drain(progress_queue, report: Reporter | None) -> None:
+    while report is not None:
+        try:
+            report(*progress_queue.get_nowait())
+        except queue_lib.Empty:
+            return
+
+
+def _write_manifest(out: Path, config: ConvertConfig, given: set[int], checked: set[int], summary):
+    """Rebuild the manifest from every record in DIR/.parts (other runs' zips included).
+
+    Shards this run has not written or hashed (other runs' zips) are hashed here, so the
+    manifest never lists a shard whose bytes differ from its record.
+    """
+    good, mode = [], None
+    for batch, record in sorted(load_records(out).items()):
+        hashes = batch not in checked
+        problem = record_problem(record, out, config.test_batches, hashes=hashes)
+        if problem is None and mode is not None and record["mode"] != mode:
+            problem = f"{record['zip']}: its images are {record['mode']}, the others' {mode}"
+        if problem is not None:
+            if batch not in given:  # this run's own failures are reported already
+                _fail_record(summary, out, batch, record, problem)
+            continue
+        good.append(record)
+        mode = mode or record["mode"]
+    if not good:
+        log.error("no converted zip in %s: manifest not written", out)
+        return
+    manifest = build_manifest(good, config.test_batches, mode)
+    write_json_atomic(out / MANIFEST_NAME, manifest)
+    for split in SPLITS:
+        summary.samples[split] = manifest["splits"][split]["samples"]
+        summary.shards += len(manifest["splits"][split]["shards"])
+    summary.skipped = len(manifest["skipped"])
+    if not manifest["splits"]["test"]["shards"]:
+        log.warning(
+            "the test split is empty: no converted zip is in --test-batches %s",
+            ",".join(map(str, config.test_batches)) or "(none)",
+        )

@@ -1,0 +1,99 @@
+"""The settings of `train` and `evaluate`, and the choices they allow (no torch: the CLI reads
+these to build its options, and `pipeline --help` must stay quick).
+
+Each default is written once, here; the CLI's options, the loader and the loss take theirs from
+these dataclasses and constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+OPTIMIZERS = ("sgd", "adamw")
+PROFILES = ("off", "cprofile", "torch")
+DEVICES = ("auto", "cpu", "cuda")
+AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+
+
+class LossWeights(NamedTuple):
+    """The weights of the loss's two parts: mask * BCE(mask) + depth * (1 - SSIM(depth))."""
+
+    mask: float = 2.0  # the published recipe
+    depth: float = 1.0
+
+
+PUBLISHED_WEIGHTS = LossWeights()
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; defaults are the published recipe."""
+
+    shards: str = "shards"  # a shard folder (or URL prefix) with manifest.json
+    out: str = "runs/run"  # where checkpoints, TensorBoard events and config.json go
+    epochs: int = 5  # the published run trained 5 epochs
+    batch_size: int = 100  # per process; the published batch
+    optimizer: str = "sgd"  # sgd = published; adamw learns much faster from few samples (demo)
+    lr: float = 0.01  # published SGD learning rate
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 1e-5
+    step_size: int = 2  # StepLR: multiply lr by gamma every step_size epochs
+    gamma: float = 0.1
+    mask_weight: float = PUBLISHED_WEIGHTS.mask  # loss = mask_weight*BCE + depth_weight*(1-SSIM)
+    depth_weight: float = PUBLISHED_WEIGHTS.depth
+    workers: int = 4  # loader processes per training process
+    shuffle_buffer: int = 1000  # samples held for shuffling in each loader worker (~10 kB each)
+    augment: bool = True  # the published photometric jitter + noise on the inputs
+    hflip: float = 0.0  # probability of flipping all four images of a sample together
+    device: str = "auto"  # auto = cuda when present
+    amp: str = "auto"  # auto = bf16 on GPUs that support it, off on CPU
+    compile: bool = False  # torch.compile the model (minutes of warm-up, faster steps)
+    channels_last: bool = True  # NHWC convolutions: faster on GPUs, and ~2x here on CPU too
+    steps_per_epoch: int | None = None  # cap each epoch (smoke runs); None = the whole split
+    eval_batches: int | None = None  # cap evaluation (smoke runs); None = the whole test split
+    resume: bool = False  # continue from OUT/last.pt up to `epochs`
+    seed: int = 0
+    log_every: int = 20  # steps between progress-bar/TensorBoard updates (each costs a sync)
+    grid_rows: int = 8  # samples in the per-epoch picture grid
+    profile: str = "off"  # off | cprofile (whole run) | torch (a few steps, TensorBoard trace)
+    progress: bool = True  # a progress bar on a terminal
+    world_size: int = 1  # filled in at run time from torchrun
+    model_args: dict[str, Any] = field(default_factory=dict)  # filled in from the manifest
+
+    @property
+    def loss_weights(self) -> LossWeights:
+        """The loss's weights as the loss takes them."""
+        return LossWeights(self.mask_weight, self.depth_weight)
+
+    def validate(self) -> None:
+        """Raise ValueError for settings that can't work, before any work starts."""
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("profile", self.profile, PROFILES)
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("amp", self.amp, AMP_CHOICES)
+        for name in ("epochs", "batch_size", "step_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.workers < 0:
+            raise ValueError("workers must be 0 or more")
+
+
+@dataclass
+class EvaluateConfig:
+    """Settings of `pipeline evaluate`."""
+
+    checkpoint: Path  # a checkpoint written by `pipeline train`
+    shards: str  # a shard folder (or URL prefix) with manifest.json
+    split: str = "test"
+    batch_size: int = TrainConfig.batch_size
+    workers: int = 2  # evaluation decodes only: fewer loader processes than training needs
+    device: str = "auto"
+    grid: Path | None = None  # save a picture grid of a few samples here
+    grid_rows: int = TrainConfig.grid_rows
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}: use one of {', '.join(choices)}")

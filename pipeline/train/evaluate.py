@@ -1,0 +1,61 @@
+"""`pipeline evaluate`: a checkpoint's metrics over a split of a shard folder, and a grid."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from pipeline.schema import split_samples
+from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint
+from pipeline.train.config import PUBLISHED_WEIGHTS, EvaluateConfig, LossWeights
+from pipeline.train.loader import LoaderConfig, make_eval_loader
+from pipeline.train.loop import evaluate
+from pipeline.train.pictures import save_png
+from pipeline.train.runtime import resolve_amp, resolve_device
+from pipeline.train.sources import open_manifest
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_checkpoint(config: EvaluateConfig) -> dict:
+    """Load a checkpoint and measure it on a split of a shard folder (or URL)."""
+    manifest = open_manifest(config.shards)
+    if split_samples(manifest, config.split) == 0:
+        raise ValueError(f"{config.shards}: the {config.split} split holds no samples")
+    dev = resolve_device(config.device)
+    state = load_checkpoint(config.checkpoint, map_location=dev)
+    model = model_from_checkpoint(state, dev)
+    _check_channels(model, manifest, config.checkpoint)
+    loaders = LoaderConfig(
+        batch_size=config.batch_size, workers=config.workers, pin_memory=dev.type == "cuda"
+    )
+    loader = make_eval_loader(config.shards, config.split, loaders, rank=0, world_size=1)
+    amp = resolve_amp("auto", dev)
+    rows = config.grid_rows if config.grid else 0
+    metrics, picture = evaluate(model, loader, dev, amp, _loss_weights(state["config"]), rows)
+    if config.grid is not None and picture is not None:
+        save_png(picture, config.grid)
+        shown = min(config.grid_rows, metrics["samples"])
+        log.info("grid of %d samples written to %s", shown, config.grid)
+    metrics.update(split=config.split, checkpoint=str(config.checkpoint), skipped=loader.skipped)
+    return metrics
+
+
+def _loss_weights(config: dict) -> LossWeights:
+    """The weights a checkpoint trained with (the published ones if it does not say)."""
+    return LossWeights(
+        float(config.get("mask_weight", PUBLISHED_WEIGHTS.mask)),
+        float(config.get("depth_weight", PUBLISHED_WEIGHTS.depth)),
+    )
+
+
+def _check_channels(model: torch.nn.Module, manifest: dict, checkpoint: Path) -> None:
+    """A gray model can't read RGB shards (or the reverse): say so instead of a shape error."""
+    want, have = model.config.image_channels, manifest["channels"]
+    if want != have:
+        raise ValueError(
+            f"{checkpoint}: the model takes {want}-channel images but the shards hold "
+            f"{have}-channel ({manifest['mode']}) images"
+        )

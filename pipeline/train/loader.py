@@ -1,0 +1,258 @@
+"""The streaming loader: WebDataset shards -> decoded, augmented batches, built in the workers.
+
+Each DataLoader worker runs the stages of `train.stages` over its share of the shards (see
+`train.sources`). Every rank gets the same number of batches per epoch, so DDP never waits for a
+rank that ran dry: in training each worker cycles over its shards endlessly (in a new order each
+cycle) and the BatchStream stops after exactly `steps` batches. Evaluation reads each sample once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import random
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+from webdataset.handlers import reraise_exception
+
+from pipeline.images import DEFAULT_DECODER, get_decoder
+from pipeline.schema import field_sizes, split_samples, split_shards
+from pipeline.train.augment import AugmentConfig
+from pipeline.train.sources import (
+    assign_shards,
+    mix_seed,
+    open_manifest,
+    shard_order,
+    shard_urls,
+    slot_sample_counts,
+    train_steps_per_epoch,
+    worker_slot,
+)
+from pipeline.train.stages import (
+    LogOnce,
+    SkipCounter,
+    augment_batches,
+    batch_samples,
+    decode_samples,
+    join_inputs,
+    keep_slot,
+    read_shards,
+    shuffle_samples,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoaderConfig:
+    """How batches are made; one config serves training (augment set) and evaluation (None)."""
+
+    batch_size: int = 100  # the published recipe's batch
+    workers: int = 4  # decoding processes per rank; 0 decodes in the training process
+    shuffle_buffer: int = 1000  # samples mixed across shards; raw bytes, ~10 kB a sample
+    augment: AugmentConfig | None = None  # None = no augmentation (evaluation)
+    pin_memory: bool = False  # page-locked batches make host-to-GPU copies asynchronous
+    seed: int = 0  # with the epoch, rank and worker, seeds every shuffle and augmentation
+    prefetch_factor: int = 4  # batches each worker keeps ready, to ride out slow shards
+    decoder: str = DEFAULT_DECODER  # see pipeline.images for the measurement
+
+
+class ShardStream(IterableDataset):
+    """The worker-side pipeline over a split's shards (endless in training, one pass otherwise)."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        manifest: dict,
+        config: LoaderConfig,
+        *,
+        split: str,
+        train: bool,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        self.urls, self.config, self.train = urls, config, train
+        self.epoch, self.rank, self.world_size = epoch, rank, world_size
+        self.samples = sum(shard["samples"] for shard in split_shards(manifest, split))
+        self.channels = manifest["channels"]
+        self.sizes = field_sizes(manifest)
+
+    def __iter__(self) -> Iterator[dict]:
+        slot, slots, worker = worker_slot(self.rank, self.world_size)
+        cfg, counter = self.config, SkipCounter()
+        seed = mix_seed(2, cfg.seed, self.epoch, self.rank, worker)
+        if self.train:
+            # No bigger than a pass over this slot's share: more would only hold repeats.
+            size = min(cfg.shuffle_buffer, max(1, self.samples // slots))
+            samples = self._endless_samples(slot, slots, counter, size)
+            samples = shuffle_samples(samples, size, random.Random(seed))
+        else:
+            urls, by_sample = assign_shards(self.urls, slot, slots)
+            samples = read_shards(urls, reraise_exception)  # a missing test shard is fatal
+            samples = keep_slot(samples, slot, slots) if by_sample else samples
+        decoder = get_decoder(cfg.decoder)
+        samples = decode_samples(samples, self.channels, self.sizes, counter, LogOnce(), decoder)
+        batches = batch_samples(samples, cfg.batch_size, counter, partial=not self.train)
+        if self.train and cfg.augment is not None:
+            generator = torch.Generator().manual_seed(mix_seed(seed, 1))
+            batches = augment_batches(batches, cfg.augment, generator)
+        return join_inputs(batches)
+
+    def _endless_samples(
+        self, slot: int, slots: int, counter: SkipCounter, buffer: int
+    ) -> Iterator[dict]:
+        """Cycle over this slot's shards forever, in a new shard order each cycle."""
+        handler, seen = LogOnce(), 0
+        for cycle in itertools.count():
+            order = shard_order(self.urls, self.config.seed, self.epoch, cycle)
+            urls, by_sample = assign_shards(order, slot, slots)
+            samples = read_shards(urls, handler)
+            before = seen
+            for sample in keep_slot(samples, slot, slots) if by_sample else samples:
+                seen += 1
+                yield sample
+            if seen == before:
+                raise ValueError(f"worker slot {slot} of {slots}: its shards gave no sample")
+            if counter.decoded == 0 and seen > buffer + 1:
+                raise ValueError(f"worker slot {slot} of {slots}: no sample could be decoded")
+
+
+class LoaderError(ValueError):
+    """The loader could not go on (no readable shard, no decodable sample); the message says why."""
+
+
+class BatchStream:
+    """The batches of one epoch (train) or one pass (eval); `skipped` totals undecodable samples."""
+
+    def __init__(self, loader: DataLoader, length: int, limit: int | None) -> None:
+        self.loader = loader
+        self.length = length  # batches it will yield (eval: fewer if whole batches are skipped)
+        self.limit = limit  # stop after this many batches: the workers' train streams are endless
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[dict]:
+        self.skipped = 0
+        batches = iter(self.loader)
+        try:
+            for batch in itertools.islice(batches, self.limit):
+                self.skipped += batch["skipped"]
+                yield batch
+        except (ValueError, OSError) as exc:
+            # Expected data problems become one line; the worker's traceback stays chained
+            # (shown with -v). Anything else (a bug) propagates as it is.
+            log.debug("loader failure: %s", exc)
+            raise LoaderError(f"the loader failed: {_worker_message(exc)}") from exc
+        finally:
+            # Stop the workers now rather than when the iterator is garbage-collected: endless
+            # train workers would otherwise keep decoding into their queues.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+
+def _worker_message(exc: Exception) -> str:
+    """The original message of a DataLoader worker's error, without the re-raised traceback."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].split(": ", 1)[-1] if lines else text
+
+
+def make_train_loader(
+    location: str | Path,
+    config: LoaderConfig,
+    *,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    steps: int | None = None,
+) -> BatchStream:
+    """The training batches of one epoch for this rank: exactly `steps` of them (default: all)."""
+    manifest = open_manifest(location)
+    urls = shard_urls(location, manifest, "train")
+    samples = split_samples(manifest, "train")
+    slots = world_size * max(1, config.workers)
+    if not urls or samples < slots:
+        raise ValueError(
+            f"{location}: the train split holds {samples} samples in {len(urls)} shards, "
+            f"fewer than the {slots} readers ({world_size} ranks x {config.workers} workers)"
+        )
+    steps = steps or train_steps_per_epoch(manifest, config.batch_size, world_size)
+    dataset = ShardStream(
+        urls,
+        manifest,
+        config,
+        split="train",
+        train=True,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+    )
+    return BatchStream(_data_loader(dataset, config), steps, limit=steps)
+
+
+def make_eval_loader(
+    location: str | Path, split: str, config: LoaderConfig, *, rank: int = 0, world_size: int = 1
+) -> BatchStream:
+    """One pass over a split, unshuffled and unaugmented; over all ranks each sample once."""
+    manifest = open_manifest(location)
+    if split not in manifest["splits"]:
+        raise ValueError(f"{location}: no split {split!r} in the manifest")
+    urls = shard_urls(location, manifest, split)
+    counts = [shard["samples"] for shard in split_shards(manifest, split)]
+    workers = max(1, config.workers)
+    per_slot = slot_sample_counts(counts, world_size * workers)
+    mine = per_slot[rank * workers : (rank + 1) * workers]
+    length = sum(math.ceil(n / config.batch_size) for n in mine)
+    plain = dataclasses.replace(config, augment=None)
+    dataset = ShardStream(
+        urls, manifest, plain, split=split, train=False, rank=rank, world_size=world_size
+    )
+    return BatchStream(_data_loader(dataset, plain), length, limit=None)
+
+
+def to_device(
+    batch: dict, device: torch.device | str, channels_last: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(inputs, mask, depth) on `device`: shipped as uint8, made [0, 1] floats there."""
+    inputs = batch["inputs"].to(device, non_blocking=True).float().div_(255.0)
+    if channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    mask = batch["mask"].to(device, non_blocking=True).float().div_(255.0)
+    depth = batch["depth"].to(device, non_blocking=True).float().div_(255.0)
+    return inputs, mask, depth
+
+
+def _data_loader(dataset: ShardStream, config: LoaderConfig) -> DataLoader:
+    extra = {"prefetch_factor": config.prefetch_factor} if config.workers > 0 else {}
+    return DataLoader(
+        dataset,
+        batch_size=None,  # the workers batch
+        num_workers=config.workers,
+        pin_memory=config.pin_memory,
+        worker_init_fn=init_worker,
+        persistent_workers=False,  # a fresh loader per epoch carries the epoch's seeds
+        **extra,
+    )
+
+
+def init_worker(_worker_id: int) -> None:
+    """DataLoader worker set-up: one intra-op thread (and one OpenCV thread)."""
+    # One thread per worker: the workers are the parallelism; more threads oversubscribe cores.
+    torch.set_num_threads(1)
+    if "cv2" in sys.modules:
+        sys.modules["cv2"].setNumThreads(1)

@@ -1,0 +1,354 @@
+"""The streaming trainer: one process per GPU under torchrun, the published recipe by default.
+
+`train(config)` sets up the run (or resumes it), then for each epoch: trains (`loop`), evaluates,
+reports (`report`) and saves the checkpoints (`checkpoint`), rank 0 alone writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import cProfile
+import dataclasses
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from model import UNet
+from pipeline.schema import split_samples
+from pipeline.train.augment import AugmentConfig
+from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.train.config import TrainConfig
+from pipeline.train.loader import LoaderConfig, make_eval_loader, make_train_loader
+from pipeline.train.loop import EpochStats, Stepper, evaluate, train_one_epoch
+from pipeline.train.report import (
+    StepLogger,
+    epoch_line,
+    epoch_perf,
+    log_epoch_scalars,
+    open_writer,
+    torch_profiler,
+)
+from pipeline.train.runtime import (
+    DistInfo,
+    barrier,
+    cleanup_distributed,
+    resolve_amp,
+    setup_distributed,
+)
+from pipeline.train.sources import open_manifest, train_steps_per_epoch
+
+log = logging.getLogger(__name__)
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train from shards; returns the last epoch's metrics. Works alone or under torchrun."""
+    config.validate()
+    dist = setup_distributed(config.device)
+    try:
+        if config.profile == "cprofile":
+            return _train_profiled(config, dist)
+        return _train(config, dist)
+    finally:
+        cleanup_distributed()
+
+
+def _train_profiled(config: TrainConfig, dist: DistInfo) -> dict[str, Any]:
+    """Run under cProfile and write `OUT/profile-rankN.prof` (open with snakeviz or pstats)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        return _train(config, dist)
+    finally:
+        profiler.disable()
+        path = Path(config.out) / f"profile-rank{dist.rank}.prof"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        profiler.dump_stats(path)
+        log.info("cProfile dump written to %s", path)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Run:
+    """The objects one training run carries from epoch to epoch."""
+
+    model: UNet  # the bare network: evaluated and saved as is
+    stepper: Stepper  # what trains (the model, maybe wrapped), its optimizer, scaler, precision
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    steps: int  # training steps per epoch, the same on every rank
+    has_test: bool
+    writer: Any = None  # rank 0's TensorBoard SummaryWriter
+    epoch: int = 0  # epochs completed
+    start_epoch: int = 0  # epochs completed when this process started (after --resume)
+    step: int = 0  # optimizer steps completed
+    best_iou: float = -math.inf
+
+
+def _train(config: TrainConfig, dist: DistInfo) -> dict[str, Any]:
+    manifest = open_manifest(config.shards)
+    config.world_size = dist.world_size
+    config.model_args = {"image_channels": manifest["channels"]}
+    _seed_everything(config.seed + dist.rank)
+    run = _start_run(config, dist, manifest)
+    metrics: dict[str, Any] = {}
+    try:
+        for epoch in range(run.start_epoch, config.epochs):
+            metrics = _train_epoch(run, config, dist, epoch)
+            barrier()  # rank 0 saves; the others wait so a crash can't leave them an epoch ahead
+    finally:
+        if run.writer is not None:
+            run.writer.close()  # flush what was logged, also when an epoch failed
+    return {"epochs": config.epochs, "step": run.step, "best_iou": run.best_iou, **metrics}
+
+
+def _start_run(config: TrainConfig, dist: DistInfo, manifest: dict) -> Run:
+    """Build the model, optimizer and schedule (or resume them), wrap for DDP, open TensorBoard."""
+    device = dist.device
+    model, stepper = build_stepper(config, device, config.model_args)
+    steps = train_steps_per_epoch(manifest, config.batch_size, dist.world_size)
+    optimizer = stepper.optimizer
+    run = Run(
+        model=model,
+        stepper=stepper,
+        scheduler=torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma),
+        steps=min(steps, config.steps_per_epoch or steps),
+        has_test=split_samples(manifest, "test") > 0,
+    )
+    if config.resume:
+        _resume(Path(config.out), run, config, device)
+    run.start_epoch = run.epoch
+    if dist.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        stepper.net = DistributedDataParallel(stepper.net, device_ids=ids)
+    if config.compile:
+        stepper.net = torch.compile(stepper.net)
+    run.writer = open_writer(Path(config.out), config) if dist.is_main else None
+    amp = stepper.amp
+    if dist.is_main:
+        if not run.has_test:
+            log.warning("the test split is empty: best.pt follows the training IoU instead")
+        log.info(
+            "training %s on %s (amp %s, %d process%s): %d epochs x %d steps of %d samples",
+            _count(model),
+            device,
+            amp,
+            dist.world_size,
+            "" if dist.world_size == 1 else "es",
+            config.epochs,
+            run.steps,
+            config.batch_size,
+        )
+    return run
+
+
+def build_stepper(
+    config: TrainConfig, device: torch.device, model_args: dict
+) -> tuple[UNet, Stepper]:
+    """The network on its device and what trains it (also the set-up `bench train` measures)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed 160x160 shapes: pick the fastest kernels once
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    amp = resolve_amp(config.amp, device)
+    model = UNet.from_args(model_args).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    stepper = Stepper(
+        net=model,
+        optimizer=make_optimizer(model, config),
+        scaler=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),
+        device=device,
+        amp=amp,
+        channels_last=config.channels_last,
+        weights=config.loss_weights,
+    )
+    return model, stepper
+
+
+def loader_config(config: TrainConfig, device: torch.device) -> LoaderConfig:
+    """The training loader's settings for a run (evaluation uses the same, unaugmented)."""
+    return LoaderConfig(
+        batch_size=config.batch_size,
+        workers=config.workers,
+        shuffle_buffer=config.shuffle_buffer,
+        augment=AugmentConfig(hflip_p=config.hflip) if config.augment else _flip_only(config),
+        pin_memory=device.type == "cuda",
+        seed=config.seed,
+    )
+
+
+def _train_epoch(run: Run, config: TrainConfig, dist: DistInfo, epoch: int) -> dict[str, Any]:
+    """Train one epoch, evaluate, log, and save the checkpoints (rank 0)."""
+    start = time.perf_counter()
+    device = dist.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    loaders = loader_config(config, device)
+    loader = make_train_loader(
+        config.shards,
+        loaders,
+        epoch=epoch,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        steps=run.steps,
+    )
+    first = epoch == run.start_epoch
+    profiler = None
+    if config.profile == "torch" and first and dist.is_main:
+        profiler = torch_profiler(Path(config.out), run.steps)
+    logger = _step_logger(run, config, dist, epoch) if dist.is_main else None
+    with profiler or contextlib.nullcontext():
+        stats = train_one_epoch(run.stepper, loader, logger, profiler)
+    run.step += stats.steps
+    lr = run.stepper.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
+    run.scheduler.step()
+    eval_start = time.perf_counter()
+    try:
+        metrics, grid = _evaluate_epoch(run, config, dist, replace(loaders, augment=None))
+    except ValueError as exc:  # e.g. no test sample could be decoded: keep the epoch's work
+        log.warning("evaluation failed, this epoch has no test metrics: %s", exc)
+        metrics, grid = {}, None
+    times = (time.perf_counter() - eval_start, time.perf_counter() - start)
+    label = f"{epoch + 1}/{config.epochs}"
+    metrics = _epoch_report(run, dist, label, stats, metrics, grid, times, lr)
+    run.epoch = epoch + 1
+    if dist.is_main:
+        score = metrics.get("iou", stats.iou)  # the training IoU when there are no test metrics
+        improved = score > run.best_iou
+        run.best_iou = max(run.best_iou, score)
+        state = _checkpoint_state(run, config, metrics)
+        save_checkpoint(state, Path(config.out) / "last.pt")
+        if improved:
+            save_checkpoint(state, Path(config.out) / "best.pt")
+    return metrics
+
+
+def _evaluate_epoch(run: Run, config: TrainConfig, dist: DistInfo, loaders: LoaderConfig):
+    """Test metrics reduced across ranks and rank 0's grid; nothing without a test split."""
+    if not run.has_test:
+        return {}, None
+    loader = make_eval_loader(
+        config.shards, "test", loaders, rank=dist.rank, world_size=dist.world_size
+    )
+    return evaluate(
+        run.model,
+        loader,
+        dist.device,
+        run.stepper.amp,
+        config.loss_weights,
+        grid_rows=config.grid_rows if dist.is_main else 0,
+        max_batches=config.eval_batches,
+        channels_last=config.channels_last,
+    )
+
+
+def _flip_only(config: TrainConfig) -> AugmentConfig | None:
+    """With --no-augment, keep only the geometric flip (if asked for)."""
+    if config.hflip <= 0:
+        return None
+    return AugmentConfig(
+        brightness=0, contrast=0, saturation=0, hue=0, noise_p=0, hflip_p=config.hflip
+    )
+
+
+def _count(model: torch.nn.Module) -> str:
+    return f"a UNet of {sum(p.numel() for p in model.parameters()):,} parameters"
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (the published recipe) or AdamW."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+
+
+RESUME_MUST_MATCH = ("optimizer", "lr", "step_size", "gamma")  # else the restored state lies
+
+
+def _resume(out: Path, run: Run, config: TrainConfig, device: torch.device) -> None:
+    """Load OUT/last.pt into the run: weights, optimizer, schedule, scaler, epoch and step.
+
+    Every rank reads the file, so under multi-node torchrun OUT must be on a shared disk.
+    """
+    path = out / "last.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} does not exist (nothing to resume)")
+    state = load_checkpoint(path, map_location=device)
+    changed = [
+        f"--{name.replace('_', '-')} {state['config'].get(name)} -> {getattr(config, name)}"
+        for name in RESUME_MUST_MATCH
+        if state["config"].get(name) != getattr(config, name)
+    ]
+    if changed:
+        raise ValueError(
+            f"--resume: {path} was trained with other settings ({', '.join(changed)}); "
+            "resume with the same ones, or train into a new folder"
+        )
+    try:
+        run.model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ValueError(
+            f"--resume: {path} holds another network than these shards need ({exc})"
+        ) from None
+    run.stepper.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler") and run.stepper.scaler.is_enabled():
+        run.stepper.scaler.load_state_dict(state["scaler"])
+    run.epoch, run.step = int(state["epoch"]), int(state["step"])
+    run.best_iou = float(state.get("best_iou", -math.inf))
+    log.info("resuming %s after epoch %d (step %d)", path, run.epoch, run.step)
+
+
+def _checkpoint_state(run: Run, config: TrainConfig, metrics: dict) -> dict[str, Any]:
+    """The one checkpoint dict (nanoGPT style): everything --resume and evaluate need."""
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.stepper.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.stepper.scaler.state_dict() if run.stepper.scaler.is_enabled() else None,
+        "epoch": run.epoch,  # epochs completed
+        "step": run.step,
+        "config": dataclasses.asdict(config),
+        "metrics": metrics,
+        "best_iou": run.best_iou,
+    }
+
+
+def _step_logger(run: Run, config: TrainConfig, dist: DistInfo, epoch: int) -> StepLogger:
+    return StepLogger(
+        every=config.log_every,
+        total=run.steps,
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        writer=run.writer,
+        start_step=run.step,
+        optimizer=run.stepper.optimizer,
+        show_bar=config.progress,
+    )
+
+
+def _epoch_report(
+    run: Run, dist: DistInfo, epoch: str, stats: EpochStats, metrics, grid, times, lr: float
+) -> dict[str, Any]:
+    """Log an epoch's scalars, timings and grid; print its one-line summary (rank 0)."""
+    perf, timing = epoch_perf(stats, dist.device, *times)
+    if dist.is_main:
+        log_epoch_scalars(run.writer, run.step, stats, metrics, grid, perf, timing)
+        log.info("%s", epoch_line(epoch, run.step, lr, stats, metrics, perf, timing))
+    return {**metrics, "train_loss": stats.loss, "train_iou": stats.iou, **perf}

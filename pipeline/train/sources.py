@@ -1,0 +1,102 @@
+"""Where shards come from and who reads which: locations, the manifest, work split per epoch.
+
+A location is a local shard folder or a URL prefix that WebDataset's gopen opens (`http://…`,
+`pipe:…`). Work is split over `slots = world_size x workers` readers: every rank and worker reads
+different shards (or, with fewer shards than slots, different samples), in an order that depends
+only on (seed, epoch, cycle), so every process agrees on who reads what.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+from torch.utils.data import get_worker_info
+from webdataset.gopen import gopen
+
+from pipeline.schema import (
+    MANIFEST_NAME,
+    load_manifest,
+    split_samples,
+    split_shards,
+    validate_manifest,
+)
+
+
+def is_url(location: str | Path) -> bool:
+    """True for `http://…`, `pipe:…`, `file://…` and the like; False for a local path."""
+    return len(urlparse(str(location)).scheme) > 1  # one letter is a Windows drive
+
+
+def open_manifest(location: str | Path) -> dict:
+    """The manifest of a local shard folder or of a URL prefix (`URL/manifest.json` via gopen)."""
+    if not is_url(location):
+        return load_manifest(Path(location))
+    url = f"{str(location).rstrip('/')}/{MANIFEST_NAME}"
+    try:
+        with gopen(url) as stream:
+            data = json.loads(stream.read())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{url}: cannot read the manifest ({exc})") from None
+    validate_manifest(data, url)
+    return data
+
+
+def shard_urls(location: str | Path, manifest: dict, split: str) -> list[str]:
+    """The split's shards in manifest order: local paths, or URLs (base + "/" + path)."""
+    shards = split_shards(manifest, split)
+    if is_url(location):
+        base = str(location).rstrip("/")
+        return [f"{base}/{shard['path']}" for shard in shards]
+    return [str(Path(location) / shard["path"]) for shard in shards]
+
+
+def train_steps_per_epoch(manifest: dict, batch_size: int, world_size: int) -> int:
+    """Batches each rank runs per epoch: floor(samples / (world_size x batch)), at least 1."""
+    samples = split_samples(manifest, "train")
+    if samples == 0:
+        raise ValueError("the train split holds no samples")
+    return max(1, samples // (world_size * batch_size))
+
+
+def shard_order(urls: list[str], seed: int, epoch: int, cycle: int = 0) -> list[str]:
+    """A permutation of `urls` that depends on (seed, epoch, cycle) only, so every slot agrees."""
+    order = list(urls)
+    random.Random(mix_seed(1, seed, epoch, cycle)).shuffle(order)
+    return order
+
+
+def assign_shards(urls: list[str], slot: int, slots: int) -> tuple[list[str], bool]:
+    """This slot's shards, and whether it must also keep only every slots-th sample.
+
+    With at least `slots` shards each slot takes every slots-th shard; with fewer, every slot
+    reads them all and keeps samples with index % slots == slot, so tiny datasets still work
+    with several workers and ranks, and no sample is read twice in a pass.
+    """
+    if len(urls) >= slots:
+        return urls[slot::slots], False
+    return list(urls), True
+
+
+def slot_sample_counts(counts: list[int], slots: int) -> list[int]:
+    """Samples each slot reads in one pass, given the shards' sample counts (in reading order)."""
+    if len(counts) >= slots:
+        return [sum(counts[slot::slots]) for slot in range(slots)]
+    total = sum(counts)
+    return [total // slots + (1 if slot < total % slots else 0) for slot in range(slots)]
+
+
+def worker_slot(rank: int, world_size: int) -> tuple[int, int, int]:
+    """(slot, slots, worker id) of the calling DataLoader worker (or main process)."""
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return rank * workers + worker, world_size * workers, worker
+
+
+def mix_seed(*numbers: int) -> int:
+    """A 63-bit seed from several small integers (well mixed, the same in every process)."""
+    state = np.random.SeedSequence([abs(int(n)) for n in numbers]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 ^ int(state[1])

@@ -1,0 +1,377 @@
+"""The streaming loader: batches, epoch orders, equal steps per rank, eval coverage, bad samples."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import io
+import json
+import logging
+import random
+import shutil
+import tarfile
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pipeline.store import tar as shardreader
+from pipeline.train import augment as augmentation
+from pipeline.train.augment import AugmentConfig
+from pipeline.train.loader import LoaderConfig, make_eval_loader, make_train_loader, to_device
+from pipeline.train.sources import (
+    assign_shards,
+    open_manifest,
+    shard_order,
+    slot_sample_counts,
+    train_steps_per_epoch,
+)
+from pipeline.train.stages import SkipCounter, batch_samples, read_shards, shuffle_samples
+
+BG, FG_BG = 40, 200  # flat gray levels: bg and fg_bg are told apart by their value
+TEST_BATCH = 10
+
+
+def _jpeg(image: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 75])
+    assert ok
+    return buf.tobytes()
+
+
+@functools.cache
+def _images(mode: str) -> dict[str, bytes]:
+    """One sample's four JPEGs (the same for every sample: the tests follow keys, not pixels)."""
+    shape = (160, 160, 3) if mode == "RGB" else (160, 160)
+    mask = np.zeros((160, 160), np.uint8)
+    mask[40:120, 40:120] = 255
+    return {
+        "bg": _jpeg(np.full(shape, BG, np.uint8)),
+        "fg_bg": _jpeg(np.full(shape, FG_BG, np.uint8)),
+        "mask": _jpeg(mask),
+        "depth": _jpeg(np.full((80, 80), 128, np.uint8)),
+    }
+
+
+def _write_shard(path: Path, keys: list[str], mode: str, bad_keys) -> dict:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key in keys:
+            files = {f"{field}.jpg": data for field, data in _images(mode).items()}
+            if key in bad_keys:
+                files["fg_bg.jpg"] = b"this is not a JPEG"
+            files["json"] = json.dumps({"batch": int(key[1:3])}).encode()
+            for suffix, payload in files.items():
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size, info.mode = len(payload), 0o444
+                tar.addfile(info, io.BytesIO(payload))
+    raw = path.read_bytes()
+    return {
+        "path": f"{path.parent.name}/{path.name}",
+        "batch": int(path.name[5:7]),
+        "samples": len(keys),
+        "bytes": len(raw),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+    }
+
+
+def write_test_shards(
+    root: Path, n_train: int, n_test: int, shard_samples: int, mode: str = "L", bad_keys=()
+) -> dict:
+    """Shards per docs/FORMAT.md (train: batch 1, test: batch 10) plus manifest.json; returns it."""
+    splits = {}
+    for split, batch, count in (("train", 1, n_train), ("test", TEST_BATCH, n_test)):
+        keys = [f"b{batch:02d}_{i}_{i % 100 + 1}_0_0" for i in range(count)]
+        shards = [
+            _write_shard(
+                root / split / f"batch{batch:02d}-{n:06d}.tar",
+                keys[start : start + shard_samples],
+                mode,
+                set(bad_keys),
+            )
+            for n, start in enumerate(range(0, count, shard_samples))
+        ]
+        splits[split] = {"samples": count, "shards": shards}
+    manifest = {
+        "format": "pipeline-shards",
+        "version": 1,
+        "mode": mode,
+        "channels": 3 if mode == "RGB" else 1,
+        "sizes": {"bg": [160, 160], "fg_bg": [160, 160], "mask": [160, 160], "depth": [80, 80]},
+        "test_batches": [TEST_BATCH],
+        "splits": splits,
+        "skipped": [],
+        "sources": [],
+        "tool": "tests",
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def _keys(stream) -> list[str]:
+    return [key for batch in stream for key in batch["keys"]]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """30 train samples in 3 shards (uneven against 2 ranks x 2 workers); 22 test in 10, 10, 2."""
+    root = tmp_path_factory.mktemp("shards")
+    write_test_shards(root, n_train=30, n_test=22, shard_samples=10)
+    return root
+
+
+def test_eval_batch_shapes_dtypes_and_channel_order(shards):
+    stream = make_eval_loader(shards, "test", LoaderConfig(batch_size=8, workers=0))
+    batches = list(stream)
+    assert [len(b["keys"]) for b in batches] == [8, 8, 6]  # batches span shards
+    assert len(stream) == len(batches)
+    batch = batches[0]
+    # uint8 through the workers (a quarter of float32's bytes); to_device makes them [0, 1].
+    assert batch["inputs"].shape == (8, 2, 160, 160) and batch["inputs"].dtype == torch.uint8
+    fg_bg, bg = batch["inputs"][:, 0].float(), batch["inputs"][:, 1].float()  # fg_bg first
+    assert torch.allclose(fg_bg, torch.tensor(float(FG_BG)), atol=3)
+    assert torch.allclose(bg, torch.tensor(float(BG)), atol=3)
+    assert batch["mask"].shape == (8, 1, 160, 160) and batch["mask"].dtype == torch.uint8
+    assert batch["depth"].shape == (8, 1, 80, 80) and batch["depth"].dtype == torch.uint8
+    assert batch["mask"][0, 0, 80, 80] > 200 and batch["mask"][0, 0, 5, 5] < 50
+    assert batch["skipped"] == 0 and stream.skipped == 0
+
+
+def test_rgb_shards_give_six_input_channels(tmp_path):
+    write_test_shards(tmp_path, n_train=12, n_test=0, shard_samples=6, mode="RGB")
+    config = LoaderConfig(batch_size=4, workers=0, shuffle_buffer=5)
+    batch = next(iter(make_train_loader(tmp_path, config, epoch=0)))
+    assert batch["inputs"].shape == (4, 6, 160, 160)
+    assert torch.allclose(batch["inputs"][:, :3].float(), torch.tensor(float(FG_BG)), atol=3)
+    assert batch["mask"].shape == (4, 1, 160, 160) and batch["depth"].shape == (4, 1, 80, 80)
+
+
+def test_shard_order_differs_by_epoch_and_repeats_for_the_same_epoch():
+    urls = [f"s{i}.tar" for i in range(20)]
+    assert shard_order(urls, seed=0, epoch=3) == shard_order(urls, seed=0, epoch=3)
+    assert shard_order(urls, seed=0, epoch=3) != shard_order(urls, seed=0, epoch=4)
+    assert sorted(shard_order(urls, seed=0, epoch=3)) == sorted(urls)
+
+
+def test_train_sample_order_depends_on_epoch_only(shards):
+    config = LoaderConfig(batch_size=5, workers=0, shuffle_buffer=8)
+
+    def order(epoch):
+        return _keys(make_train_loader(shards, config, epoch=epoch, steps=6))
+
+    first = order(0)
+    assert first == order(0)
+    assert first != order(1)
+    assert set(first) <= {f"b01_{i}_{i % 100 + 1}_0_0" for i in range(30)}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_rank_gets_exactly_steps_full_batches(shards, workers):
+    # 3 shards for 2 ranks x 2 workers: some readers have no shard of their own, and the
+    # requested steps need more samples than a pass holds, so the workers must cycle.
+    config = LoaderConfig(batch_size=4, workers=workers, shuffle_buffer=6, prefetch_factor=2)
+    for rank in range(2):
+        stream = make_train_loader(shards, config, epoch=0, rank=rank, world_size=2, steps=9)
+        sizes = [len(batch["keys"]) for batch in stream]
+        assert sizes == [4] * 9 and len(stream) == 9
+
+
+def test_default_steps_per_epoch(shards):
+    config = LoaderConfig(batch_size=4, workers=2, prefetch_factor=2)
+    stream = make_train_loader(shards, config, epoch=0, rank=1, world_size=2)
+    assert len(stream) == train_steps_per_epoch(open_manifest(shards), 4, 2) == 3
+    assert len(list(stream)) == 3
+    with pytest.raises(ValueError, match="no samples"):
+        train_steps_per_epoch({"splits": {"train": {"samples": 0}}}, 4, 1)
+
+
+@pytest.mark.parametrize("shard_samples", [3, 40])  # 8 shards, or one shard: fewer than slots
+def test_eval_covers_every_key_once_across_ranks_and_workers(tmp_path, shard_samples):
+    write_test_shards(tmp_path, n_train=4, n_test=23, shard_samples=shard_samples)
+    config = LoaderConfig(batch_size=4, workers=2, prefetch_factor=2)
+    seen = []
+    for rank in range(2):
+        stream = make_eval_loader(tmp_path, "test", config, rank=rank, world_size=2)
+        keys = _keys(stream)
+        assert len(stream) == len(list(stream))
+        seen += keys
+    assert len(seen) == len(set(seen)) == 23
+    assert set(seen) == {f"b10_{i}_{i % 100 + 1}_0_0" for i in range(23)}
+
+
+def test_undecodable_sample_is_skipped_warned_and_counted(tmp_path, caplog):
+    bad = ["b10_3_4_0_0", "b10_11_12_0_0", "b01_5_6_0_0"]
+    write_test_shards(tmp_path, n_train=20, n_test=20, shard_samples=10, bad_keys=bad)
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.stages"):
+        stream = make_eval_loader(tmp_path, "test", LoaderConfig(batch_size=6, workers=0))
+        keys = _keys(stream)
+    assert stream.skipped == 2
+    assert sorted(keys) == sorted({f"b10_{i}_{i % 100 + 1}_0_0" for i in range(20)} - set(bad))
+    warned = [r.getMessage() for r in caplog.records if "b10_3_4_0_0" in r.getMessage()]
+    assert len(warned) == 1 and "batch10-000000.tar" in warned[0] and "fg_bg.jpg" in warned[0]
+    # Across worker processes too, and in an endless training stream.
+    workers = LoaderConfig(batch_size=6, workers=2, prefetch_factor=2)
+    assert make_eval_loader(tmp_path, "test", workers).skipped == 0  # counted while iterating
+    stream = make_eval_loader(tmp_path, "test", workers)
+    assert len(_keys(stream)) == 18 and stream.skipped == 2
+    # Without shuffling, 4 batches of 5 hold the first pass's 19 good samples: the skip is in.
+    config = LoaderConfig(batch_size=5, workers=0, shuffle_buffer=1)
+    train = make_train_loader(tmp_path, config, epoch=0, steps=4)
+    assert "b01_5_6_0_0" not in _keys(train) and train.skipped >= 1  # once per cycle
+
+
+def test_trailing_skips_reach_the_last_batch():
+    counter = SkipCounter()
+
+    def samples():
+        for i in range(5):
+            yield {"key": str(i), **_decoded()}
+        counter.skipped += 2  # two bad samples after the last good one
+
+    batches = list(batch_samples(samples(), 2, counter, partial=True))
+    assert [len(b["keys"]) for b in batches] == [2, 2, 1]
+    assert sum(b["skipped"] for b in batches) == 2
+    assert len(list(batch_samples(iter([{"key": "a", **_decoded()}]), 2, counter, False))) == 0
+
+
+def _decoded() -> dict:
+    image = np.zeros((160, 160, 1), np.uint8)
+    return {"bg": image, "fg_bg": image, "mask": image, "depth": np.zeros((80, 80, 1), np.uint8)}
+
+
+def test_augmentation_runs_in_training_only(shards, monkeypatch):
+    calls = []
+
+    def spy(batch, config, generator):
+        calls.append(batch["bg"].shape[0])
+        return {**batch, "bg": torch.zeros_like(batch["bg"])}
+
+    monkeypatch.setattr(augmentation, "augment_batch", spy)
+    config = LoaderConfig(batch_size=5, workers=0, augment=AugmentConfig())
+    train = next(iter(make_train_loader(shards, config, epoch=0, steps=1)))
+    assert calls == [5] and torch.all(train["inputs"][:, 1] == 0)  # the bg channel
+    evaluation = next(iter(make_eval_loader(shards, "test", config)))
+    assert calls == [5] and torch.all(evaluation["inputs"][:, 1] > 0)
+
+
+def test_real_augmentation_changes_inputs_not_targets(shards):
+    noisy = AugmentConfig(noise_p=1.0, noise_std=0.1)
+    config = LoaderConfig(batch_size=30, workers=0, augment=noisy)
+    train = next(iter(make_train_loader(shards, config, epoch=0, steps=1)))
+    plain = next(iter(make_train_loader(shards, LoaderConfig(batch_size=30, workers=0), epoch=0)))
+    assert train["keys"] == plain["keys"]  # the same seeds: same order, only the pixels differ
+    assert not torch.allclose(train["inputs"].float(), plain["inputs"].float(), atol=5)
+    assert torch.equal(train["mask"], plain["mask"]) and torch.equal(train["depth"], plain["depth"])
+
+
+def test_to_device_makes_floats_in_unit_range(shards):
+    batch = next(iter(make_eval_loader(shards, "test", LoaderConfig(batch_size=4, workers=0))))
+    inputs, mask, depth = to_device(batch, "cpu", channels_last=True)
+    assert inputs.is_contiguous(memory_format=torch.channels_last)
+    assert inputs.dtype == mask.dtype == depth.dtype == torch.float32
+    assert torch.allclose(inputs[:, 0], torch.tensor(FG_BG / 255), atol=3 / 255)
+    assert 0.0 <= mask.min() and mask.max() <= 1.0 and mask.max() > 0.9
+    assert torch.allclose(depth, torch.tensor(128 / 255), atol=3 / 255)
+
+
+def test_assign_shards_and_counts():
+    urls = [f"s{i}" for i in range(5)]
+    assert assign_shards(urls, 1, 2) == (["s1", "s3"], False)
+    assert assign_shards(urls, 3, 8) == (urls, True)  # fewer shards than slots: split samples
+    assert slot_sample_counts([10, 10, 2], 2) == [12, 10]
+    assert slot_sample_counts([10, 10, 2], 4) == [6, 6, 5, 5]
+
+
+def test_shuffle_buffer_is_a_permutation():
+    items = [{"i": i} for i in range(50)]
+    out = [s["i"] for s in shuffle_samples(iter(items), 10, random.Random(0))]
+    assert sorted(out) == list(range(50)) and out != list(range(50))
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="manifest.json"):
+        make_eval_loader(tmp_path, "test", LoaderConfig(workers=0))
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset opens http:// with curl")
+def test_shards_stream_from_a_url(shards):
+    handler = functools.partial(_QuietHandler, directory=str(shards))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        stream = make_eval_loader(url, "test", LoaderConfig(batch_size=8, workers=0))
+        assert len(_keys(stream)) == 22
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # keep the test output clean
+        pass
+
+
+# ustar splits a 130-byte path into prefix and name; GNU (`L`) and pax (`x`) carry a 300-byte one.
+@pytest.mark.parametrize(
+    ("tar_format", "dir_len"),
+    [(tarfile.USTAR_FORMAT, 120), (tarfile.GNU_FORMAT, 300), (tarfile.PAX_FORMAT, 300)],
+)
+def test_tar_reader_matches_tarfile(tmp_path, tar_format, dir_len):
+    long_dir = "d" * dir_len
+    members = {"a.bg.jpg": b"x" * 700, f"{long_dir}/b.fg_bg.jpg": b"", "c.json": b"{}" * 256}
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        tar.addfile(_dir_info("folder"))  # a directory entry: skipped
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    with path.open("rb") as stream:
+        got = {f["fname"]: f["data"] for f in shardreader.tar_files(stream, str(path))}
+    assert got == members
+
+
+def _dir_info(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+def test_damaged_tar_is_reported_with_its_url(tmp_path):
+    write_test_shards(tmp_path, n_train=4, n_test=4, shard_samples=4)
+    shard = tmp_path / "test" / "batch10-000000.tar"
+    raw = bytearray(shard.read_bytes())
+    raw[600:700] = b"\xff" * 100  # inside the first member's data: still readable
+    raw[3 * 1024 + 100] ^= 0xFF  # a later header's name: its checksum fails
+    shard.write_bytes(bytes(raw[:-3000]))
+    with pytest.raises(ValueError, match="batch10-000000.tar: cannot read the shard"):
+        list(read_shards([str(shard)]))
+    shard.write_bytes(bytes(raw[:2000]))  # cut inside a member
+    with pytest.raises(ValueError, match="truncated"):
+        list(read_shards([str(shard)]))
+
+
+def test_bench_loader_reports_both_ways(shards):
+    from pipeline.bench.loader import bench_loader
+
+    result = bench_loader(shards, workers=0, batch_size=5, batches=2, rounds=1)
+    assert result["samples_per_s"] > 0 and result["old_samples_per_s"] > 0
+    assert result["speedup"] == pytest.approx(
+        result["samples_per_s"] / result["old_samples_per_s"], rel=0.01
+    )
+    assert result["workers"] == 0 and result["decoder"] == "simplejpeg"
+    assert set(result["decoders_images_per_s"]) == {"simplejpeg", "cv2", "pil"}
+
+
+def test_a_shard_command_that_fails_on_close_is_skipped_not_fatal(caplog):
+    # pipe: shards report a failed command only when closed; training must skip, not crash.
+    from pipeline.train.stages import LogOnce, read_shards
+
+    with caplog.at_level("WARNING"):
+        assert list(read_shards(["pipe:exit 3"], LogOnce())) == []
+    assert "pipe:exit 3" in caplog.text
