@@ -21,6 +21,7 @@ from pipeline.schema import FIELDS, INPUTS, member_ext
 from pipeline.store.tar import read_samples
 from pipeline.train import augment as augmentation
 from pipeline.train.augment import AugmentConfig
+from pipeline.train.bgcache import DecodedCache
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +117,15 @@ def decode_samples(
     counter: SkipCounter,
     handler: Handler,
     decoder: Decoder | None = None,
+    cache: DecodedCache | None = None,
 ) -> Iterator[dict]:
     """Raw samples -> {"key", field: uint8 (H, W, C)}; a sample that fails is counted and handed
-    to the handler (with its key and shard named), never half-yielded."""
+    to the handler (with its key and shard named), never half-yielded. With a `cache`, each
+    distinct background is decoded once (its arrays are read-only)."""
+
+    def decode(data: bytes, depth: int, size: tuple[int, int]) -> np.ndarray:
+        return decode_image(data, depth, size, decoder)
+
     for sample in samples:
         key, url = sample.get("__key__"), sample.get("__url__")
         try:
@@ -130,7 +137,10 @@ def decode_samples(
                     raise ValueError(f"missing {ext}")
                 depth = channels if field in INPUTS else 1  # masks and depths: one channel
                 try:
-                    decoded[field] = decode_image(data, depth, sizes[field], decoder)
+                    if cache is not None and field == "bg":  # shared by many samples
+                        decoded[field] = cache.decode(data, depth, sizes[field], decode)
+                    else:
+                        decoded[field] = decode(data, depth, sizes[field])
                 except Exception as exc:  # any decoder's failure skips the sample
                     raise ValueError(f"{ext}: {exc}") from None
         except ValueError as exc:
