@@ -22,7 +22,13 @@ import torch
 from pipeline.store import tar as shardreader
 from pipeline.train import augment as augmentation
 from pipeline.train.augment import AugmentConfig
-from pipeline.train.loader import LoaderConfig, make_eval_loader, make_train_loader, to_device
+from pipeline.train.loader import (
+    LoaderConfig,
+    make_eval_loader,
+    make_train_batches,
+    make_train_loader,
+    to_device,
+)
 from pipeline.train.sources import (
     assign_shards,
     open_manifest,
@@ -177,6 +183,45 @@ def test_every_rank_gets_exactly_steps_full_batches(shards, workers):
         stream = make_train_loader(shards, config, epoch=0, rank=rank, world_size=2, steps=9)
         sizes = [len(batch["keys"]) for batch in stream]
         assert sizes == [4] * 9 and len(stream) == 9
+
+
+def _worker_pids(stream) -> list[int]:
+    """The worker processes behind a TrainBatches (private DataLoader state; none in-process)."""
+    return [worker.pid for worker in getattr(stream._batches, "_workers", [])]
+
+
+@pytest.mark.parametrize(("workers", "first"), [(2, 0), (2, 1), (0, 0)])
+def test_one_set_of_workers_gives_each_epoch_as_a_fresh_loader_would(shards, workers, first):
+    # 3 steps over 2 workers: epochs end mid-round, so the workers swap roles between epochs;
+    # starting at epoch 1 is a resumed run, which must see the same batches there.
+    config = LoaderConfig(batch_size=4, workers=workers, shuffle_buffer=6, prefetch_factor=2)
+    seen, pids = [], None
+    with make_train_batches(shards, config, first_epoch=first, rank=1, world_size=2, steps=3) as s:
+        for epoch in range(first, first + 3):
+            stream = s.epoch(epoch)
+            batches = list(stream)
+            assert len(stream) == 3 and [b["epoch"] for b in batches] == [epoch] * 3
+            fresh = make_train_loader(shards, config, epoch=epoch, rank=1, world_size=2, steps=3)
+            assert [b["keys"] for b in batches] == [b["keys"] for b in fresh]
+            assert pids is None or _worker_pids(s) == pids  # the same processes all along
+            pids = _worker_pids(s)
+            seen.append(_keys(batches))
+    assert len(pids) == workers
+    assert seen[0] != seen[1] != seen[2]  # a new shard order and shuffle every epoch
+
+
+def test_an_epoch_left_early_leaves_no_stale_batch_in_the_next(shards):
+    config = LoaderConfig(batch_size=4, workers=2, shuffle_buffer=6, prefetch_factor=2)
+    with make_train_batches(shards, config, first_epoch=0, steps=5) as stream:
+        first = iter(stream.epoch(0))
+        next(first)  # one batch of five; the workers have prefetched more of epoch 0
+        first.close()
+        second = list(stream.epoch(1))
+        with pytest.raises(ValueError, match="epoch 3 asked for"):
+            stream.epoch(3)  # epochs come in order
+    assert [b["epoch"] for b in second] == [1] * 5
+    fresh = make_train_loader(shards, config, epoch=1, steps=5)
+    assert [b["keys"] for b in second] == [b["keys"] for b in fresh]
 
 
 def test_default_steps_per_epoch(shards):

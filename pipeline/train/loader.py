@@ -4,6 +4,7 @@ Each DataLoader worker runs the stages of `train.stages` over its share of the s
 `train.sources`). Every rank gets the same number of batches per epoch, so DDP never waits for a
 rank that ran dry: in training each worker cycles over its shards endlessly (in a new order each
 cycle) and the BatchStream stops after exactly `steps` batches. Evaluation reads each sample once.
+The trainer's workers start once a run and stream its epochs back to back (`make_train_batches`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from webdataset.handlers import reraise_exception
 from pipeline.images import DEFAULT_DECODER, get_decoder
 from pipeline.schema import field_sizes, split_samples, split_shards
 from pipeline.train.augment import AugmentConfig
+from pipeline.train.batches import BatchStream, TrainBatches
+from pipeline.train.bgcache import DEFAULT_ENTRIES, DecodedCache
 from pipeline.train.sources import (
     assign_shards,
     mix_seed,
@@ -63,10 +66,22 @@ class LoaderConfig:
     seed: int = 0  # with the epoch, rank and worker, seeds every shuffle and augmentation
     prefetch_factor: int = 4  # batches each worker keeps ready, to ride out slow shards
     decoder: str = DEFAULT_DECODER  # see pipeline.images for the measurement
+    bg_cache: int = DEFAULT_ENTRIES  # decoded backgrounds each worker keeps (see bgcache)
 
 
 class ShardStream(IterableDataset):
-    """The worker-side pipeline over a split's shards (endless in training, one pass otherwise)."""
+    """The worker-side pipeline over a split's shards (epoch after epoch in training, one pass
+    otherwise).
+
+    In training each worker runs epoch after epoch without end, so its process never restarts:
+    the DataLoader takes batch g of the whole run from worker g % workers, and epochs are `steps`
+    batches each, so each worker knows which of its batches belong to which epoch. In each epoch
+    it plays the part (the "role") of the worker that delivers the same batches in a fresh
+    loader for that epoch, and switches to the next epoch (new seeds, new shard order) after
+    exactly its share. So the batches of epoch e are the same whether the workers started at
+    epoch 0 or at e (resume), and a batch prefetched across an epoch boundary is already the
+    next epoch's. Every batch carries its "epoch".
+    """
 
     def __init__(
         self,
@@ -79,29 +94,55 @@ class ShardStream(IterableDataset):
         epoch: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        steps: int = 1,
     ) -> None:
         super().__init__()
         self.urls, self.config, self.train = urls, config, train
         self.epoch, self.rank, self.world_size = epoch, rank, world_size
+        self.steps = steps  # training: batches per epoch on this rank
         self.samples = sum(shard["samples"] for shard in split_shards(manifest, split))
         self.channels = manifest["channels"]
         self.sizes = field_sizes(manifest)
 
     def __iter__(self) -> Iterator[dict]:
-        slot, slots, worker = worker_slot(self.rank, self.world_size)
+        _, _, worker = worker_slot(self.rank, self.world_size)
+        workers = max(1, self.config.workers)
+        cache = DecodedCache(self.config.bg_cache)  # this worker's, kept across epochs
+        if not self.train:
+            return self._batches(self.epoch, worker, workers, cache, LogOnce())
+        return self._epochs(worker, workers, cache)
+
+    def _epochs(self, worker: int, workers: int, cache: DecodedCache) -> Iterator[dict]:
+        """This worker's share of every epoch's batches from `self.epoch` on, in order."""
+        handler = LogOnce()  # a bad sample is reported once a run, not once an epoch
+        for epoch in itertools.count(self.epoch):
+            offset = (epoch - self.epoch) * self.steps % workers  # whose turn the epoch opens
+            role = (worker - offset) % workers
+            share = len(range(role, self.steps, workers))
+            batches = self._batches(epoch, role, workers, cache, handler)
+            for batch in itertools.islice(batches, share):
+                yield {**batch, "epoch": epoch}
+
+    def _batches(
+        self, epoch: int, role: int, workers: int, cache: DecodedCache, handler: LogOnce
+    ) -> Iterator[dict]:
+        """The batches of one epoch (train: endless) that loader worker `role` makes."""
+        slot, slots = self.rank * workers + role, self.world_size * workers
         cfg, counter = self.config, SkipCounter()
-        seed = mix_seed(2, cfg.seed, self.epoch, self.rank, worker)
+        seed = mix_seed(2, cfg.seed, epoch, self.rank, role)
         if self.train:
             # No bigger than a pass over this slot's share: more would only hold repeats.
             size = min(cfg.shuffle_buffer, max(1, self.samples // slots))
-            samples = self._endless_samples(slot, slots, counter, size)
+            samples = self._endless_samples(epoch, slot, slots, counter, size, handler)
             samples = shuffle_samples(samples, size, random.Random(seed))
         else:
             urls, by_sample = assign_shards(self.urls, slot, slots)
             samples = read_shards(urls, reraise_exception)  # a missing test shard is fatal
             samples = keep_slot(samples, slot, slots) if by_sample else samples
         decoder = get_decoder(cfg.decoder)
-        samples = decode_samples(samples, self.channels, self.sizes, counter, LogOnce(), decoder)
+        samples = decode_samples(
+            samples, self.channels, self.sizes, counter, handler, decoder, cache
+        )
         batches = batch_samples(samples, cfg.batch_size, counter, partial=not self.train)
         if self.train and cfg.augment is not None:
             generator = torch.Generator().manual_seed(mix_seed(seed, 1))
@@ -109,12 +150,12 @@ class ShardStream(IterableDataset):
         return join_inputs(batches)
 
     def _endless_samples(
-        self, slot: int, slots: int, counter: SkipCounter, buffer: int
+        self, epoch: int, slot: int, slots: int, counter: SkipCounter, buffer: int, handler
     ) -> Iterator[dict]:
         """Cycle over this slot's shards forever, in a new shard order each cycle."""
-        handler, seen = LogOnce(), 0
+        seen = 0
         for cycle in itertools.count():
-            order = shard_order(self.urls, self.config.seed, self.epoch, cycle)
+            order = shard_order(self.urls, self.config.seed, epoch, cycle)
             urls, by_sample = assign_shards(order, slot, slots)
             samples = read_shards(urls, handler)
             before = seen
@@ -127,51 +168,6 @@ class ShardStream(IterableDataset):
                 raise ValueError(f"worker slot {slot} of {slots}: no sample could be decoded")
 
 
-class LoaderError(ValueError):
-    """The loader could not go on (no readable shard, no decodable sample); the message says why."""
-
-
-class BatchStream:
-    """The batches of one epoch (train) or one pass (eval); `skipped` totals undecodable samples."""
-
-    def __init__(self, loader: DataLoader, length: int, limit: int | None) -> None:
-        self.loader = loader
-        self.length = length  # batches it will yield (eval: fewer if whole batches are skipped)
-        self.limit = limit  # stop after this many batches: the workers' train streams are endless
-        self.skipped = 0
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self) -> Iterator[dict]:
-        self.skipped = 0
-        batches = iter(self.loader)
-        try:
-            for batch in itertools.islice(batches, self.limit):
-                self.skipped += batch["skipped"]
-                yield batch
-        except (ValueError, OSError) as exc:
-            # Expected data problems become one line; the worker's traceback stays chained
-            # (shown with -v). Anything else (a bug) propagates as it is.
-            log.debug("loader failure: %s", exc)
-            raise LoaderError(f"the loader failed: {_worker_message(exc)}") from exc
-        finally:
-            # Stop the workers now rather than when the iterator is garbage-collected: endless
-            # train workers would otherwise keep decoding into their queues.
-            shutdown = getattr(batches, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
-
-
-def _worker_message(exc: Exception) -> str:
-    """The original message of a DataLoader worker's error, without the re-raised traceback."""
-    text = str(exc)
-    if "Original Traceback" not in text:
-        return text
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1].split(": ", 1)[-1] if lines else text
-
-
 def make_train_loader(
     location: str | Path,
     config: LoaderConfig,
@@ -181,7 +177,38 @@ def make_train_loader(
     world_size: int = 1,
     steps: int | None = None,
 ) -> BatchStream:
-    """The training batches of one epoch for this rank: exactly `steps` of them (default: all)."""
+    """The training batches of one epoch for this rank: exactly `steps` of them (default: all).
+
+    Its workers start with each iteration and stop at its end; a whole run's epochs from one set
+    of workers is `make_train_batches`.
+    """
+    dataset, steps = _train_dataset(location, config, epoch, rank, world_size, steps)
+    return BatchStream(_data_loader(dataset, config), steps, limit=steps, epoch=epoch)
+
+
+def make_train_batches(
+    location: str | Path,
+    config: LoaderConfig,
+    *,
+    first_epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    steps: int | None = None,
+) -> TrainBatches:
+    """Every epoch's training batches from `first_epoch` on, from workers that start once."""
+    dataset, steps = _train_dataset(location, config, first_epoch, rank, world_size, steps)
+    return TrainBatches(_data_loader(dataset, config), steps, first_epoch)
+
+
+def _train_dataset(
+    location: str | Path,
+    config: LoaderConfig,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    steps: int | None,
+) -> tuple[ShardStream, int]:
+    """The training ShardStream from `epoch` on, and its steps per epoch (default: all)."""
     manifest = open_manifest(location)
     urls = shard_urls(location, manifest, "train")
     samples = split_samples(manifest, "train")
@@ -201,14 +228,25 @@ def make_train_loader(
         epoch=epoch,
         rank=rank,
         world_size=world_size,
+        steps=steps,
     )
-    return BatchStream(_data_loader(dataset, config), steps, limit=steps)
+    return dataset, steps
 
 
 def make_eval_loader(
-    location: str | Path, split: str, config: LoaderConfig, *, rank: int = 0, world_size: int = 1
+    location: str | Path,
+    split: str,
+    config: LoaderConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    keep_workers: bool = False,
 ) -> BatchStream:
-    """One pass over a split, unshuffled and unaugmented; over all ranks each sample once."""
+    """One pass over a split, unshuffled and unaugmented; over all ranks each sample once.
+
+    `keep_workers`: every iteration is a pass by the same workers (the trainer evaluates each
+    epoch); `close()` stops them.
+    """
     manifest = open_manifest(location)
     if split not in manifest["splits"]:
         raise ValueError(f"{location}: no split {split!r} in the manifest")
@@ -222,7 +260,8 @@ def make_eval_loader(
     dataset = ShardStream(
         urls, manifest, plain, split=split, train=False, rank=rank, world_size=world_size
     )
-    return BatchStream(_data_loader(dataset, plain), length, limit=None)
+    loader = _data_loader(dataset, plain, persistent=keep_workers)
+    return BatchStream(loader, length, limit=None, keep_workers=keep_workers)
 
 
 def to_device(
@@ -237,7 +276,9 @@ def to_device(
     return inputs, mask, depth
 
 
-def _data_loader(dataset: ShardStream, config: LoaderConfig) -> DataLoader:
+def _data_loader(
+    dataset: ShardStream, config: LoaderConfig, persistent: bool = False
+) -> DataLoader:
     extra = {"prefetch_factor": config.prefetch_factor} if config.workers > 0 else {}
     return DataLoader(
         dataset,
@@ -245,7 +286,9 @@ def _data_loader(dataset: ShardStream, config: LoaderConfig) -> DataLoader:
         num_workers=config.workers,
         pin_memory=config.pin_memory,
         worker_init_fn=init_worker,
-        persistent_workers=False,  # a fresh loader per epoch carries the epoch's seeds
+        # Training streams run all epochs in one iteration (see ShardStream); only evaluation
+        # iterates a loader again, and then its workers may stay.
+        persistent_workers=persistent and config.workers > 0,
         **extra,
     )
 
