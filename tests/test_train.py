@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from pipeline.cli import cli
 from pipeline.train.checkpoint import load_checkpoint
 from pipeline.train.config import TrainConfig
-from pipeline.train.run import train
+from pipeline.train.run import build_stepper, train
 
 REQUIRED_SCALARS = {
     "train/loss",
@@ -128,12 +128,40 @@ def test_torch_profiler_writes_a_trace(tiny_shards: Path, tmp_path: Path) -> Non
     assert traces, "no torch.profiler trace written"
 
 
-def test_amp_off_on_cpu_by_default() -> None:
-    from pipeline.train.runtime import resolve_amp
+@pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "off")])
+def test_amp_auto_on_cpu_follows_native_bf16(monkeypatch, native, expected) -> None:
+    from pipeline.train import runtime
 
-    assert resolve_amp("auto", torch.device("cpu")) == "off"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    assert runtime.resolve_amp("auto", torch.device("cpu")) == expected
+    assert runtime.resolve_amp("off", torch.device("cpu")) == "off"
+    assert runtime.resolve_amp("bf16", torch.device("cpu")) == "bf16"  # asked for: as asked
     with pytest.raises(ValueError, match="fp16"):
-        resolve_amp("fp16", torch.device("cpu"))
+        runtime.resolve_amp("fp16", torch.device("cpu"))
+
+
+def test_native_bf16_is_what_pytorch_reports(monkeypatch) -> None:
+    from pipeline.train import runtime
+
+    for avx512_bf16, amx, expected in [
+        (False, False, False),
+        (True, False, True),
+        (False, True, True),
+    ]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert runtime.cpu_has_native_bf16() is expected
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a build without the checks
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert runtime.cpu_has_native_bf16() is False
+
+
+def test_the_stepper_trains_in_bf16_on_such_a_cpu(tiny_shards, tmp_path, monkeypatch) -> None:
+    from pipeline.train import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    _, stepper = build_stepper(smoke_config(tiny_shards, tmp_path), torch.device("cpu"), {})
+    assert stepper.amp == "bf16"
 
 
 def test_without_a_test_split_best_follows_training_and_no_test_scalars(tmp_path, caplog):

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from pipeline.cli.common import TORCH_EXPECTED, emit_json, json_flag, option_from, user_errors
-from pipeline.cli.train import amp_option, device_option, shards_option
+from pipeline.cli.train import amp_option, augment_on_option, device_option, shards_option
 from pipeline.train.config import OPTIMIZERS, TrainConfig
 
 
@@ -67,6 +67,8 @@ def bench_loader_cmd(shards, workers, batch_size, batches, augment, as_json) -> 
 @device_option()
 @option_from(TrainConfig, "batch_size", "--batch-size", type=click.IntRange(1))
 @amp_option()
+@augment_on_option()
+@option_from(TrainConfig, "augment", "--augment/--no-augment")
 @option_from(TrainConfig, "compile", "--compile", is_flag=True, help="torch.compile the model.")
 @option_from(TrainConfig, "channels_last", "--channels-last/--no-channels-last")
 @option_from(TrainConfig, "workers", "--workers", type=click.IntRange(0))

@@ -15,6 +15,7 @@ from pipeline.cli.common import TORCH_EXPECTED, emit_json, json_flag, option_fro
 from pipeline.schema import SPLITS
 from pipeline.train.config import (
     AMP_CHOICES,
+    AUGMENT_ON,
     DEVICES,
     OPTIMIZERS,
     PROFILES,
@@ -28,9 +29,22 @@ def device_option(source=TrainConfig) -> click.Option:
     return option_from(source, "device", "--device", type=click.Choice(DEVICES))
 
 
-def amp_option(help_text: str = "Mixed precision; auto = bf16 on GPUs that support it."):
+def amp_option(
+    help_text: str = "Mixed precision; auto = bf16 on GPUs that support it and on CPUs with "
+    "native bf16 (AVX512-BF16 or AMX), off elsewhere.",
+):
     """`--amp auto|off|bf16|fp16`."""
     return option_from(TrainConfig, "amp", "--amp", type=click.Choice(AMP_CHOICES), help=help_text)
+
+
+def augment_on_option(
+    help_text: str = "Where the training augmentation runs: device = on the training device "
+    "after the copy, workers = in the loader workers; auto = device on a GPU, workers on CPU.",
+):
+    """`--augment-on auto|device|workers`."""
+    return option_from(
+        TrainConfig, "augment_on", "--augment-on", type=click.Choice(AUGMENT_ON), help=help_text
+    )
 
 
 def shards_option(help_text: str = "Shard folder (or URL prefix) holding manifest.json."):
@@ -106,6 +120,7 @@ def _train_options(command):
             type=click.FloatRange(0, 1),
             help="Probability of flipping all four images of a sample together.",
         ),
+        augment_on_option(),
         device_option(),
         amp_option(),
         option_from(T, "compile", "--compile", is_flag=True, help="torch.compile the model."),

@@ -1,4 +1,5 @@
-"""Training augmentation as pure batched torch functions (run in the loader's workers, on CPU).
+"""Training augmentation as pure batched torch functions, run in the loader's workers (CPU) or on
+the training device (`device_augment`): every draw comes from the generator given, on its device.
 
 Photometric changes touch the inputs (`bg`, `fg_bg`) only; the targets (`mask`, `depth`) are never
 jittered (the published code jittered its ground truth: a bug we don't copy). The optional flip
@@ -78,7 +79,7 @@ def color_jitter(images: Tensor, config: AugmentConfig, generator: torch.Generat
     ]
     # Like ColorJitter, a fresh order per call (here per batch: cheap, and close enough).
     plan = []  # (op, per-image factors (B, 1, 1, 1)) in the order they apply
-    for i in torch.randperm(len(ops), generator=generator).tolist():
+    for i in torch.randperm(len(ops), generator=generator, device=generator.device).tolist():
         op, spread, centre = ops[i]
         if spread > 0:
             plan.append((op, _uniform(len(images), centre - spread, centre + spread, generator)))

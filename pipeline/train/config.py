@@ -15,6 +15,9 @@ OPTIMIZERS = ("sgd", "adamw")
 PROFILES = ("off", "cprofile", "torch")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+# Where the training augmentation runs: auto = device on a GPU (the workers are the bottleneck
+# there, and the GPU does it in microseconds), workers on CPU (they idle while the model steps).
+AUGMENT_ON = ("auto", "device", "workers")
 
 
 class LossWeights(NamedTuple):
@@ -47,8 +50,9 @@ class TrainConfig:
     shuffle_buffer: int = 1000  # samples held for shuffling in each loader worker (~10 kB each)
     augment: bool = True  # the published photometric jitter + noise on the inputs
     hflip: float = 0.0  # probability of flipping all four images of a sample together
+    augment_on: str = "auto"  # auto = device on a GPU, workers on CPU (see AUGMENT_ON)
     device: str = "auto"  # auto = cuda when present
-    amp: str = "auto"  # auto = bf16 on GPUs that support it, off on CPU
+    amp: str = "auto"  # auto = bf16 where the GPU or CPU supports it natively, else off
     compile: bool = False  # torch.compile the model (minutes of warm-up, faster steps)
     channels_last: bool = True  # NHWC convolutions: faster on GPUs, and ~2x here on CPU too
     steps_per_epoch: int | None = None  # cap each epoch (smoke runs); None = the whole split
@@ -73,6 +77,7 @@ class TrainConfig:
         _check_choice("profile", self.profile, PROFILES)
         _check_choice("device", self.device, DEVICES)
         _check_choice("amp", self.amp, AMP_CHOICES)
+        _check_choice("augment_on", self.augment_on, AUGMENT_ON)
         for name in ("epochs", "batch_size", "step_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

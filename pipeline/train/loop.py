@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -67,10 +67,21 @@ class EpochStats:
 _SUMS = ("loss", "loss_mask", "loss_depth", "iou", "samples", "skipped")
 
 
+# (inputs, mask, depth) -> the same augmented, on the device (`device_augment.DeviceAugment`).
+BatchAugment = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
+
+
 def train_one_epoch(
-    stepper: Stepper, loader: Iterable[dict], logger: StepLog | None = None, profiler=None
+    stepper: Stepper,
+    loader: Iterable[dict],
+    logger: StepLog | None = None,
+    profiler=None,
+    augment: BatchAugment | None = None,
 ) -> EpochStats:
-    """One pass over the loader; losses and IoU are summed on the device (no per-step sync)."""
+    """One pass over the loader; losses and IoU are summed on the device (no per-step sync).
+
+    `augment`, if given, augments each batch on the device right after the copy.
+    """
     net, device = stepper.net, stepper.device
     net.train()
     sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=device)
@@ -84,6 +95,9 @@ def train_one_epoch(
             break
         inputs, mask, depth = to_device(batch, device, channels_last=stepper.channels_last)
         stats.data_s += time.perf_counter() - wait
+        if augment is not None:
+            with torch.no_grad():
+                inputs, mask, depth = augment(inputs, mask, depth)
         values = train_step(stepper, inputs, mask, depth)
         n = inputs.shape[0]
         with torch.no_grad():

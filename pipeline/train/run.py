@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model import UNet
 from pipeline.schema import split_samples
-from pipeline.train.augment import AugmentConfig
 from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train.config import TrainConfig
-from pipeline.train.loader import LoaderConfig, make_eval_loader, make_train_loader
+from pipeline.train.feed import Feed, open_feed
 from pipeline.train.loop import EpochStats, Stepper, evaluate, train_one_epoch
 from pipeline.train.report import (
     StepLogger,
@@ -94,6 +93,7 @@ class Run:
     start_epoch: int = 0  # epochs completed when this process started (after --resume)
     step: int = 0  # optimizer steps completed
     best_iou: float = -math.inf
+    feed: Feed | None = None  # the loaders, started once for all epochs
 
 
 def _train(config: TrainConfig, dist: DistInfo) -> dict[str, Any]:
@@ -104,10 +104,15 @@ def _train(config: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     run = _start_run(config, dist, manifest)
     metrics: dict[str, Any] = {}
     try:
+        run.feed = open_feed(
+            config, dist, first_epoch=run.start_epoch, steps=run.steps, has_test=run.has_test
+        )
         for epoch in range(run.start_epoch, config.epochs):
             metrics = _train_epoch(run, config, dist, epoch)
             barrier()  # rank 0 saves; the others wait so a crash can't leave them an epoch ahead
     finally:
+        if run.feed is not None:
+            run.feed.close()
         if run.writer is not None:
             run.writer.close()  # flush what was logged, also when an epoch failed
     return {"epochs": config.epochs, "step": run.step, "best_iou": run.best_iou, **metrics}
@@ -177,46 +182,28 @@ def build_stepper(
     return model, stepper
 
 
-def loader_config(config: TrainConfig, device: torch.device) -> LoaderConfig:
-    """The training loader's settings for a run (evaluation uses the same, unaugmented)."""
-    return LoaderConfig(
-        batch_size=config.batch_size,
-        workers=config.workers,
-        shuffle_buffer=config.shuffle_buffer,
-        augment=AugmentConfig(hflip_p=config.hflip) if config.augment else _flip_only(config),
-        pin_memory=device.type == "cuda",
-        seed=config.seed,
-    )
-
-
 def _train_epoch(run: Run, config: TrainConfig, dist: DistInfo, epoch: int) -> dict[str, Any]:
     """Train one epoch, evaluate, log, and save the checkpoints (rank 0)."""
     start = time.perf_counter()
     device = dist.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    loaders = loader_config(config, device)
-    loader = make_train_loader(
-        config.shards,
-        loaders,
-        epoch=epoch,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        steps=run.steps,
-    )
+    loader = run.feed.batches.epoch(epoch)
+    if run.feed.augment is not None:
+        run.feed.augment.set_epoch(epoch)
     first = epoch == run.start_epoch
     profiler = None
     if config.profile == "torch" and first and dist.is_main:
         profiler = torch_profiler(Path(config.out), run.steps)
     logger = _step_logger(run, config, dist, epoch) if dist.is_main else None
     with profiler or contextlib.nullcontext():
-        stats = train_one_epoch(run.stepper, loader, logger, profiler)
+        stats = train_one_epoch(run.stepper, loader, logger, profiler, run.feed.augment)
     run.step += stats.steps
     lr = run.stepper.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
     run.scheduler.step()
     eval_start = time.perf_counter()
     try:
-        metrics, grid = _evaluate_epoch(run, config, dist, replace(loaders, augment=None))
+        metrics, grid = _evaluate_epoch(run, config, dist)
     except ValueError as exc:  # e.g. no test sample could be decoded: keep the epoch's work
         log.warning("evaluation failed, this epoch has no test metrics: %s", exc)
         metrics, grid = {}, None
@@ -235,31 +222,19 @@ def _train_epoch(run: Run, config: TrainConfig, dist: DistInfo, epoch: int) -> d
     return metrics
 
 
-def _evaluate_epoch(run: Run, config: TrainConfig, dist: DistInfo, loaders: LoaderConfig):
+def _evaluate_epoch(run: Run, config: TrainConfig, dist: DistInfo):
     """Test metrics reduced across ranks and rank 0's grid; nothing without a test split."""
-    if not run.has_test:
+    if run.feed.evaluation is None:
         return {}, None
-    loader = make_eval_loader(
-        config.shards, "test", loaders, rank=dist.rank, world_size=dist.world_size
-    )
     return evaluate(
         run.model,
-        loader,
+        run.feed.evaluation,
         dist.device,
         run.stepper.amp,
         config.loss_weights,
         grid_rows=config.grid_rows if dist.is_main else 0,
         max_batches=config.eval_batches,
         channels_last=config.channels_last,
-    )
-
-
-def _flip_only(config: TrainConfig) -> AugmentConfig | None:
-    """With --no-augment, keep only the geometric flip (if asked for)."""
-    if config.hflip <= 0:
-        return None
-    return AugmentConfig(
-        brightness=0, contrast=0, saturation=0, hue=0, noise_p=0, hflip_p=config.hflip
     )
 
 

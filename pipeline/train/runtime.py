@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-from pipeline.train.config import AMP_CHOICES, DEVICES
+from pipeline.train.config import AMP_CHOICES, AUGMENT_ON, DEVICES
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +85,36 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- precision
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX), as PyTorch sees it."""
+    # Without these, bf16 on a CPU is emulated and slower than fp32. torch.cpu's checks ask the
+    # same cpuinfo that PyTorch's own kernels dispatch on (older builds lack them: no bf16).
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def resolve_amp(amp: str, device: torch.device) -> str:
-    """`auto` means bf16 on a GPU that supports it and off elsewhere (slower on CPU)."""
+    """`auto` means bf16 on a GPU that supports it or a CPU with native bf16, else off."""
     if amp not in AMP_CHOICES:
         raise ValueError(f"unknown --amp {amp!r}: use one of {', '.join(AMP_CHOICES)}")
     if amp == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return "bf16"
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "off"
+        if device.type == "cpu" and cpu_has_native_bf16():
+            return "bf16"  # measured 1.8-2.8x faster steps here, learning the same (BENCHMARKS)
         return "off"
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA device (use bf16 or off on CPU)")
     return amp
+
+
+def resolve_augment_on(choice: str, device: torch.device) -> str:
+    """`auto` means `device` when training on a GPU and `workers` elsewhere."""
+    if choice not in AUGMENT_ON:
+        raise ValueError(f"unknown --augment-on {choice!r}: use one of {', '.join(AUGMENT_ON)}")
+    if choice == "auto":
+        return "device" if device.type == "cuda" else "workers"
+    return choice
 
 
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
