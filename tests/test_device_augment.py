@@ -7,10 +7,10 @@ import torch
 from conftest import smoke_config
 from test_augment import NOTHING
 
-from pipeline.train import device_augment as device_augmentation
-from pipeline.train.augment import AugmentConfig, augment_batch, to_float
+from pipeline.train import augment as augmentation
+from pipeline.train.augment import AugmentConfig, augment_batch, augment_inputs, to_float
 from pipeline.train.config import TrainConfig
-from pipeline.train.device_augment import DeviceAugment, augment_inputs
+from pipeline.train.device_augment import DeviceAugment
 from pipeline.train.feed import device_augment, loader_config
 from pipeline.train.run import train
 from pipeline.train.runtime import resolve_augment_on
@@ -121,13 +121,13 @@ def test_one_side_augments_never_both():
 
 def test_the_trainer_augments_each_training_batch_on_the_device(tiny_shards, tmp_path, monkeypatch):
     seen = []
-    real = device_augmentation.augment_inputs
+    real = augmentation.augment_inputs
 
     def spy(inputs, mask, depth, config, generator):
         seen.append((inputs.shape[0], generator.initial_seed()))
         return real(inputs, mask, depth, config, generator)
 
-    monkeypatch.setattr(device_augmentation, "augment_inputs", spy)
+    monkeypatch.setattr(augmentation, "augment_inputs", spy)
     config = smoke_config(tiny_shards, tmp_path / "run", augment_on="device", epochs=2)
     config.steps_per_epoch = 2
     train(config)

@@ -36,7 +36,13 @@ from pipeline.train.sources import (
     slot_sample_counts,
     train_steps_per_epoch,
 )
-from pipeline.train.stages import SkipCounter, batch_samples, read_shards, shuffle_samples
+from pipeline.train.stages import (
+    SkipCounter,
+    batch_samples,
+    collate,
+    read_shards,
+    shuffle_samples,
+)
 
 BG, FG_BG = 40, 200  # flat gray levels: bg and fg_bg are told apart by their value
 TEST_BATCH = 10
@@ -401,16 +407,47 @@ def test_damaged_tar_is_reported_with_its_url(tmp_path):
         list(read_shards([str(shard)]))
 
 
-def test_bench_loader_reports_both_ways(shards):
+def test_bench_loader_reports_the_floor_the_loaders_and_the_old_way(shards):
     from pipeline.bench.loader import bench_loader
 
-    result = bench_loader(shards, workers=0, batch_size=5, batches=2, rounds=1)
-    assert result["samples_per_s"] > 0 and result["old_samples_per_s"] > 0
-    assert result["speedup"] == pytest.approx(
-        result["samples_per_s"] / result["old_samples_per_s"], rel=0.01
+    result = bench_loader(shards, workers=2, batch_size=5, batches=2, rounds=1)
+    rates, ratios = result["rates"], result["ratios"]
+    assert set(rates) == {
+        "floor",
+        "1_workers",
+        "1_workers_augmenting",
+        "2_workers",
+        "2_workers_augmenting",
+        "old",
+    }
+    assert all(rate > 0 for rate in rates.values())
+    assert ratios["one_worker_vs_floor"] == pytest.approx(
+        rates["1_workers"] / rates["floor"], rel=0.02
     )
-    assert result["workers"] == 0 and result["decoder"] == "simplejpeg"
+    assert ratios["n_workers_vs_one"] == pytest.approx(
+        rates["2_workers"] / rates["1_workers"], rel=0.02
+    )
+    assert result["samples_per_s"] == rates["2_workers"]
+    assert result["speedup"] == pytest.approx(
+        rates["2_workers_augmenting"] / result["old_samples_per_s"], rel=0.02
+    )
+    assert result["decoder"] == "simplejpeg"
     assert set(result["decoders_images_per_s"]) == {"simplejpeg", "cv2", "pil"}
+
+
+def test_bench_loader_rows_augment_where_they_say(shards, monkeypatch):
+    from pipeline.bench import loader as bench
+
+    seen = {}
+    real = bench.make_train_loader
+
+    def spy(location, config, **kw):
+        seen[config.workers, config.augment is not None] = True
+        return real(location, config, **kw)
+
+    monkeypatch.setattr(bench, "make_train_loader", spy)
+    bench.bench_loader(shards, workers=1, batch_size=5, batches=2, rounds=1, old=False)
+    assert set(seen) == {(1, False), (1, True)}  # as on a GPU (device), and in the workers
 
 
 def test_a_shard_command_that_fails_on_close_is_skipped_not_fatal(caplog):
@@ -420,3 +457,55 @@ def test_a_shard_command_that_fails_on_close_is_skipped_not_fatal(caplog):
     with caplog.at_level("WARNING"):
         assert list(read_shards(["pipe:exit 3"], LogOnce())) == []
     assert "pipe:exit 3" in caplog.text
+
+
+def _rgb_sample(key: str, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    sample = {"key": key, "mask": rng.integers(0, 256, (160, 160, 1), dtype=np.uint8)}
+    sample["depth"] = rng.integers(0, 256, (80, 80, 1), dtype=np.uint8)
+    for field in ("bg", "fg_bg"):
+        sample[field] = rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)
+    return sample
+
+
+def test_collate_writes_the_model_input_in_place():
+    samples = [_rgb_sample(f"k{i}", i) for i in range(3)]
+    batch = collate(samples, skipped=2)
+    assert batch["keys"] == ["k0", "k1", "k2"] and batch["skipped"] == 2
+    want = np.concatenate(
+        [np.stack([s[f] for s in samples]).transpose(0, 3, 1, 2) for f in ("fg_bg", "bg")], axis=1
+    )
+    assert batch["inputs"].shape == (3, 6, 160, 160) and batch["inputs"].dtype == torch.uint8
+    assert np.array_equal(batch["inputs"].numpy(), want)  # fg_bg channels first, then bg
+    for field in ("mask", "depth"):
+        assert np.array_equal(
+            batch[field].numpy(), np.stack([s[field] for s in samples])[..., 0][:, None]
+        )
+    assert not batch["inputs"].is_shared()  # in the training process: plain memory
+
+
+class _CollateInWorker(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        batch = collate([_rgb_sample("a", 0), _rgb_sample("b", 1)], 0)
+        yield {field: batch[field].is_shared() for field in ("inputs", "mask", "depth")}
+
+
+def test_a_worker_batches_straight_into_shared_memory():
+    # What the queue to the trainer would otherwise copy the batch into.
+    loader = torch.utils.data.DataLoader(_CollateInWorker(), batch_size=None, num_workers=1)
+    assert list(loader) == [{"inputs": True, "mask": True, "depth": True}]
+
+
+@pytest.mark.parametrize("fill", ["random", "max"])
+def test_tar_checksum_is_the_byte_sum(fill):
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        header = bytearray(rng.integers(0, 256, 512, dtype=np.uint8).tobytes())
+        if fill == "max":  # the largest sums a header can have
+            header[:] = b"\xff" * 512
+        total = sum(header[:148]) + sum(header[156:]) + 8 * 32
+        header[148:156] = f"{total:06o}\0 ".encode()
+        shardreader._check_header(bytes(header))
+        header[148:156] = f"{total + 1:06o}\0 ".encode()
+        with pytest.raises(ValueError, match="checksum"):
+            shardreader._check_header(bytes(header))

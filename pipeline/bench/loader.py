@@ -1,9 +1,14 @@
-"""`pipeline bench loader`: the training loader's samples/s beside the old loose-file workflow's.
+"""`pipeline bench loader`: the training loader's samples/s against the decode-only floor, with
+the augmentation on the device (as on a GPU) or in the workers, and beside the old loose-file way.
 
-Both sides turn the same kind of samples into the same augmented batches with the same number of
-workers; only the reading differs. The loader streams tar shards and decodes with the measured
-fastest decoder; the old way opens and decodes 4 loose JPEGs per sample with PIL, as the published
-code did after unzipping the dataset.
+All on the same samples, in one run:
+- the floor: one thread decoding all four fields of every sample (bytes already in memory), the
+  most a worker could do if decoding were all it did;
+- the loader as the trainer runs it on a GPU (its defaults: no augmentation in the workers, each
+  distinct background decoded once), with 1 worker and with `--workers N`;
+- the same with `--augment-on workers` (the default on CPU);
+- the old workflow: the 4 JPEGs of each sample as loose files, opened and decoded with PIL, with
+  the same augmentation (in the workers) and batching, and N workers.
 """
 
 from __future__ import annotations
@@ -20,14 +25,25 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from pipeline.images import measure_decoders
-from pipeline.schema import FIELDS, INPUTS
+from pipeline.images import get_decoder, measure_decoders
+from pipeline.schema import FIELDS, INPUTS, field_sizes
 from pipeline.train.augment import AugmentConfig
+from pipeline.train.config import TrainConfig
+from pipeline.train.feed import loader_config
 from pipeline.train.loader import LoaderConfig, init_worker, make_train_loader
 from pipeline.train.sources import open_manifest, shard_urls
-from pipeline.train.stages import augment_batches, collate, join_inputs, read_shards
+from pipeline.train.stages import (
+    LogOnce,
+    SkipCounter,
+    augment_batches,
+    collate,
+    decode_samples,
+    read_shards,
+)
 
 log = logging.getLogger(__name__)
+
+GPU = torch.device("cuda")  # the loader as the trainer sets it up for a GPU (no GPU needed)
 
 
 def bench_loader(
@@ -36,47 +52,96 @@ def bench_loader(
     batch_size: int = 100,
     batches: int = 50,
     augment: bool = True,
+    augment_on: str = "auto",
     rounds: int = 2,
+    old: bool = True,
 ) -> dict:
-    """Samples/s of the shard loader and of the old loose-file way, after one warm-up batch each.
+    """Samples/s of the floor, the loader (1 and N workers, augmenting where `augment_on` says
+    and in the workers) and the old way, after one warm-up batch each; and their ratios.
 
-    Each side runs `rounds` times, interleaved, and keeps its best run: on a shared machine other
-    processes slow single runs down at random, and the best run is the least disturbed.
+    Each measurement runs `rounds` times, interleaved, and keeps its best run: on a shared
+    machine other processes slow single runs down at random, and the best run is the least
+    disturbed. `augment_on` is resolved as the trainer would on a GPU (auto = device).
     """
     manifest = open_manifest(location)
-    mode = manifest["mode"]
-    aug = AugmentConfig() if augment else None
-    config = LoaderConfig(batch_size=batch_size, workers=workers, augment=aug)
-    # The old way gets as many samples as the timed run reads (fewer if the split is smaller).
+    # Everything measures the same samples: as many as a timed run reads (fewer if fewer).
     wanted = (batches + 1) * batch_size
     raw = list(itertools.islice(read_shards(shard_urls(location, manifest, "train")), wanted))
-    rates: dict[str, list[float]] = {"shards": [], "old": []}
+    configs = _loader_configs(workers, batch_size, augment, augment_on)
+    rates: dict[str, list[float]] = {name: [] for name in ("floor", *configs, "old")}
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
-        paths = write_loose_files(raw, Path(tmp))
+        paths = write_loose_files(raw, Path(tmp)) if old else []
         for _ in range(rounds):
-            log.info("shard loader: %d batches of %d, %d workers", batches, batch_size, workers)
-            stream = make_train_loader(location, config, epoch=0, steps=batches + 1)
-            rates["shards"].append(time_batches(stream, batches))
-            log.info("old way: %d samples as loose files, PIL, %d workers", len(paths), workers)
-            rates["old"].append(time_batches(old_loader(paths, mode, config, batches + 1), batches))
-    rate, old_rate = max(rates["shards"]), max(rates["old"])
+            rates["floor"].append(decode_floor(raw, manifest))
+            for name, config in configs.items():
+                log.info("shard loader %s: %d batches of %d", name, batches, batch_size)
+                stream = make_train_loader(location, config, epoch=0, steps=batches + 1)
+                rates[name].append(time_batches(stream, batches))
+            if old:
+                log.info("old way: %d samples as loose files, PIL, %d workers", len(paths), workers)
+                config = configs[f"{workers}_workers_augmenting"]
+                loose = old_loader(paths, manifest["mode"], config, batches + 1)
+                rates["old"].append(time_batches(loose, batches))
+    best = {name: max(values) for name, values in rates.items() if values}
+    return _report(best, manifest, raw, workers, batch_size, batches, augment, rounds)
+
+
+def _loader_configs(
+    workers: int, batch_size: int, augment: bool, augment_on: str
+) -> dict[str, LoaderConfig]:
+    """The loaders measured, by name: 1 and N workers, as on a GPU and augmenting in workers."""
+    configs = {}
+    for count in dict.fromkeys((1, workers)):  # 1 first; once if N is 1
+        for where, suffix in ((augment_on, ""), ("workers", "_augmenting")):
+            train = TrainConfig(
+                batch_size=batch_size, workers=count, augment=augment, augment_on=where
+            )
+            config = loader_config(train, GPU)
+            config.pin_memory = torch.cuda.is_available()  # as on a GPU, where there is one
+            configs[f"{count}_workers{suffix}"] = config
+    return configs
+
+
+def decode_floor(raw: list[dict], manifest: dict) -> float:
+    """Samples/s of one thread decoding all four fields of each raw sample (the loader's decode
+    stage, without its background cache)."""
+    channels, sizes, decoder = manifest["channels"], field_sizes(manifest), get_decoder()
+    start = time.perf_counter()
+    count = sum(1 for _ in decode_samples(raw, channels, sizes, SkipCounter(), LogOnce(), decoder))
+    if count == 0:
+        raise ValueError("no sample could be decoded")
+    return count / (time.perf_counter() - start)
+
+
+def _report(best, manifest, raw, workers, batch_size, batches, augment, rounds) -> dict:
+    """The figures and their ratios, rounded."""
+    n = f"{workers}_workers"
+    one, many = best["1_workers"], best[n]
+    mode = manifest["mode"]
     decoders = measure_decoders([s["fg_bg.jpg"] for s in raw[:200]], 3 if mode == "RGB" else 1)
-    per_worker = max(1, workers)
-    return {
-        "samples_per_s": round(rate, 1),
+    result = {
+        "samples_per_s": round(many, 1),  # the loader with N workers, as the trainer on a GPU
         "workers": workers,
         "batch_size": batch_size,
         "batches": batches,
         "augment": augment,
-        "old_samples_per_s": round(old_rate, 1),
-        "speedup": round(rate / old_rate, 2),
-        "per_worker_samples_per_s": round(rate / per_worker, 1),
-        "old_per_worker_samples_per_s": round(old_rate / per_worker, 1),
-        "decoder": config.decoder,
+        "samples": len(raw),
+        "rates": {name: round(rate, 1) for name, rate in best.items()},
+        "ratios": {
+            "one_worker_vs_floor": round(one / best["floor"], 2),
+            "n_workers_vs_one": round(many / one, 2),
+            "augmenting_in_workers_vs_not_1_worker": round(best["1_workers_augmenting"] / one, 2),
+        },
+        "decoder": LoaderConfig().decoder,
         "decoders_images_per_s": {name: round(r) for name, r in decoders.items()},
         "mode": mode,
         "rounds": rounds,
     }
+    if "old" in best:
+        augmenting = best[f"{n}_augmenting"]
+        result["old_samples_per_s"] = round(best["old"], 1)
+        result["speedup"] = round(augmenting / best["old"], 2)  # both augment in the workers
+    return result
 
 
 def time_batches(stream: Iterable[dict], batches: int) -> float:
@@ -140,7 +205,7 @@ class AugmentingCollate:
             if self.generator is None:  # one per worker, made in the worker
                 self.generator = torch.Generator().manual_seed(torch.initial_seed() + self.seed)
             batches = augment_batches(batches, self.augment, self.generator)
-        return next(join_inputs(batches))
+        return next(iter(batches))
 
 
 def old_loader(

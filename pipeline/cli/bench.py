@@ -46,18 +46,35 @@ def bench_convert_cmd(zips, work, synth_samples, as_json) -> None:
 
 @bench.command("loader")
 @shards_option()
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(0))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1))
 @option_from(TrainConfig, "batch_size", "--batch-size", type=click.IntRange(1))
 @click.option("--batches", default=50, show_default=True, type=click.IntRange(2))
 @option_from(TrainConfig, "augment", "--augment/--no-augment")
+@augment_on_option(
+    "Where the loader rows augment: auto = as the trainer on a GPU (device: not in the "
+    "workers). Rows augmenting in the workers are measured too."
+)
+@click.option("--rounds", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--old/--no-old", default=True, show_default=True, help="Also time the old way.")
 @json_flag("End with the figures as one JSON line.")
-def bench_loader_cmd(shards, workers, batch_size, batches, augment, as_json) -> None:
-    """Samples/s of the training loader alone, side by side with the old loose-file way."""
+def bench_loader_cmd(
+    shards, workers, batch_size, batches, augment, augment_on, rounds, old, as_json
+):
+    """Samples/s of the training loader alone: against one thread decoding every field (the
+    floor), with 1 and N workers, augmenting on the device or in the workers, and beside the old
+    loose-file way."""
     from pipeline.bench.loader import bench_loader
 
     with user_errors(TORCH_EXPECTED):
         result = bench_loader(
-            shards, workers=workers, batch_size=batch_size, batches=batches, augment=augment
+            shards,
+            workers=workers,
+            batch_size=batch_size,
+            batches=batches,
+            augment=augment,
+            augment_on=augment_on,
+            rounds=rounds,
+            old=old,
         )
         emit_json(result, indent=None if as_json else 2)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
+import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -237,7 +238,10 @@ def tar_files(stream: BinaryIO, url: str) -> Iterator[dict]:
 
 def _read_exact(stream: BinaryIO, size: int, end_ok: bool = False) -> bytes:
     """`size` bytes, or b"" at the end of the stream if `end_ok`; else short reads raise."""
-    chunks, left = [], size
+    first = stream.read(size)
+    if len(first) == size:  # nearly always: one read, no list (the loader reads 3 a member)
+        return first
+    chunks, left = [first], size - len(first)
     while left:
         chunk = stream.read(left)
         if not chunk:
@@ -252,9 +256,12 @@ def _read_exact(stream: BinaryIO, size: int, end_ok: bool = False) -> bytes:
 
 
 def _check_header(header: bytes) -> None:
-    # The checksum counts the checksum field itself as 8 spaces.
+    # The checksum is the byte sum of the header, its own field counted as 8 spaces. adler32's
+    # low half is 1 + the byte sum mod 65521, exact for 256 bytes (at most 65,280): two C calls
+    # instead of summing 512 Python ints (a tenth of the loader's time reading a shard).
     stored = header[148:156].strip(b"\0 ")
-    actual = sum(header[:148]) + sum(header[156:]) + 8 * 32
+    halves = (zlib.adler32(header[:256]) & 0xFFFF) + (zlib.adler32(header[256:]) & 0xFFFF) - 2
+    actual = halves - sum(header[148:156]) + 8 * 32
     try:
         matches = int(stored, 8) == actual
     except ValueError:  # not octal digits at all

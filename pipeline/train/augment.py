@@ -60,6 +60,19 @@ def augment_batch(
     return out
 
 
+def augment_inputs(
+    inputs: Tensor, mask: Tensor, depth: Tensor, config: AugmentConfig, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`augment_batch` on a batch as the model takes it: inputs (B, 2C, H, W) in [0, 1] (fg_bg
+    channels, then bg: see schema.INPUTS), mask and depth; new tensors, the arguments unchanged."""
+    images = dict(zip(INPUTS, inputs.chunk(len(INPUTS), dim=1), strict=True))
+    out = augment_batch({**images, "mask": mask, "depth": depth}, config, generator)
+    joined = torch.cat([out[field] for field in INPUTS], dim=1)
+    if inputs.is_contiguous(memory_format=torch.channels_last):
+        joined = joined.contiguous(memory_format=torch.channels_last)
+    return joined, out["mask"], out["depth"]
+
+
 def hflip_(images: Tensor, indices: Tensor) -> Tensor:
     """In place: mirror left-right the images (B, C, H, W) at `indices` (1-d)."""
     # Indexing, not torch.where: where is several times slower on CPU and touches every image.

@@ -13,24 +13,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.schema import INPUTS
-from pipeline.train.augment import AugmentConfig, augment_batch
+from pipeline.train import augment as augmentation
+from pipeline.train.augment import AugmentConfig
 from pipeline.train.sources import mix_seed
 
 _STREAM = 3  # mix_seed's first number for these draws (the loader's own streams use 1 and 2)
-
-
-def augment_inputs(
-    inputs: Tensor, mask: Tensor, depth: Tensor, config: AugmentConfig, generator: torch.Generator
-) -> tuple[Tensor, Tensor, Tensor]:
-    """`augment_batch` on a batch as the model takes it: inputs (B, 2C, H, W) in [0, 1] (fg_bg
-    channels, then bg), mask and depth; new tensors, the arguments are left as they are."""
-    images = dict(zip(INPUTS, inputs.chunk(len(INPUTS), dim=1), strict=True))
-    out = augment_batch({**images, "mask": mask, "depth": depth}, config, generator)
-    joined = torch.cat([out[field] for field in INPUTS], dim=1)
-    if inputs.is_contiguous(memory_format=torch.channels_last):
-        joined = joined.contiguous(memory_format=torch.channels_last)
-    return joined, out["mask"], out["depth"]
 
 
 class DeviceAugment:
@@ -48,5 +35,5 @@ class DeviceAugment:
         self.generator.manual_seed(mix_seed(_STREAM, self.seed, epoch, self.rank))
 
     def __call__(self, inputs: Tensor, mask: Tensor, depth: Tensor) -> tuple[Tensor, ...]:
-        """The augmented (inputs, mask, depth) of one batch (see `augment_inputs`)."""
-        return augment_inputs(inputs, mask, depth, self.config, self.generator)
+        """The augmented (inputs, mask, depth) of one batch (see `augment.augment_inputs`)."""
+        return augmentation.augment_inputs(inputs, mask, depth, self.config, self.generator)

@@ -45,7 +45,6 @@ from pipeline.train.stages import (
     augment_batches,
     batch_samples,
     decode_samples,
-    join_inputs,
     keep_slot,
     read_shards,
     shuffle_samples,
@@ -147,7 +146,7 @@ class ShardStream(IterableDataset):
         if self.train and cfg.augment is not None:
             generator = torch.Generator().manual_seed(mix_seed(seed, 1))
             batches = augment_batches(batches, cfg.augment, generator)
-        return join_inputs(batches)
+        return batches
 
     def _endless_samples(
         self, epoch: int, slot: int, slots: int, counter: SkipCounter, buffer: int, handler

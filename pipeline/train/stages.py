@@ -1,18 +1,21 @@
 """The loader workers' stages: each takes and returns an iterator of dicts (WebDataset style).
 
 shard urls -> tar samples (raw bytes) -> keep this slot's samples -> shuffle buffer (train) ->
-decode -> batch -> augment (train) -> inputs. Each is a plain generator, easy to test alone.
+decode -> batch (the model's "inputs" joined as it is filled) -> augment (train, when the workers
+augment). Each is a plain generator, easy to test alone.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
 
@@ -24,6 +27,8 @@ from pipeline.train.augment import AugmentConfig
 from pipeline.train.bgcache import DecodedCache
 
 log = logging.getLogger(__name__)
+
+TARGETS = tuple(field for field in FIELDS if field not in INPUTS)  # mask, depth
 
 Handler = Callable[[Exception], bool]  # webdataset semantics: True continue, False stop, or raise
 
@@ -177,14 +182,39 @@ def batch_samples(
 
 
 def collate(samples: list[dict], skipped: int) -> dict[str, Any]:
-    """Decoded samples -> "bg", "fg_bg", "mask", "depth" uint8 (B, C, H, W), "keys", "skipped"."""
+    """Decoded samples -> "inputs" uint8 (B, 2C, H, W) (fg_bg channels, then bg), "mask" and
+    "depth" uint8 (B, 1, H, W), "keys", "skipped".
+
+    Each image is copied once, straight into its place in the batch (no stacking, no
+    concatenation after it); in a loader worker the batch lies in shared memory from the start,
+    so handing it to the trainer copies nothing more.
+    """
+    # uint8 all the way: a quarter of float32's bytes to move, pin and copy to the GPU.
+    first, n = samples[0], len(samples)
+    height, width, channels = first[INPUTS[0]].shape
+    inputs = _batch_tensor((n, len(INPUTS) * channels, height, width))
     batch: dict[str, Any] = {"keys": [s["key"] for s in samples], "skipped": skipped}
-    for field in FIELDS:
-        # uint8 through stacking and the layout change: a quarter of float32's bytes to move.
-        images = torch.from_numpy(np.stack([s[field] for s in samples]))  # (B, H, W, C)
-        images = images.permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
-        batch[field] = images
+    batch["inputs"], arrays = inputs, {"inputs": inputs.numpy()}
+    for field in TARGETS:
+        batch[field] = _batch_tensor((n, 1, *first[field].shape[:2]))
+        arrays[field] = batch[field].numpy()
+    for i, sample in enumerate(samples):
+        for j, field in enumerate(INPUTS):
+            arrays["inputs"][i, j * channels : (j + 1) * channels] = sample[field].transpose(
+                2, 0, 1
+            )
+        for field in TARGETS:
+            arrays[field][i, 0] = sample[field][:, :, 0]
     return batch
+
+
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor; in shared memory when made in a loader worker."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    # As PyTorch's default collate does: the queue to the trainer then sends a handle, not bytes.
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
 def augment_batches(
@@ -192,17 +222,15 @@ def augment_batches(
 ) -> Iterator[dict]:
     """Apply the training augmentation to each batch (photometric on inputs, flip on all four)."""
     for batch in batches:
-        images = {f: augmentation.to_float(batch[f]) if f in INPUTS else batch[f] for f in FIELDS}
-        augmented = augmentation.augment_batch(images, config, generator)
-        for field in INPUTS:
-            # Back to uint8: a quarter of the bytes through shared memory, pinning and the copy
-            # to the GPU; rounding to 1/255 is what jitter on 8-bit images does anyway.
-            augmented[field] = augmented[field].mul_(255).round_().to(torch.uint8)
-        yield {**batch, **augmented}
-
-
-def join_inputs(batches: Iterable[dict]) -> Iterator[dict]:
-    """Replace "fg_bg" and "bg" with "inputs" (B, 2C, H, W): fg_bg channels first, then bg."""
-    for batch in batches:
-        inputs = torch.cat([batch.pop(field) for field in INPUTS], dim=1)
-        yield {"inputs": inputs, **batch}
+        inputs = augmentation.to_float(batch["inputs"])
+        augmented = augmentation.augment_inputs(
+            inputs, batch["mask"], batch["depth"], config, generator
+        )
+        # Back to uint8, into the batch's own (shared) tensors: rounding to 1/255 is what
+        # jitter on 8-bit images does anyway, and the trip to the trainer stays a handle.
+        for field, tensor in zip(("inputs", *TARGETS), augmented, strict=True):
+            if field == "inputs":
+                tensor = tensor.mul_(255).round_()
+            if tensor is not batch[field]:
+                batch[field].copy_(tensor)
+        yield batch
