@@ -133,3 +133,21 @@ def test_the_trainer_augments_each_training_batch_on_the_device(tiny_shards, tmp
     train(config)
     assert [n for n, _ in seen] == [4] * 4  # 2 epochs x 2 steps; evaluation is not augmented
     assert seen[0][1] == seen[1][1] != seen[2][1]  # reseeded for the second epoch
+
+
+@pytest.mark.slow
+def test_a_resumed_run_trains_as_the_uninterrupted_one(tiny_shards, tmp_path):
+    # The loader's side of this is test_loader's test_one_set_of_workers_gives_each_epoch_...
+    from pipeline.train.checkpoint import load_checkpoint
+
+    def run(out, epochs, resume=False):
+        config = smoke_config(tiny_shards, out, augment_on="device", hflip=0.5, epochs=epochs)
+        config.steps_per_epoch, config.resume, config.optimizer = 2, resume, "adamw"
+        train(config)
+        return load_checkpoint(out / "last.pt")["model"]
+
+    straight = run(tmp_path / "straight", epochs=2)
+    run(tmp_path / "resumed", epochs=1)
+    resumed = run(tmp_path / "resumed", epochs=2, resume=True)
+    for name, value in straight.items():
+        assert torch.allclose(value.float(), resumed[name].float(), atol=1e-6), name
