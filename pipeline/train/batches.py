@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 from torch.utils.data import DataLoader
 
+from pipeline.train.ring import own_batch
+
 log = logging.getLogger(__name__)
 
 
@@ -54,6 +56,7 @@ class BatchStream:
                 for batch in itertools.islice(batches, self.limit):
                     if self.epoch is not None and batch["epoch"] != self.epoch:
                         raise RuntimeError(f"a batch of epoch {batch['epoch']} in {self.epoch}")
+                    batch = own_batch(batch)  # before asking for the next: see train.ring
                     self.skipped += batch["skipped"]
                     yield batch
         finally:
@@ -100,7 +103,7 @@ class TrainBatches:
             if batch["epoch"] > epoch:
                 raise RuntimeError(f"a batch of epoch {batch['epoch']} in epoch {epoch}")
             taken += 1
-            yield batch
+            yield own_batch(batch)  # before asking for the next: see train.ring
 
     def close(self) -> None:
         """Stop the workers."""

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.handlers import reraise_exception
 
 from pipeline.images import DEFAULT_DECODER, get_decoder
@@ -29,6 +29,7 @@ from pipeline.schema import field_sizes, split_samples, split_shards
 from pipeline.train.augment import AugmentConfig
 from pipeline.train.batches import BatchStream, TrainBatches
 from pipeline.train.bgcache import DEFAULT_ENTRIES, DecodedCache
+from pipeline.train.ring import BatchRing
 from pipeline.train.sources import (
     assign_shards,
     mix_seed,
@@ -107,23 +108,34 @@ class ShardStream(IterableDataset):
         _, _, worker = worker_slot(self.rank, self.world_size)
         workers = max(1, self.config.workers)
         cache = DecodedCache(self.config.bg_cache)  # this worker's, kept across epochs
+        # In a worker process, batches go to the trainer through a ring of shared buffers.
+        in_worker = get_worker_info() is not None
+        ring = BatchRing(self.config.prefetch_factor + 2) if in_worker else None
         if not self.train:
-            return self._batches(self.epoch, worker, workers, cache, LogOnce())
-        return self._epochs(worker, workers, cache)
+            return self._batches(self.epoch, worker, workers, cache, LogOnce(), ring)
+        return self._epochs(worker, workers, cache, ring)
 
-    def _epochs(self, worker: int, workers: int, cache: DecodedCache) -> Iterator[dict]:
+    def _epochs(
+        self, worker: int, workers: int, cache: DecodedCache, ring: BatchRing | None
+    ) -> Iterator[dict]:
         """This worker's share of every epoch's batches from `self.epoch` on, in order."""
         handler = LogOnce()  # a bad sample is reported once a run, not once an epoch
         for epoch in itertools.count(self.epoch):
             offset = (epoch - self.epoch) * self.steps % workers  # whose turn the epoch opens
             role = (worker - offset) % workers
             share = len(range(role, self.steps, workers))
-            batches = self._batches(epoch, role, workers, cache, handler)
+            batches = self._batches(epoch, role, workers, cache, handler, ring)
             for batch in itertools.islice(batches, share):
                 yield {**batch, "epoch": epoch}
 
     def _batches(
-        self, epoch: int, role: int, workers: int, cache: DecodedCache, handler: LogOnce
+        self,
+        epoch: int,
+        role: int,
+        workers: int,
+        cache: DecodedCache,
+        handler: LogOnce,
+        ring: BatchRing | None = None,
     ) -> Iterator[dict]:
         """The batches of one epoch (train: endless) that loader worker `role` makes."""
         slot, slots = self.rank * workers + role, self.world_size * workers
@@ -142,7 +154,7 @@ class ShardStream(IterableDataset):
         samples = decode_samples(
             samples, self.channels, self.sizes, counter, handler, decoder, cache
         )
-        batches = batch_samples(samples, cfg.batch_size, counter, partial=not self.train)
+        batches = batch_samples(samples, cfg.batch_size, counter, not self.train, ring)
         if self.train and cfg.augment is not None:
             generator = torch.Generator().manual_seed(mix_seed(seed, 1))
             batches = augment_batches(batches, cfg.augment, generator)

@@ -25,6 +25,7 @@ from pipeline.store.tar import read_samples
 from pipeline.train import augment as augmentation
 from pipeline.train.augment import AugmentConfig
 from pipeline.train.bgcache import DecodedCache
+from pipeline.train.ring import RING_KEY, BatchRing
 
 log = logging.getLogger(__name__)
 
@@ -158,12 +159,17 @@ def decode_samples(
 
 
 def batch_samples(
-    samples: Iterable[dict], batch_size: int, counter: SkipCounter, partial: bool
+    samples: Iterable[dict],
+    batch_size: int,
+    counter: SkipCounter,
+    partial: bool,
+    ring: BatchRing | None = None,
 ) -> Iterator[dict]:
     """Stack samples into batches; `partial` keeps the last short batch (evaluation).
 
     A finished batch is held back until the next is made, so skips after the last batch of a
-    finite stream are still reported (added to that last batch's "skipped").
+    finite stream are still reported (added to that last batch's "skipped"). With a `ring` (a
+    loader worker's), batches are written into its buffers.
     """
     held, pending = None, []
     for sample in samples:
@@ -171,38 +177,41 @@ def batch_samples(
         if len(pending) == batch_size:
             if held is not None:
                 yield held
-            held, pending = collate(pending, counter.take()), []
+            held, pending = collate(pending, counter.take(), ring), []
     if pending and partial:
         if held is not None:
             yield held
-        held = collate(pending, counter.take())
+        held = collate(pending, counter.take(), ring)
     if held is not None:
         held["skipped"] += counter.take()
         yield held
 
 
-def collate(samples: list[dict], skipped: int) -> dict[str, Any]:
+def collate(samples: list[dict], skipped: int, ring: BatchRing | None = None) -> dict[str, Any]:
     """Decoded samples -> "inputs" uint8 (B, 2C, H, W) (fg_bg channels, then bg), "mask" and
     "depth" uint8 (B, 1, H, W), "keys", "skipped".
 
     Each image is copied once, straight into its place in the batch (no stacking, no
-    concatenation after it); in a loader worker the batch lies in shared memory from the start,
-    so handing it to the trainer copies nothing more.
+    concatenation after it). In a loader worker the batch lies in shared memory from the start
+    (in the worker's `ring`, if given: see train.ring), so handing it over copies nothing more.
     """
     # uint8 all the way: a quarter of float32's bytes to move, pin and copy to the GPU.
     first, n = samples[0], len(samples)
     height, width, channels = first[INPUTS[0]].shape
-    inputs = _batch_tensor((n, len(INPUTS) * channels, height, width))
+    shapes = ((n, len(INPUTS) * channels, height, width),)
+    shapes += tuple((n, 1, *first[field].shape[:2]) for field in TARGETS)
     batch: dict[str, Any] = {"keys": [s["key"] for s in samples], "skipped": skipped}
-    batch["inputs"], arrays = inputs, {"inputs": inputs.numpy()}
-    for field in TARGETS:
-        batch[field] = _batch_tensor((n, 1, *first[field].shape[:2]))
-        arrays[field] = batch[field].numpy()
+    if ring is not None:
+        tensors, batch[RING_KEY] = ring.take(shapes), True
+    else:
+        tensors = [_batch_tensor(shape) for shape in shapes]
+    arrays = {}
+    for field, tensor in zip(("inputs", *TARGETS), tensors, strict=True):
+        batch[field], arrays[field] = tensor, tensor.numpy()
     for i, sample in enumerate(samples):
         for j, field in enumerate(INPUTS):
-            arrays["inputs"][i, j * channels : (j + 1) * channels] = sample[field].transpose(
-                2, 0, 1
-            )
+            image = sample[field].transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
+            arrays["inputs"][i, j * channels : (j + 1) * channels] = image
         for field in TARGETS:
             arrays[field][i, 0] = sample[field][:, :, 0]
     return batch
