@@ -421,15 +421,16 @@ def test_bench_loader_reports_the_floor_the_loaders_and_the_old_way(shards):
         "old",
     }
     assert all(rate > 0 for rate in rates.values())
+    # Ratios are rounded to 2 decimals, the rates to 1.
     assert ratios["one_worker_vs_floor"] == pytest.approx(
-        rates["1_workers"] / rates["floor"], rel=0.02
+        rates["1_workers"] / rates["floor"], abs=0.006
     )
     assert ratios["n_workers_vs_one"] == pytest.approx(
-        rates["2_workers"] / rates["1_workers"], rel=0.02
+        rates["2_workers"] / rates["1_workers"], abs=0.006
     )
     assert result["samples_per_s"] == rates["2_workers"]
     assert result["speedup"] == pytest.approx(
-        rates["2_workers_augmenting"] / result["old_samples_per_s"], rel=0.02
+        rates["2_workers_augmenting"] / result["old_samples_per_s"], abs=0.006
     )
     assert result["decoder"] == "simplejpeg"
     assert set(result["decoders_images_per_s"]) == {"simplejpeg", "cv2", "pil"}
