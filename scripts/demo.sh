@@ -7,7 +7,7 @@ P=.venv/bin/pipeline
 D=${DEMO_DIR:-demo}
 REAL=tests/fixtures/real-sample
 EPOCHS=${DEMO_EPOCHS:-3}
-SAMPLES=${DEMO_SAMPLES:-550}  # per training zip; two zips make an epoch
+SAMPLES=${DEMO_SAMPLES:-700}  # per training zip; two zips make an epoch
 
 rm -rf "$D"
 mkdir -p "$D"
