@@ -28,6 +28,10 @@ MODE_OF = {channels: mode for mode, channels in CHANNELS.items()}
 
 FORMAT_NAME = "pipeline-shards"
 FORMAT_VERSION = 1
+# Beside the manifest, a shard index per split for webdataset's indexed reader (wids): random
+# access by sample index with no scan, e.g. wids.ShardListDataset("shards/train.wids.json").
+WIDS_KIND = "wids-shard-index-v1"
+WIDS_VERSION = 1
 
 
 def member_ext(field: str) -> str:
@@ -66,6 +70,24 @@ def split_shards(manifest: dict, split: str) -> list[dict]:
 def shard_entries(manifest: dict) -> list[tuple[str, dict]]:
     """Every shard of the manifest as (split, entry), train first."""
     return [(split, shard) for split in SPLITS for shard in split_shards(manifest, split)]
+
+
+def wids_index_name(split: str) -> str:
+    """The wids index of a split, beside the manifest: `train.wids.json`."""
+    return f"{split}.wids.json"
+
+
+def wids_index(manifest: dict, split: str) -> dict:
+    """A split's wids index: its shards (urls relative to the index's folder) and their counts."""
+    return {
+        "__kind__": WIDS_KIND,
+        "wids_version": WIDS_VERSION,
+        "name": split,
+        "shardlist": [
+            {"url": shard["path"], "nsamples": shard["samples"], "filesize": shard["bytes"]}
+            for shard in split_shards(manifest, split)
+        ],
+    }
 
 
 def load_manifest(root: Path) -> dict:

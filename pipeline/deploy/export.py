@@ -72,6 +72,7 @@ def export_onnx(checkpoint: Path, onnx_path: Path, check: bool, batch: int = 4) 
 def check_onnx(model: torch.nn.Module, onnx_path: Path, channels: int, batch: int = 3) -> float:
     """Run the ONNX file with onnxruntime at another batch size; the largest difference."""
     import onnxruntime as ort  # present: require_export_extra checked
+
     width, height = IMAGE_SIZE
     inputs = torch.rand(batch, channels, height, width, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

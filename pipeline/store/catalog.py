@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.schema import CHANNELS, FORMAT_NAME, FORMAT_VERSION, SIZES, SPLITS
+from pipeline.schema import (
+    CHANNELS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    SIZES,
+    SPLITS,
+    split_shards,
+    wids_index,
+    wids_index_name,
+)
 from pipeline.store.names import batch_number
 
 PARTS_DIR = ".parts"  # per-zip records: which zips are done, with their shards
@@ -162,3 +171,13 @@ def _source(record: dict) -> dict:
         "bytes": record["bytes"],
         "fingerprint": record["fingerprint"],
     }
+
+
+def write_wids_indexes(out: Path, manifest: dict) -> None:
+    """A wids index per split that has shards (`DIR/train.wids.json`); a stale one is removed."""
+    for split in SPLITS:
+        path = out / wids_index_name(split)
+        if split_shards(manifest, split):
+            write_json_atomic(path, wids_index(manifest, split))
+        else:  # wids cannot open an index without shards
+            path.unlink(missing_ok=True)

@@ -31,6 +31,7 @@ from pipeline.store.catalog import (
     record_problem,
     shards_problem,
     write_json_atomic,
+    write_wids_indexes,
 )
 from pipeline.store.convert import ConvertError, Reporter, ZipJob, convert_zip
 from pipeline.store.names import batch_number
@@ -348,7 +349,8 @@ def _write_manifest(out: Path, config: ConvertConfig, given: set[int], checked: 
         log.error("no converted zip in %s: manifest not written", out)
         return
     manifest = build_manifest(good, config.test_batches, mode)
-    write_json_atomic(out / MANIFEST_NAME, manifest)
+    write_wids_indexes(out, manifest)
+    write_json_atomic(out / MANIFEST_NAME, manifest)  # last: the folder is finished
     for split in SPLITS:
         summary.samples[split] = manifest["splits"][split]["samples"]
         summary.shards += len(manifest["splits"][split]["shards"])

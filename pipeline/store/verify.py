@@ -32,6 +32,9 @@ from pipeline.schema import (
     load_manifest,
     member_ext,
     shard_entries,
+    split_shards,
+    wids_index,
+    wids_index_name,
 )
 from pipeline.store.tar import read_samples
 
@@ -218,6 +221,28 @@ def cross_checks(manifest: dict, checks: list[ShardCheck]) -> list[dict]:
     return problems
 
 
+def check_wids_indexes(root: Path, manifest: dict) -> list[dict]:
+    """Problems with each split's wids index: missing, or not listing the manifest's shards."""
+    problems = []
+    for split in SPLITS:
+        if not split_shards(manifest, split):
+            continue
+        name = wids_index_name(split)
+        try:
+            found = json.loads((root / name).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            problems.append(problem(None, None, f"{name} is missing (re-run convert to write it)"))
+            continue
+        except (OSError, ValueError) as exc:
+            problems.append(problem(None, None, f"{name}: unreadable ({exc})"))
+            continue
+        if found != wids_index(manifest, split):
+            problems.append(
+                problem(None, None, f"{name} does not list the manifest's {split} shards")
+            )
+    return problems
+
+
 def verify_shards(shards: Path, workers: int = 2, progress: bool = True) -> VerifyReport:
     """Verify every shard of a conversion against its manifest; ValueError if none there."""
     start = time.perf_counter()
@@ -238,6 +263,7 @@ def verify_shards(shards: Path, workers: int = 2, progress: bool = True) -> Veri
             report.problems.extend(check.problems)
             bar.update(1)
     report.problems.extend(cross_checks(manifest, checks))
+    report.problems.extend(check_wids_indexes(root, manifest))
     report.seconds = time.perf_counter() - start
     return report
 
