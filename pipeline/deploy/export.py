@@ -37,7 +37,7 @@ def require_export_extra(check: bool) -> None:
 def export_onnx(checkpoint: Path, onnx_path: Path, check: bool, batch: int = 4) -> dict:
     """Write `onnx_path` from a checkpoint: input (N, 2C, 160, 160) float32 in [0, 1], N dynamic."""
     require_export_extra(check)
-    model = model_from_checkpoint(load_checkpoint(checkpoint), "cpu")
+    model = model_from_checkpoint(load_checkpoint(checkpoint), "cpu", checkpoint)
     channels = 2 * model.config.image_channels
     width, height = IMAGE_SIZE
     example = torch.rand(batch, channels, height, width)
@@ -72,6 +72,7 @@ def export_onnx(checkpoint: Path, onnx_path: Path, check: bool, batch: int = 4) 
 def check_onnx(model: torch.nn.Module, onnx_path: Path, channels: int, batch: int = 3) -> float:
     """Run the ONNX file with onnxruntime at another batch size; the largest difference."""
     import onnxruntime as ort  # present: require_export_extra checked
+
     width, height = IMAGE_SIZE
     inputs = torch.rand(batch, channels, height, width, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -75,7 +75,7 @@ def predict(checkpoint: Path, bg: Path, fg_bg: Path, out: Path, device: str = "a
     """Write mask, depth and coloured depth PNGs for each pair; returns the files written."""
     pairs = pair_paths(bg, fg_bg)
     dev = resolve_device(device)
-    model = model_from_checkpoint(load_checkpoint(checkpoint, map_location=dev), dev)
+    model = model_from_checkpoint(load_checkpoint(checkpoint, map_location=dev), dev, checkpoint)
     mode = "RGB" if model.config.image_channels == 3 else "L"
     written: list[Path] = []
     for bg_path, fg_bg_path, stem in pairs:
