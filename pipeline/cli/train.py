@@ -11,7 +11,15 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.common import TORCH_EXPECTED, emit_json, json_flag, option_from, user_errors
+from pipeline.cli.common import (
+    FINITE_FLOAT,
+    TORCH_EXPECTED,
+    FiniteFloatRange,
+    emit_json,
+    json_flag,
+    option_from,
+    user_errors,
+)
 from pipeline.schema import SPLITS
 from pipeline.train.config import (
     AMP_CHOICES,
@@ -64,9 +72,9 @@ def _train_options(command):
             type=click.Choice(OPTIMIZERS),
             help="sgd is the published recipe; adamw learns faster from few samples.",
         ),
-        option_from(T, "lr", "--lr", type=float, help="Learning rate."),
-        option_from(T, "momentum", "--momentum", type=float, help="SGD momentum."),
-        option_from(T, "weight_decay", "--weight-decay", type=float),
+        option_from(T, "lr", "--lr", type=FINITE_FLOAT, help="Learning rate."),
+        option_from(T, "momentum", "--momentum", type=FINITE_FLOAT, help="SGD momentum."),
+        option_from(T, "weight_decay", "--weight-decay", type=FINITE_FLOAT),
         option_from(
             T,
             "step_size",
@@ -74,15 +82,19 @@ def _train_options(command):
             type=click.IntRange(1),
             help="StepLR: epochs between learning-rate drops.",
         ),
-        option_from(T, "gamma", "--gamma", type=float, help="StepLR factor."),
+        option_from(T, "gamma", "--gamma", type=FINITE_FLOAT, help="StepLR factor."),
         option_from(
-            T, "mask_weight", "--mask-weight", type=float, help="Weight of BCE(mask) in the loss."
+            T,
+            "mask_weight",
+            "--mask-weight",
+            type=FINITE_FLOAT,
+            help="Weight of BCE(mask) in the loss.",
         ),
         option_from(
             T,
             "depth_weight",
             "--depth-weight",
-            type=float,
+            type=FINITE_FLOAT,
             help="Weight of 1-SSIM(depth) in the loss.",
         ),
         option_from(
@@ -103,7 +115,7 @@ def _train_options(command):
             T,
             "hflip",
             "--hflip",
-            type=click.FloatRange(0, 1),
+            type=FiniteFloatRange(0, 1),
             help="Probability of flipping all four images of a sample together.",
         ),
         device_option(),
@@ -131,6 +143,13 @@ def _train_options(command):
         ),
         option_from(
             T, "resume", "--resume", is_flag=True, help="Continue from OUT/last.pt up to --epochs."
+        ),
+        option_from(
+            T,
+            "overwrite",
+            "--overwrite",
+            is_flag=True,
+            help="Train into a folder that holds an earlier run, removing that run's files.",
         ),
         option_from(T, "seed", "--seed", type=int),
         option_from(
@@ -167,6 +186,10 @@ def train(**options) -> None:
 
     options["out"] = str(options["out"])
     config = TrainConfig(**options)
+    try:
+        config.validate()
+    except ValueError as exc:  # settings that can't work together: a usage error, exit 2
+        raise click.UsageError(str(exc)) from None
     with user_errors(TORCH_EXPECTED):
         result = run_training(config)
     if int(os.environ.get("RANK", "0")) == 0:

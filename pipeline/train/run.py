@@ -26,8 +26,9 @@ from pipeline.schema import split_samples
 from pipeline.train.augment import AugmentConfig
 from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train.config import TrainConfig
+from pipeline.train.guard import LossWatch, check_weights, claim_run_folder
 from pipeline.train.loader import LoaderConfig, make_eval_loader, make_train_loader
-from pipeline.train.loop import EpochStats, Stepper, evaluate, train_one_epoch
+from pipeline.train.loop import EVAL_FAILURES, EpochStats, Stepper, evaluate, train_one_epoch
 from pipeline.train.report import (
     StepLogger,
     epoch_line,
@@ -53,6 +54,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     config.validate()
     dist = setup_distributed(config.device)
     try:
+        claim_run_folder(Path(config.out), config.resume, config.overwrite, dist)  # before writing
         if config.profile == "cprofile":
             return _train_profiled(config, dist)
         return _train(config, dist)
@@ -209,15 +211,17 @@ def _train_epoch(run: Run, config: TrainConfig, dist: DistInfo, epoch: int) -> d
     if config.profile == "torch" and first and dist.is_main:
         profiler = torch_profiler(Path(config.out), run.steps)
     logger = _step_logger(run, config, dist, epoch) if dist.is_main else None
+    watch = LossWatch(device, config.log_every, run.step, epoch + 1)
     with profiler or contextlib.nullcontext():
-        stats = train_one_epoch(run.stepper, loader, logger, profiler)
+        stats = train_one_epoch(run.stepper, loader, logger, profiler, watch)
     run.step += stats.steps
+    check_weights(run.model, run.step, epoch + 1, dist)  # a NaN update never reaches a save
     lr = run.stepper.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
     run.scheduler.step()
     eval_start = time.perf_counter()
     try:
         metrics, grid = _evaluate_epoch(run, config, dist, replace(loaders, augment=None))
-    except ValueError as exc:  # e.g. no test sample could be decoded: keep the epoch's work
+    except EVAL_FAILURES as exc:  # e.g. no test sample could be decoded: keep the epoch's work
         log.warning("evaluation failed, this epoch has no test metrics: %s", exc)
         metrics, grid = {}, None
     times = (time.perf_counter() - eval_start, time.perf_counter() - start)
@@ -225,14 +229,25 @@ def _train_epoch(run: Run, config: TrainConfig, dist: DistInfo, epoch: int) -> d
     metrics = _epoch_report(run, dist, label, stats, metrics, grid, times, lr)
     run.epoch = epoch + 1
     if dist.is_main:
-        score = metrics.get("iou", stats.iou)  # the training IoU when there are no test metrics
-        improved = score > run.best_iou
-        run.best_iou = max(run.best_iou, score)
+        improved = _improves_best(run, metrics, stats, label)
         state = _checkpoint_state(run, config, metrics)
         save_checkpoint(state, Path(config.out) / "last.pt")
         if improved:
             save_checkpoint(state, Path(config.out) / "best.pt")
     return metrics
+
+
+def _improves_best(run: Run, metrics: dict, stats: EpochStats, label: str) -> bool:
+    """Whether this epoch becomes best.pt, always on one metric: the test IoU when the run has a
+    test split (an epoch without test metrics never does), else the training IoU."""
+    score = metrics.get("iou") if run.has_test else stats.iou
+    if score is None:
+        log.warning("epoch %s has no test metrics: best.pt stays as it was", label)
+        return False
+    if score <= run.best_iou:
+        return False
+    run.best_iou = score
+    return True
 
 
 def _evaluate_epoch(run: Run, config: TrainConfig, dist: DistInfo, loaders: LoaderConfig):
