@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from conftest import build_zip, encode
 
 from pipeline.cli import cli
+from pipeline.store.catalog import write_wids_indexes
 from pipeline.store.runner import ConvertConfig, convert_zips
 from pipeline.store.tar import tar_member
 from pipeline.store.verify import verify_shards
@@ -63,6 +64,7 @@ def replace_shard(root: Path, rel: str, data: bytes) -> None:
             for shard in split["shards"]:
                 if shard["path"] == rel:
                     shard["bytes"], shard["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+        write_wids_indexes(root, manifest)  # the indexes list sizes too
 
     edit_manifest(root, change)
 
