@@ -201,7 +201,7 @@ def peak_of(read) -> int:
 
 def test_a_deflate_bomb_is_refused_without_inflating_it(tmp_path: Path):
     path = build_zip(tmp_path / "batch1_images.zip", 2).path
-    bomb = 64 << 20  # 64 MiB of zeros: 64 KB in the zip
+    bomb = 16 << 20  # 16 MiB of zeros: 16 KB in the zip
     add_member(path, "fg_bg_jpg/honest_bomb.jpg", bomb)
     add_member(path, "fg_bg_jpg/lying_bomb.jpg", bomb)
     declare_size(path, "fg_bg_jpg/lying_bomb.jpg", 9000)
@@ -224,14 +224,14 @@ def test_convert_skips_bombs_with_their_reason_and_converts_the_rest(tmp_path: P
     with zipfile.ZipFile(z.path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name, data in members.items():
             zf.writestr(name, data)
-    add_member(z.path, fg_bg, 256 << 20)  # one sample's fg_bg inflates to 256 MiB
-    add_member(z.path, "bg_jpg/bg_img_77.jpg", 256 << 20)  # a background no sample uses
+    add_member(z.path, fg_bg, 8 << 20)  # one sample's fg_bg inflates to 8 MiB
+    add_member(z.path, "bg_jpg/bg_img_77.jpg", 8 << 20)  # a background no sample uses
     out = tmp_path / "shards"
     summary = convert([z.path], out)
     assert summary.ok and summary.samples["train"] == 3
     reasons = {s["member"]: s["reason"] for s in manifest_of(out)["skipped"]}
-    assert "declares 268435456 bytes" in reasons[fg_bg]
-    assert "declares 268435456 bytes" in reasons["bg_jpg/bg_img_77.jpg"]
+    assert "declares 8388608 bytes" in reasons[fg_bg]
+    assert "declares 8388608 bytes" in reasons["bg_jpg/bg_img_77.jpg"]
     assert "no sample uses it" in reasons["bg_jpg/bg_img_77.jpg"]
     assert verify(out).ok
 
@@ -481,6 +481,32 @@ def test_ctrl_c_cancels_queued_zips_and_says_what_was_finished(tmp_path: Path):
     assert not (tmp_path / "worker-4.pid").exists()  # the queued zip never started
     assert sorted(p.name for p in (out / ".parts").glob("batch*.json")) == ["batch01.json"]
     assert not list(out.rglob("*.tmp")) and not (out / "manifest.json").exists()
+
+
+def test_ctrl_c_in_one_process_keeps_what_was_finished(tmp_path: Path, monkeypatch, caplog):
+    import pipeline.store.pool as pool
+
+    zips = [build_zip(tmp_path / f"batch{b}_images.zip", 3, seed=b).path for b in (1, 2, 3)]
+    real = pool.convert_zip
+
+    def interrupted(job, report=None):
+        if job.batch == 2:
+            raise KeyboardInterrupt
+        return real(job, report)
+
+    monkeypatch.setattr(pool, "convert_zip", interrupted)
+    out = tmp_path / "shards"
+    with pytest.raises(KeyboardInterrupt):
+        convert(zips, out)
+    assert "interrupted: 1 zip(s) finished (batch1_images.zip), 2 not finished" in caplog.text
+    assert sorted(p.name for p in (out / ".parts").glob("*.json")) == [
+        "batch01.json",
+        "failed-batch02.json",
+        "failed-batch03.json",
+    ]
+    monkeypatch.undo()
+    summary = convert(zips, out)  # the same command finishes the folder
+    assert summary.ok and summary.reused == ["batch1_images.zip"] and verify(out).ok
 
 
 def test_a_second_convert_of_the_same_batch_waits_or_refuses(tmp_path: Path):

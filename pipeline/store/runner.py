@@ -347,8 +347,10 @@ def _write_manifest(out: Path, config: ConvertConfig, given: set[int], checked: 
         return
     manifest = build_manifest(good, config.test_batches, mode)
     manifest["failed"] = _failures(out, summary)
+    told = {f["error"] for f in summary.failed}  # this run's failures are logged already
     for failed in manifest["failed"]:
-        log.warning("the folder is not complete: %s failed: %s", failed["zip"], failed["error"])
+        if failed["error"] not in told:
+            log.warning("%s is not complete: %s: %s", out, failed["zip"], failed["error"])
     write_json_atomic(out / MANIFEST_NAME, manifest)
     for split in SPLITS:
         summary.samples[split] = manifest["splits"][split]["samples"]
