@@ -58,7 +58,7 @@ def is_locked(out: Path, name: str) -> bool:
     path = lock_path(out, name)
     if not path.exists():
         return False
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDWR)  # writable: NFS maps flock to POSIX write locks
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
