@@ -430,13 +430,16 @@ def test_a_file_that_is_not_a_zip_fails_alone(make_zip, tmp_path: Path, caplog):
     bad = tmp_path / "batch2_images.zip"
     bad.write_bytes(b"this is not a zip file at all")
     out = tmp_path / "shards"
-    summary = convert([bad, good.path, tmp_path / "batch3_images.zip"], out)
+    summary = convert([bad, good.path], out)
     assert not summary.ok and summary.samples["train"] == 3
     failed = {f["zip"]: f["error"] for f in summary.failed}
-    assert set(failed) == {str(bad), str(tmp_path / "batch3_images.zip")}
+    assert set(failed) == {str(bad)}
     assert "cannot open it as a zip" in failed[str(bad)]
     assert any(str(bad) in r.message and r.levelno == logging.ERROR for r in caplog.records)
-    assert verify_shards(out, workers=1, progress=False).ok  # the good zip's manifest is complete
+    # The good zip's shards are listed, but the folder is not complete: verify names the bad zip.
+    assert [f["zip"] for f in manifest_of(out)["failed"]] == ["batch2_images.zip"]
+    report = verify_shards(out, workers=1, progress=False)
+    assert not report.ok and "batch2_images.zip was not converted" in report.problem_lines()[0]
 
 
 def test_bad_arguments_raise_before_any_work(make_zip, tmp_path: Path):
@@ -449,6 +452,8 @@ def test_bad_arguments_raise_before_any_work(make_zip, tmp_path: Path):
     twin.write_bytes(z.path.read_bytes())
     with pytest.raises(ValueError, match="both batch 1"):
         convert([z.path, twin], out)
+    with pytest.raises(ValueError, match="batch3_images.zip: no such zip file"):
+        convert([z.path, tmp_path / "batch3_images.zip"], out)
     assert not out.exists()
 
 
@@ -704,6 +709,7 @@ def test_cli_json_prints_only_the_summary(make_zip, tmp_path: Path):
     assert result.exit_code == 1
     summary = json.loads(result.stdout)
     assert summary["reused"] == 1 and summary["failed"][0]["zip"] == str(bad)
+    (tmp_path / "x.zip").write_bytes(z.path.read_bytes())
     result = CliRunner().invoke(cli, ["convert", str(tmp_path / "x.zip"), "--out", str(out)])
     assert result.exit_code == 1 and "batch number" in result.stderr
 

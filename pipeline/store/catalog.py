@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -124,18 +124,27 @@ def file_sha256(path: Path) -> str:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file beside `path`, fsync it, then rename it over `path`."""
+    """Write JSON to a temp file beside `path`, fsync it, then rename it over `path`.
+
+    The temp file is created as the shards are (mode 0666 less the umask: 0644 under umask
+    022), not 0600 as mkstemp makes it, so whoever can read the shards can read the manifest.
+    An OSError names the file (`cannot write DIR/manifest.json: No space left on device`).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -181,3 +190,34 @@ def write_wids_indexes(out: Path, manifest: dict) -> None:
             write_json_atomic(path, wids_index(manifest, split))
         else:  # wids cannot open an index without shards
             path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- failures
+
+
+def failure_path(out: Path, batch: int) -> Path:
+    """Where a zip that did not finish (failed, or is still being converted) is recorded."""
+    return out / PARTS_DIR / f"failed-batch{batch:02d}.json"
+
+
+def write_failure(out: Path, batch: int, zip_name: str, error: str) -> None:
+    """Record that a batch is not done: a folder holding this never verifies as complete."""
+    write_json_atomic(failure_path(out, batch), {"zip": zip_name, "batch": batch, "error": error})
+
+
+def clear_failure(out: Path, batch: int) -> None:
+    """Forget a batch's failure (it converted, or the user goes on without it)."""
+    failure_path(out, batch).unlink(missing_ok=True)
+
+
+def load_failures(out: Path) -> dict[int, dict]:
+    """Every failure record in `DIR/.parts`, by batch (an unreadable one still counts)."""
+    failures = {}
+    for path in sorted((out / PARTS_DIR).glob("failed-batch*.json")):
+        batch = int(path.stem.removeprefix("failed-batch"))
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            failures[batch] = {"zip": str(record["zip"]), "error": str(record["error"])}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            failures[batch] = {"zip": f"batch {batch}", "error": f"{path}: unreadable ({exc})"}
+    return failures

@@ -168,6 +168,7 @@ class ZipConverter:
             self.report("total", len(pairs))
         self._strict_check()
         self._read_backgrounds(found.bgs, found.bg_problems)
+        self._report_unused_backgrounds(pairs, found.bgs)
         self._decide_mode()
         random.Random(f"{self.job.seed}:{self.job.batch}").shuffle(pairs)
         writer = ShardWriter(self.job.out, self.job.split, self.job.batch, self.job.shard_samples)
@@ -233,6 +234,15 @@ class ZipConverter:
                 self._bgs[number] = (data, check_jpeg(data))
             except JpegError as exc:
                 self._bgs[number] = (data, f"bg member {member.name}: {exc}")
+
+    def _report_unused_backgrounds(self, pairs: list[_Pairing], bgs: dict[int, Member]) -> None:
+        """A broken background that no sample uses is reported too (a bomb, damage, a twin)."""
+        used = {pair.sample.bg for pair in pairs}
+        for number, (_, info) in sorted(self._bgs.items()):
+            if number not in used and isinstance(info, str):
+                reason = f"{info} (no sample uses it)"
+                self.skipped.append(_skip(self.job.name, bgs[number].name, reason))
+        self._strict_check()
 
     def _decide_mode(self) -> None:
         """The zip's mode (L or RGB): that of most of its backgrounds, so a stray image can't."""

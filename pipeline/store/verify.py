@@ -29,6 +29,7 @@ from pipeline.schema import (
     META,
     SAMPLE_EXTS,
     SPLITS,
+    check_shard_path,
     load_manifest,
     member_ext,
     shard_entries,
@@ -160,7 +161,7 @@ def check_sample(sample: dict, manifest: dict, batch: int | None) -> list[str]:
 
 def verify_shard(root: Path, split: str, entry: dict, manifest: dict) -> ShardCheck:
     """Check one shard against its manifest entry: file, size, sha256, samples, count."""
-    rel = entry["path"]
+    rel = check_shard_path(split, entry["path"])  # never a file outside the folder
     result = ShardCheck(rel, split)
     path = Path(root) / rel
     if not path.is_file():
@@ -243,6 +244,19 @@ def check_wids_indexes(root: Path, manifest: dict) -> list[dict]:
     return problems
 
 
+def failed_zips(manifest: dict) -> list[dict]:
+    """A zip that a convert could not finish makes the folder incomplete, whatever its shards."""
+    return [
+        problem(
+            None,
+            None,
+            f"{failed['zip']} was not converted ({failed['error']}); convert it again, "
+            "or convert with --forget-failed to go on without it",
+        )
+        for failed in manifest.get("failed", [])
+    ]
+
+
 def verify_shards(shards: Path, workers: int = 2, progress: bool = True) -> VerifyReport:
     """Verify every shard of a conversion against its manifest; ValueError if none there."""
     start = time.perf_counter()
@@ -264,6 +278,8 @@ def verify_shards(shards: Path, workers: int = 2, progress: bool = True) -> Veri
             bar.update(1)
     report.problems.extend(cross_checks(manifest, checks))
     report.problems.extend(check_wids_indexes(root, manifest))
+
+    report.problems.extend(failed_zips(manifest))
     report.seconds = time.perf_counter() - start
     return report
 
