@@ -193,7 +193,8 @@ def evaluate(as_json: bool, **options) -> None:
     """Measure a checkpoint on a split: mask IoU and Dice, depth RMSE, AbsRel, delta1, SSIM.
 
     `iou` and `dice` are means over images (an image where both masks are empty counts 1);
-    `iou_pixel` and `dice_pixel` pool all pixels of the split.
+    `iou_pixel` and `dice_pixel` pool all pixels of the split. `iou_published` is the
+    article's IoU: target > 0.75 against raw logits > 0.75, all pixels of the split pooled.
     """
     from pipeline.train.evaluate import evaluate_checkpoint
 
