@@ -132,6 +132,14 @@ def _train_options(command):
         option_from(
             T, "resume", "--resume", is_flag=True, help="Continue from OUT/last.pt up to --epochs."
         ),
+        option_from(
+            T,
+            "init",
+            "--init",
+            type=click.Path(dir_okay=False),
+            show_default=False,
+            help="Start a new run from this checkpoint's weights (e.g. from import-weights).",
+        ),
         option_from(T, "seed", "--seed", type=int),
         option_from(
             T,

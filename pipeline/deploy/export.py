@@ -63,6 +63,7 @@ def export_onnx(checkpoint: Path, onnx_path: Path, check: bool, batch: int = 4) 
             "mask_logits": ["N", 1, height, width],
             "depth": ["N", 1, height // 2, width // 2],
         },
+        "depth_output": model.config.depth_output,  # in the graph: sigmoid or per-image min-max
     }
     if check:
         result["max_abs_diff"] = check_onnx(model, onnx_path, channels)
@@ -72,6 +73,7 @@ def export_onnx(checkpoint: Path, onnx_path: Path, check: bool, batch: int = 4) 
 def check_onnx(model: torch.nn.Module, onnx_path: Path, channels: int, batch: int = 3) -> float:
     """Run the ONNX file with onnxruntime at another batch size; the largest difference."""
     import onnxruntime as ort  # present: require_export_extra checked
+
     width, height = IMAGE_SIZE
     inputs = torch.rand(batch, channels, height, width, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

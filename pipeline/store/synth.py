@@ -358,7 +358,7 @@ def synth_zip(
     """Write one synthetic zip of `samples` samples for batch number `batch` at `path`.
 
     `png_masks`: every flip=0 mask is PNG bytes under its .jpg name, as the published generator
-    saved them (see docs/PUBLISHED.md); otherwise every member is a JPEG.
+    saved them; otherwise every member is a JPEG.
     """
     if mode not in MODES:
         raise ValueError(f"unknown image mode {mode!r}: use one of {', '.join(MODES)}")

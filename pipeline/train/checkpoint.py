@@ -45,3 +45,25 @@ def model_from_checkpoint(state: dict[str, Any], device: str | torch.device = "c
     model = UNet.from_args(state["config"].get("model_args", {}))
     model.load_state_dict(state["model"])
     return model.to(device).eval()
+
+
+def init_weights(model: UNet, path: Path, out: Path) -> None:
+    """Load a checkpoint's weights into a new run's network (`train --init`); ValueError naming
+    the problem if the run folder already holds a run or the weights don't fit the network."""
+    if (Path(out) / "last.pt").exists():
+        raise ValueError(
+            f"--init starts a new run, but {out} already holds one (last.pt): choose another "
+            "--out, or continue that run with --resume"
+        )
+    state = load_checkpoint(path)
+    have = state["config"].get("model_args", {}).get("image_channels", 1)
+    want = model.config.image_channels
+    if have != want:
+        raise ValueError(
+            f"--init {path}: its network takes {have}-channel images, the shards hold "
+            f"{want}-channel images"
+        )
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"--init {path}: its weights do not fit this network ({exc})") from None

@@ -54,6 +54,9 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # cap each epoch (smoke runs); None = the whole split
     eval_batches: int | None = None  # cap evaluation (smoke runs); None = the whole test split
     resume: bool = False  # continue from OUT/last.pt up to `epochs`
+    # Start a new run from these weights (a checkpoint: a run's, or `import-weights`'): only the
+    # network is taken (and its depth output); optimizer, schedule and counters start afresh.
+    init: str | None = None
     seed: int = 0
     log_every: int = 20  # steps between progress-bar/TensorBoard updates (each costs a sync)
     grid_rows: int = 8  # samples in the per-epoch picture grid
@@ -78,6 +81,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.workers < 0:
             raise ValueError("workers must be 0 or more")
+        if self.init and self.resume:
+            raise ValueError(
+                "--init starts a new run from a checkpoint's weights, --resume continues "
+                "OUT/last.pt: give one of them"
+            )
 
 
 @dataclass
