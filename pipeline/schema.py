@@ -13,9 +13,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-# Field names inside a shard sample: `KEY.bg.jpg`, `KEY.fg_bg.jpg`, `KEY.mask.jpg`, `KEY.depth.jpg`.
+# Field names inside a shard sample: `KEY.bg.jpg`, `KEY.fg_bg.jpg`, `KEY.mask.jpg`, `KEY.depth.jpg`
+# (or `.png`: a field's extension says its format, see IMAGE_EXTS).
 FIELDS = ("bg", "fg_bg", "mask", "depth")
-IMAGE_EXT = "jpg"  # the image fields' extension in a shard
+# The image formats a shard may hold, by the name images.image_format gives, and the extension
+# their fields take. The generator saved half of the published masks as PNG under `.jpg` names.
+FORMAT_EXTS = {"JPEG": "jpg", "PNG": "png"}
+IMAGE_EXTS = tuple(FORMAT_EXTS.values())  # every extension an image field may have
+IMAGE_EXT = FORMAT_EXTS["JPEG"]  # the usual one
 META = "json"  # the provenance field: `KEY.json`
 INPUTS = ("fg_bg", "bg")  # the model's input, concatenated along channels in this order
 TARGETS = ("mask", "depth")  # read as one channel whatever their mode
@@ -47,12 +52,26 @@ MAX_MEMBER_BYTES = 4 << 20
 SHARD_PATH = re.compile(r"(?P<split>[a-z]+)/[A-Za-z0-9_-][A-Za-z0-9._-]*\.tar")
 
 
-def member_ext(field: str) -> str:
+def member_ext(field: str, ext: str = IMAGE_EXT) -> str:
     """A field's extension inside a sample: `bg` -> `bg.jpg` (the tar member is `KEY.bg.jpg`)."""
-    return f"{field}.{IMAGE_EXT}"
+    return f"{field}.{ext}"
 
 
-SAMPLE_EXTS = (*map(member_ext, FIELDS), META)  # every file of a sample, in the order written
+# The files of an all-JPEG sample, in the order written (a PNG field ends in `.png` instead).
+SAMPLE_EXTS = (*map(member_ext, FIELDS), META)
+
+
+def field_names(field: str) -> tuple[str, ...]:
+    """Every name a field may have in a sample: `mask` -> (`mask.jpg`, `mask.png`)."""
+    return tuple(member_ext(field, ext) for ext in IMAGE_EXTS)
+
+
+def find_field(sample: dict, field: str) -> str | None:
+    """The name under which a sample holds `field` (`mask.jpg` or `mask.png`); None if absent."""
+    for name in field_names(field):
+        if name in sample:
+            return name
+    return None
 
 
 def shard_name(split: str, batch: int, index: int) -> str:

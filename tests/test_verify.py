@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import build_zip, encode
+from conftest import build_zip, encode, encode_png_mask
 
 from pipeline.cli import cli
 from pipeline.store.catalog import write_wids_indexes
@@ -179,8 +179,36 @@ def test_missing_field_and_bad_json_are_found(shards: Path):
     changed = [(n, b"{not json" if n == f"{keys[1]}.json" else d) for n, d in changed]
     replace_shard(shards, TRAIN0, tar_of(changed))
     problems = {p["sample"]: p["problem"] for p in verify(shards).problems}
-    assert problems[keys[0]] == "fields missing ['bg.jpg'], unexpected []"
+    assert problems[keys[0]] == "fields missing ['bg.jpg|png'], unexpected []"
     assert problems[keys[1]].startswith("json: not the provenance record")
+
+
+def test_png_members_are_decoded_and_checked(tmp_path: Path):
+    z = build_zip(tmp_path / "batch1_images.zip", 8, png_masks=True)
+    out = tmp_path / "shards"
+    assert convert_zips([z.path], ConvertConfig(out=out, progress=False)).ok
+    assert verify(out).ok
+    members = members_of(out / TRAIN0)
+    keys = sorted({n.split(".")[0] for n, _ in members if n.endswith(".mask.png")})
+    assert len(keys) == 4
+    changed = []
+    for name, data in members:
+        if name == f"{keys[0]}.mask.png":
+            data = data[: len(data) // 2]  # truncated
+        elif name == f"{keys[1]}.mask.png":
+            data = encode_png_mask(168, 160, 1)  # the wrong size
+        elif name == f"{keys[2]}.mask.png":
+            changed.append((f"{keys[2]}.mask.jpg", encode(160, 160, 2)))  # two masks
+        elif name == f"{keys[3]}.mask.png":
+            data = encode(160, 160, 3)  # JPEG bytes under a .png name
+        changed.append((name, data))
+    replace_shard(out, TRAIN0, tar_of(changed))
+    problems = {p["sample"]: p["problem"] for p in verify(out).problems}
+    assert set(problems) == set(keys)
+    assert problems[keys[0]].startswith("mask.png: undecodable image (truncated PNG")
+    assert problems[keys[1]] == "mask.png: 168x160, expected 160x160"
+    assert problems[keys[2]] == "fields missing [], unexpected ['mask.jpg', 'mask.png']"
+    assert problems[keys[3]].startswith("mask.png: undecodable image (not a PNG")
 
 
 def test_cli_verify_json_and_exit_codes(converted: Path, shards: Path):

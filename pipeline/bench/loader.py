@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from pipeline.images import measure_decoders
-from pipeline.schema import FIELDS, INPUTS
+from pipeline.schema import FIELDS, INPUTS, find_field
 from pipeline.train.augment import AugmentConfig
 from pipeline.train.loader import LoaderConfig, init_worker, make_train_loader
 from pipeline.train.sources import open_manifest, shard_urls
@@ -60,7 +60,8 @@ def bench_loader(
             log.info("old way: %d samples as loose files, PIL, %d workers", len(paths), workers)
             rates["old"].append(time_batches(old_loader(paths, mode, config, batches + 1), batches))
     rate, old_rate = max(rates["shards"]), max(rates["old"])
-    decoders = measure_decoders([s["fg_bg.jpg"] for s in raw[:200]], 3 if mode == "RGB" else 1)
+    jpegs = [s["fg_bg.jpg"] for s in raw[:200] if "fg_bg.jpg" in s]
+    decoders = measure_decoders(jpegs, 3 if mode == "RGB" else 1) if jpegs else {}
     per_worker = max(1, workers)
     return {
         "samples_per_s": round(rate, 1),
@@ -103,7 +104,7 @@ def write_loose_files(samples: list[dict], folder: Path) -> list[dict[str, Path]
             # (bar bg, shared by many samples there, which can only favour the old way).
             path = folder / f"{field}_jpg" / f"{key}.jpg"
             path.parent.mkdir(exist_ok=True)
-            path.write_bytes(sample[f"{field}.jpg"])
+            path.write_bytes(sample[find_field(sample, field)])  # a PNG keeps the .jpg name
             paths[field] = path
         out.append(paths)
     return out

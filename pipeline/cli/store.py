@@ -43,14 +43,26 @@ def _batch_list(batches) -> str:
     help="Image mode: L (grayscale, as published) or RGB.",
 )
 @option_from(synth_zips, "seed", "--seed", type=int, help="Seed: same seed, same bytes.")
-def synth(out: Path, batches: list[int], samples: int, mode: str, seed: int) -> None:
+@option_from(
+    synth_zips,
+    "png_masks",
+    "--png-masks",
+    is_flag=True,
+    help="Write flip=0 masks as RGB PNGs under their .jpg names, as the published generator did.",
+)
+def synth(
+    out: Path, batches: list[int], samples: int, mode: str, seed: int, png_masks: bool
+) -> None:
     """Write synthetic batchN_images.zip files in the published layout.
 
     The scenes are learnable: textured backgrounds, shapes pasted at random places (some
     flipped), their exact masks, and depth maps where the shape is nearer than the floor.
+    Every member is a JPEG unless --png-masks.
     """
     with user_errors():
-        paths = synth_zips(out, batches=batches, samples=samples, mode=mode, seed=seed)
+        paths = synth_zips(
+            out, batches=batches, samples=samples, mode=mode, seed=seed, png_masks=png_masks
+        )
     for path in paths:
         click.echo(str(path))
 

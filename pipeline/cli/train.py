@@ -151,6 +151,14 @@ def _train_options(command):
             is_flag=True,
             help="Train into a folder that holds an earlier run, removing that run's files.",
         ),
+        option_from(
+            T,
+            "init",
+            "--init",
+            type=click.Path(dir_okay=False),
+            show_default=False,
+            help="Start a new run from this checkpoint's weights (e.g. from import-weights).",
+        ),
         option_from(T, "seed", "--seed", type=int),
         option_from(
             T,
@@ -216,7 +224,8 @@ def evaluate(as_json: bool, **options) -> None:
     """Measure a checkpoint on a split: mask IoU and Dice, depth RMSE, AbsRel, delta1, SSIM.
 
     `iou` and `dice` are means over images (an image where both masks are empty counts 1);
-    `iou_pixel` and `dice_pixel` pool all pixels of the split.
+    `iou_pixel` and `dice_pixel` pool all pixels of the split. `iou_published` is the
+    article's IoU: target > 0.75 against raw logits > 0.75, all pixels of the split pooled.
     """
     from pipeline.train.evaluate import evaluate_checkpoint
 

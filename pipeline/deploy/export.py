@@ -63,6 +63,7 @@ def export_onnx(checkpoint: Path, onnx_path: Path, check: bool, batch: int = 4) 
             "mask_logits": ["N", 1, height, width],
             "depth": ["N", 1, height // 2, width // 2],
         },
+        "depth_output": model.config.depth_output,  # in the graph: sigmoid or per-image min-max
     }
     if check:
         result["max_abs_diff"] = check_onnx(model, onnx_path, channels)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import secrets
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from pipeline.schema import (
     CHANNELS,
     FORMAT_NAME,
     FORMAT_VERSION,
+    IMAGE_EXTS,
     SIZES,
     SPLITS,
     split_shards,
@@ -30,9 +32,11 @@ from pipeline.schema import (
 from pipeline.store.names import batch_number
 
 PARTS_DIR = ".parts"  # per-zip records: which zips are done, with their shards
-RECORD_VERSION = 1
+# 2: image fields named by their format (PNG members kept as `.png`, counted in "formats");
+# a version-1 record's zip is converted again, as version 1 skipped its PNG members.
+RECORD_VERSION = 2
 RECORD_KEYS = {"zip", "batch", "split", "mode", "shard_samples", "seed", "bytes", "fingerprint"}
-RECORD_KEYS |= {"samples", "shards", "skipped"}
+RECORD_KEYS |= {"samples", "shards", "skipped", "formats"}
 
 
 def record_path(out: Path, batch: int) -> Path:
@@ -42,9 +46,10 @@ def record_path(out: Path, batch: int) -> Path:
 
 def make_record(
     *, zip_path: Path, batch: int, split: str, mode: str, shard_samples: int, seed: int,
-    fingerprint: str, samples: int, shards: list, skipped: list
+    fingerprint: str, samples: int, shards: list, skipped: list, formats: dict[str, int]
 ) -> dict:  # fmt: skip
-    """The record of a zip just converted: its options, fingerprint, shards and skipped samples."""
+    """The record of a zip just converted: its options, fingerprint, shards, skipped samples
+    and the image members written by format (extension -> count)."""
     return {
         "version": RECORD_VERSION,
         "zip": Path(zip_path).name,
@@ -58,6 +63,7 @@ def make_record(
         "samples": samples,
         "shards": shards,
         "skipped": skipped,
+        "formats": formats,
     }
 
 
@@ -152,10 +158,14 @@ def build_manifest(records: Iterable[dict], test_batches: Iterable[int], mode: s
     """The manifest of a conversion from its per-zip records (see convert's `.parts/`)."""
     records = sorted(records, key=lambda r: r["batch"])
     splits: dict[str, dict] = {split: {"samples": 0, "shards": []} for split in SPLITS}
+    formats: dict[str, Counter] = {split: Counter() for split in SPLITS}
     for record in records:
         split = splits[record["split"]]
         split["samples"] += record["samples"]
         split["shards"].extend(record["shards"])
+        formats[record["split"]].update(record["formats"])
+    for name, split in splits.items():  # image members by extension: {"jpg": n, "png": m}
+        split["formats"] = {ext: formats[name][ext] for ext in IMAGE_EXTS}
     for split in splits.values():
         split["shards"].sort(key=lambda s: s["path"])
     return {

@@ -65,6 +65,7 @@ class ConvertSummary:
     samples: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLITS})
     skipped: int = 0
     shards: int = 0
+    formats: dict[str, int] = field(default_factory=dict)  # image members by extension
     written: int = 0  # samples written by this run (reused zips excluded)
     seconds: float = 0.0
 
@@ -85,6 +86,7 @@ class ConvertSummary:
             "samples": dict(self.samples),
             "skipped": self.skipped,
             "shards": self.shards,
+            "formats": dict(self.formats),
             "written": self.written,
             "seconds": round(self.seconds, 3),
             "samples_per_s": round(rate, 1),
@@ -98,7 +100,8 @@ class ConvertSummary:
         return (
             f"convert {status}: {d['zips']} zip(s), {d['converted']} converted, "
             f"{d['reused']} reused; {self.out} holds {d['samples']['train']} train + "
-            f"{d['samples']['test']} test samples in {d['shards']} shards, {d['skipped']} skipped; "
+            f"{d['samples']['test']} test samples in {d['shards']} shards, {d['skipped']} skipped, "
+            f"{self.formats.get('png', 0)} PNG members kept; "
             f"{d['seconds']:.1f} s ({d['samples_per_s']:.0f} samples/s)"
         )
 
@@ -294,8 +297,8 @@ def _accept(job: ZipJob, result: dict | BaseException, mode: str | None, summary
     summary.written += result["samples"]
     shards, skipped = len(result["shards"]), len(result["skipped"])
     log.info(
-        "%s: %d samples -> %d %s shard(s), %d skipped",
-        *(job.name, result["samples"], shards, job.split, skipped),
+        "%s: %d samples -> %d %s shard(s), %d skipped, %d PNG members",
+        *(job.name, result["samples"], shards, job.split, skipped, result["formats"].get("png", 0)),
     )
     return mode or result["mode"]
 
@@ -357,6 +360,8 @@ def _write_manifest(out: Path, config: ConvertConfig, given: set[int], checked: 
     for split in SPLITS:
         summary.samples[split] = manifest["splits"][split]["samples"]
         summary.shards += len(manifest["splits"][split]["shards"])
+        for ext, count in manifest["splits"][split]["formats"].items():
+            summary.formats[ext] = summary.formats.get(ext, 0) + count
     summary.skipped = len(manifest["skipped"])
     if not manifest["splits"]["test"]["shards"]:
         log.warning(

@@ -2,7 +2,8 @@
 
 Per shard (in parallel processes): the file exists, its size and sha256 match (hashed while the
 tar streams through the tar reader the training loader uses, `store.tar`), every sample has its
-four images and its json, every image decodes at its expected size, and the sample count
+four images (each a JPEG or a PNG, as its extension says) and its json, every image decodes
+at its expected size, and the sample count
 matches. Then across shards: keys are unique over all shards and both splits, and the split
 totals match.
 """
@@ -22,16 +23,16 @@ from pathlib import Path
 import simplejpeg
 from tqdm import tqdm
 
-from pipeline.images import decode_simplejpeg
+from pipeline.images import check_png, decode_png, decode_simplejpeg
 from pipeline.schema import (
     FIELDS,
+    IMAGE_EXTS,
     INPUTS,
     META,
-    SAMPLE_EXTS,
     SPLITS,
     check_shard_path,
+    field_names,
     load_manifest,
-    member_ext,
     shard_entries,
     split_shards,
     wids_index,
@@ -122,12 +123,19 @@ class ShardCheck:
 
 
 def check_image(name: str, data: bytes, size: list[int], channels: int | None) -> str | None:
-    """Decode one JPEG; the problem with it, or None. `channels` None: any count will do."""
+    """Decode one JPEG or PNG (as its name says); the problem with it, or None.
+
+    `channels` None: any count will do. Each format is decoded with the loader's decoder.
+    """
     try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        found = 1 if colorspace.lower() == "gray" else 3
-        decode_simplejpeg(data, found)
-    except ValueError as exc:
+        if name.endswith(".png"):
+            width, height, found = check_png(data)
+            decode_png(data, found)
+        else:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+            found = 1 if colorspace.lower() == "gray" else 3
+            decode_simplejpeg(data, found)
+    except ValueError as exc:  # ImageError included
         return f"{name}: undecodable image ({exc})"
     if [width, height] != list(size):
         return f"{name}: {width}x{height}, expected {size[0]}x{size[1]}"
@@ -140,13 +148,18 @@ def check_sample(sample: dict, manifest: dict, batch: int | None) -> list[str]:
     """Every problem of one sample as the loader reads it (missing fields, bad images, bad json)."""
     fields = {k for k in sample if not k.startswith("__")}
     problems = []
-    if fields != set(SAMPLE_EXTS):
-        missing, extra = set(SAMPLE_EXTS) - fields, fields - set(SAMPLE_EXTS)
+    present = {kind: [n for n in field_names(kind) if n in fields] for kind in FIELDS}
+    missing = [f"{kind}.{'|'.join(IMAGE_EXTS)}" for kind, names in present.items() if not names]
+    missing += [META] if META not in fields else []
+    allowed = {META}.union(*map(field_names, FIELDS))
+    extra = fields - allowed
+    extra |= {n for names in present.values() if len(names) > 1 for n in names}  # jpg and png
+    if missing or extra:
         problems.append(f"fields missing {sorted(missing)}, unexpected {sorted(extra)}")
-    for kind in FIELDS:
-        ext = member_ext(kind)
-        if ext in sample:
+    for kind, names in present.items():
+        if len(names) == 1:
             channels = manifest["channels"] if kind in INPUTS else None
+            ext = names[0]
             found = check_image(ext, sample[ext], manifest["sizes"][kind], channels)
             problems.extend([found] if found else [])
     if META in sample:

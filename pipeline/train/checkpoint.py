@@ -170,3 +170,25 @@ def _short(value: Any, limit: int = 60) -> str:
 def _names(names: list[str], shown: int = 3) -> str:
     more = f", … {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(_short(n) for n in names[:shown]) + more
+
+
+def init_weights(model: UNet, path: Path, out: Path) -> None:
+    """Load a checkpoint's weights into a new run's network (`train --init`); ValueError naming
+    the problem if the run folder already holds a run or the weights don't fit the network."""
+    if (Path(out) / "last.pt").exists():
+        raise ValueError(
+            f"--init starts a new run, but {out} already holds one (last.pt): choose another "
+            "--out, or continue that run with --resume"
+        )
+    state = load_checkpoint(path)
+    have = state["config"].get("model_args", {}).get("image_channels", 1)
+    want = model.config.image_channels
+    if have != want:
+        raise ValueError(
+            f"--init {path}: its network takes {have}-channel images, the shards hold "
+            f"{want}-channel images"
+        )
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"--init {path}: its weights do not fit this network ({exc})") from None

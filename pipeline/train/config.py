@@ -56,6 +56,10 @@ class TrainConfig:
     eval_batches: int | None = None  # cap evaluation (smoke runs); None = the whole test split
     resume: bool = False  # continue from OUT/last.pt up to `epochs`
     overwrite: bool = False  # train into a folder holding an earlier run, replacing that run
+
+    # Start a new run from these weights (a checkpoint: a run's, or `import-weights`'): only the
+    # network is taken (and its depth output); optimizer, schedule and counters start afresh.
+    init: str | None = None
     seed: int = 0
     log_every: int = 20  # steps between progress-bar/TensorBoard updates (each costs a sync)
     grid_rows: int = 8  # samples in the per-epoch picture grid
@@ -83,6 +87,11 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
         _check_finite(self)
+        if self.init and self.resume:
+            raise ValueError(
+                "--init starts a new run from a checkpoint's weights, --resume continues "
+                "OUT/last.pt: give one of them"
+            )
 
 
 @dataclass

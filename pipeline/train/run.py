@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from model import UNet
+from model import UNet, UNetConfig
 from pipeline.schema import split_samples
 from pipeline.train.augment import AugmentConfig
-from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.train.checkpoint import init_weights, load_checkpoint, save_checkpoint
 from pipeline.train.config import TrainConfig
 from pipeline.train.guard import LossWatch, check_weights, claim_run_folder
 from pipeline.train.loader import LoaderConfig, make_eval_loader, make_train_loader
@@ -101,7 +101,7 @@ class Run:
 def _train(config: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     manifest = open_manifest(config.shards)
     config.world_size = dist.world_size
-    config.model_args = {"image_channels": manifest["channels"]}
+    config.model_args = _network_args(config, manifest)
     _seed_everything(config.seed + dist.rank)
     run = _start_run(config, dist, manifest)
     metrics: dict[str, Any] = {}
@@ -130,6 +130,10 @@ def _start_run(config: TrainConfig, dist: DistInfo, manifest: dict) -> Run:
     )
     if config.resume:
         _resume(Path(config.out), run, config, device)
+    elif config.init:
+        init_weights(model, Path(config.init), Path(config.out))
+        if dist.is_main:
+            log.info("starting from the weights of %s", config.init)
     run.start_epoch = run.epoch
     if dist.distributed:
         ids = [device.index] if device.type == "cuda" else None
@@ -155,15 +159,27 @@ def _start_run(config: TrainConfig, dist: DistInfo, manifest: dict) -> Run:
     return run
 
 
+def _network_args(config: TrainConfig, manifest: dict) -> dict:
+    """The run's model_args: the shards' channels, and the depth output of the checkpoint it
+    continues (--resume) or starts from (--init), so a published network stays one."""
+    source = Path(config.out) / "last.pt" if config.resume else config.init
+    args = {"image_channels": manifest["channels"]}
+    if source and Path(source).is_file():
+        saved = load_checkpoint(source)["config"].get("model_args", {})
+        args["depth_output"] = saved.get("depth_output", UNetConfig.depth_output)
+    return dataclasses.asdict(UNetConfig(**args))
+
+
 def build_stepper(
     config: TrainConfig, device: torch.device, model_args: dict
 ) -> tuple[UNet, Stepper]:
     """The network on its device and what trains it (also the set-up `bench train` measures)."""
+    amp = resolve_amp(config.amp, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed 160x160 shapes: pick the fastest kernels once
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    amp = resolve_amp(config.amp, device)
+        # TF32 for the fp32 work, unless --amp off asks for plain fp32 (to compare precisions).
+        torch.backends.cuda.matmul.allow_tf32 = amp != "off"
+        torch.backends.cudnn.allow_tf32 = amp != "off"
     model = UNet.from_args(model_args).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -16,8 +16,8 @@ import torch
 from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
 
-from pipeline.images import Decoder, decode_image
-from pipeline.schema import FIELDS, INPUTS, member_ext
+from pipeline.images import Decoder, decode_image, decode_png
+from pipeline.schema import FIELDS, IMAGE_EXTS, INPUTS, find_field
 from pipeline.store.tar import read_samples
 from pipeline.train import augment as augmentation
 from pipeline.train.augment import AugmentConfig
@@ -118,19 +118,24 @@ def decode_samples(
     decoder: Decoder | None = None,
 ) -> Iterator[dict]:
     """Raw samples -> {"key", field: uint8 (H, W, C)}; a sample that fails is counted and handed
-    to the handler (with its key and shard named), never half-yielded."""
+    to the handler (with its key and shard named), never half-yielded.
+
+    A field is `FIELD.jpg` (decoded by `decoder`) or `FIELD.png` (by `images.decode_png`, the
+    faster of cv2 and PIL as measured there): the same arrays either way, one channel for masks
+    and depths whatever their colour type."""
     for sample in samples:
         key, url = sample.get("__key__"), sample.get("__url__")
         try:
             decoded = {"key": key}
             for field in FIELDS:
-                ext = member_ext(field)
-                data = sample.get(ext)
-                if data is None:
-                    raise ValueError(f"missing {ext}")
+                ext = find_field(sample, field)
+                if ext is None:
+                    raise ValueError(f"missing {field}.{'|'.join(IMAGE_EXTS)}")
+                data = sample[ext]
                 depth = channels if field in INPUTS else 1  # masks and depths: one channel
+                codec = decode_png if ext.endswith(".png") else decoder
                 try:
-                    decoded[field] = decode_image(data, depth, sizes[field], decoder)
+                    decoded[field] = decode_image(data, depth, sizes[field], codec)
                 except Exception as exc:  # any decoder's failure skips the sample
                     raise ValueError(f"{ext}: {exc}") from None
         except ValueError as exc:
