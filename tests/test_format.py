@@ -97,3 +97,20 @@ def test_hugging_face_datasets_loads_the_shards(shards: Path, tmp_path, monkeypa
     assert (data["train"].num_rows, data["test"].num_rows) == (25, 25)
     first = data["test"][0]
     assert first["mask.jpg"].mode == "L" and first["json"]["batch"] == 10
+
+
+def test_hugging_face_refuses_mixed_mask_formats_as_documented(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from datasets import load_dataset
+
+    zips = synth_zips(tmp_path / "zips", batches=[1], samples=12, seed=4, png_masks=True)
+    out = tmp_path / "shards"
+    assert convert_zips(zips, ConvertConfig(out=out, test_batches=(), shard_samples=12)).ok
+    samples = _our_samples(out, "train")
+    assert {"mask.png", "mask.jpg"} <= {k for s in samples for k in s}  # both formats present
+    gray = next(
+        iter(wds.WebDataset([str(p) for p in (out / "train").glob("*.tar")]).decode("pill"))
+    )
+    assert (gray.get("mask.jpg") or gray["mask.png"]).mode == "L"
+    with pytest.raises(ValueError, match="same prefix or the same types"):
+        load_dataset("webdataset", data_files=str(out / "train" / "*.tar"), cache_dir=str(tmp_path))
