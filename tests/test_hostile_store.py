@@ -214,6 +214,51 @@ def test_a_deflate_bomb_is_refused_without_inflating_it(tmp_path: Path):
         assert peak < 1 << 20  # the inflate stopped at 9,001 bytes
 
 
+@pytest.mark.parametrize(
+    "method, kind", [(zipfile.ZIP_BZIP2, "bzip2"), (zipfile.ZIP_LZMA, "lzma"), (99, "unknown")]
+)
+def test_other_compression_methods_are_refused_unread(tmp_path: Path, method: int, kind: str):
+    path = build_zip(tmp_path / "batch1_images.zip", 2).path
+    name = "fg_bg_jpg/other_bomb.jpg"
+    known = method in zipfile.compressor_names
+    with zipfile.ZipFile(path, "a", compression=method if known else zipfile.ZIP_STORED) as zf:
+        zf.writestr(name, bytes(16 << 20))  # 16 MiB of zeros: a few KB compressed
+    declare_size(path, name, 3000)  # a header that lies, as a bomb's does
+    if not known:
+        set_method(path, name, method)
+    with MemberReader(path) as reader:
+        peak, reason = peak_of(lambda: reader.read(name))
+    assert f"compression method {method} ({kind}) is not read" in reason
+    assert peak < 1 << 20  # refused from its header: nothing inflated
+
+
+def set_method(path: Path, name: str, method: int) -> None:
+    """Set one member's compression method in its local header and its directory entry."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        offset = zf.getinfo(name).header_offset
+    struct.pack_into("<H", data, offset + 8, method)
+    central = data.rfind(b"PK\x01\x02", 0, data.rindex(name.encode()))
+    struct.pack_into("<H", data, central + 10, method)
+    path.write_bytes(bytes(data))
+
+
+def test_a_bzip2_member_skips_its_sample_with_the_method_named(tmp_path: Path):
+    z = build_zip(tmp_path / "batch1_images.zip", 4)
+    mask = list(z.samples.values())[1]["mask"]
+    with zipfile.ZipFile(z.path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    with zipfile.ZipFile(z.path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data, zipfile.ZIP_BZIP2 if name == mask else None)
+    out = tmp_path / "shards"
+    summary = convert([z.path], out)
+    assert summary.ok and summary.samples["train"] == 3
+    (skip,) = manifest_of(out)["skipped"]
+    assert skip["member"] == list(z.samples.values())[1]["fg_bg"]
+    assert "compression method 12 (bzip2) is not read" in skip["reason"]
+
+
 def test_convert_skips_bombs_with_their_reason_and_converts_the_rest(tmp_path: Path):
     z = build_zip(tmp_path / "batch1_images.zip", 4)
     sample = next(iter(z.samples.values()))

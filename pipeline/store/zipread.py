@@ -2,8 +2,9 @@
 
 zipfile builds a ZipInfo per member and a file object per read (~40 us a member together); a
 published zip has ~120,000 members. This reads the same fields and bytes with one struct call and
-one pread + inflate each, checks CRCs and sizes as zipfile does, and hands anything unusual
-(ZIP64 fields on a member, a comment, encryption, damage) to zipfile. No torch here.
+one pread + inflate each, checks CRCs and sizes as zipfile does, and hands an unusual listing
+(ZIP64 fields on a member, a comment, damage) to zipfile. Encrypted members and compression
+methods other than stored and deflate are refused. No torch here.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ DEFLATE_SLACK = 1 << 16  # deflate may grow incompressible data a little: 5 byte
 
 
 class MemberRefused(zipfile.BadZipFile):
-    """A member this reader will not read: encrypted, or too large for one image (a bomb).
+    """A member this reader will not read: encrypted, an unusual method, or a bomb.
 
     A BadZipFile, so every caller that skips an unreadable member skips this one with its reason.
     """
@@ -147,7 +148,7 @@ class MemberReader:
     zipfile's own `read` costs ~35 us a member (a file object, a decompressor, several small
     reads); this costs a fraction of that, and convert reads ~120,000 members a zip. The CRC and
     size are checked as zipfile does. A zip whose central directory is not plain is listed by
-    zipfile; encrypted or unusual members are read by zipfile.
+    zipfile; encrypted members and methods other than stored and deflate are refused.
     """
 
     def __init__(self, path: Path, max_member: int = MAX_MEMBER_BYTES) -> None:
@@ -191,14 +192,15 @@ class MemberReader:
     def read(self, name: str) -> bytes:
         """The member's uncompressed bytes; BadZipFile, zlib.error or EOFError if damaged.
 
-        Memory is bounded whatever the zip claims: an encrypted member, or one whose header
-        declares more than `max_member` bytes, is refused before any byte is read
-        (MemberRefused); one that inflates past its declared size is stopped there.
+        Memory is bounded whatever the zip claims: an encrypted member, one compressed with
+        another method than stored or deflate, or one whose header declares more than
+        `max_member` bytes, is refused before any byte is read (MemberRefused); one that
+        inflates past its declared size is stopped there.
         """
         _, offset, method, flags, size, file_size, crc = self._by_name[name]
-        self._check_member(flags, size, file_size)
-        if self._fd is None or method not in (ZIP_STORED, ZIP_DEFLATED):
-            return self._zipfile().read(name)  # zipfile inflates no more than file_size
+        self._check_member(method, flags, size, file_size)
+        if self._fd is None:
+            return self._zipfile().read(name)  # zipfile inflates deflate in bounded steps
         # One pread for the local header and the data, guessing the header's name and extra
         # fields from the last member's; a second one when the guess is wrong.
         guess = LOCAL_HEADER.size + len(name) + self._extra_guess
@@ -219,9 +221,16 @@ class MemberReader:
             raise zipfile.BadZipFile("bad CRC-32 or size (damaged member)")
         return data
 
-    def _check_member(self, flags: int, size: int, file_size: int) -> None:
+    def _check_member(self, method: int, flags: int, size: int, file_size: int) -> None:
         if flags & 1:
             raise MemberRefused("encrypted member (no password to read it)")
+        if method not in (ZIP_STORED, ZIP_DEFLATED):
+            # zipfile inflates bzip2 and LZMA without a bound (785 bytes of bzip2 gave 1 GiB
+            # at once); the published zips use deflate only.
+            kind = zipfile.compressor_names.get(method, "unknown")
+            raise MemberRefused(
+                f"compression method {method} ({kind}) is not read: only stored and deflate are"
+            )
         if file_size > self.max_member or size > self.max_member + DEFLATE_SLACK:
             raise MemberRefused(
                 f"declares {max(size, file_size)} bytes, over the {self.max_member} bytes "
