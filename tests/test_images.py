@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import cv2
 import numpy as np
@@ -12,6 +14,7 @@ from PIL import Image
 
 from pipeline.images import (
     PNG_DECODERS,
+    PNG_SIGNATURE,
     ImageError,
     ImageInfo,
     PngError,
@@ -20,6 +23,7 @@ from pipeline.images import (
     decode_image,
     decode_png,
     decode_simplejpeg,
+    decoder_for,
     image_format,
 )
 
@@ -132,3 +136,43 @@ def test_png_decoders_refuse_truncated_and_damaged_data(name: str):
     for data in (png[: len(png) // 2], bytes(damaged)):
         with pytest.raises(Exception):  # noqa: B017 - each library raises its own kind
             PNG_DECODERS[name](data, 1)
+
+
+def declaring_png(width: int, height: int) -> bytes:
+    """A small gray PNG whose IHDR declares `width`x`height` (a decompression bomb)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    body = zlib.compress(bytes(width + 1) * 64, 9)  # a few rows: the rest is never reached
+    return PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+def declaring_jpeg(width: int, height: int) -> bytes:
+    """A real 160x160 JPEG whose frame header is changed to declare `width`x`height`."""
+    data = bytearray(encode(160, 160, 1))
+    sof = data.index(b"\xff\xc0")
+    struct.pack_into(">HH", data, sof + 5, height, width)
+    return bytes(data)
+
+
+def refuse_to_decode(data: bytes, channels: int) -> np.ndarray:
+    raise AssertionError("the decoder was called on an image of the wrong declared size")
+
+
+@pytest.mark.parametrize("name", ["mask.png", "fg_bg.jpg"])
+def test_decode_image_checks_the_declared_size_before_decoding(name: str):
+    data = (declaring_png if name.endswith(".png") else declaring_jpeg)(30000, 30000)
+    assert check_image(data)[1][:2] == (30000, 30000)
+    with pytest.raises(ImageError, match="image is 30000x30000, expected 160x160"):
+        decode_image(data, 1, (160, 160), refuse_to_decode)
+
+
+def test_decoder_for_goes_by_the_field_name():
+    assert decoder_for("mask.png") is decode_png
+    assert decoder_for("mask.jpg") is decode_simplejpeg
+    assert decoder_for("bg.jpg", refuse_to_decode) is refuse_to_decode
+    assert decoder_for("bg.png", refuse_to_decode) is decode_png

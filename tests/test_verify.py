@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import build_zip, encode, encode_png_mask
+from test_images import declaring_jpeg, declaring_png
 
+import pipeline.images
 from pipeline.cli import cli
 from pipeline.store.catalog import write_wids_indexes
 from pipeline.store.runner import ConvertConfig, convert_zips
@@ -170,6 +172,38 @@ def test_undecodable_and_wrong_images_are_found(shards: Path):
     assert problems[keys[0]].startswith("mask.jpg: undecodable image")
     assert problems[keys[1]] == "depth.jpg: 160x160, expected 80x80"
     assert problems[keys[2]] == "fg_bg.jpg: 3 channel(s), the manifest's mode has 1"
+
+
+def test_a_declared_huge_size_is_refused_before_any_decoding(shards: Path, monkeypatch):
+    members = members_of(shards / TRAIN0)
+    keys = sorted({name.split(".")[0] for name, _ in members})
+    bombs = {declaring_png(30000, 30000), declaring_jpeg(30000, 30000)}
+    changed = []
+    for name, data in members:
+        if name == f"{keys[0]}.mask.jpg":
+            name, data = f"{keys[0]}.mask.png", declaring_png(30000, 30000)
+        elif name == f"{keys[1]}.fg_bg.jpg":
+            data = declaring_jpeg(30000, 30000)
+        changed.append((name, data))
+    replace_shard(shards, TRAIN0, tar_of(changed))
+
+    def guarded(decoder):
+        def decode(data: bytes, channels: int):
+            assert data not in bombs, "decoded an image whose header declares 30000x30000"
+            return decoder(data, channels)
+
+        return decode
+
+    monkeypatch.setattr(
+        pipeline.images, "decode_simplejpeg", guarded(pipeline.images.decode_simplejpeg)
+    )
+    for name, decoder in list(pipeline.images.PNG_DECODERS.items()):
+        monkeypatch.setitem(pipeline.images.PNG_DECODERS, name, guarded(decoder))
+    problems = {p["sample"]: p["problem"] for p in verify(shards).problems}
+    assert problems == {
+        keys[0]: "mask.png: 30000x30000, expected 160x160",
+        keys[1]: "fg_bg.jpg: 30000x30000, expected 160x160",
+    }
 
 
 def test_missing_field_and_bad_json_are_found(shards: Path):

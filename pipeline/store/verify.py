@@ -2,8 +2,8 @@
 
 Per shard (in parallel processes): the file exists, its size and sha256 match (hashed while the
 tar streams through the tar reader the training loader uses, `store.tar`), every sample has its
-four images (each a JPEG or a PNG, as its extension says) and its json, every image decodes
-at its expected size, and the sample count
+four images (each a JPEG or a PNG, as its extension says) and its json, every image's header
+declares its expected size (checked before decoding) and the image decodes, and the sample count
 matches. Then across shards: keys are unique over all shards and both splits, and the split
 totals match.
 """
@@ -20,10 +20,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import simplejpeg
 from tqdm import tqdm
 
-from pipeline.images import check_png, decode_png, decode_simplejpeg
+from pipeline.images import ImageError, check_field, decoder_for
 from pipeline.schema import (
     FIELDS,
     IMAGE_EXTS,
@@ -123,24 +122,24 @@ class ShardCheck:
 
 
 def check_image(name: str, data: bytes, size: list[int], channels: int | None) -> str | None:
-    """Decode one JPEG or PNG (as its name says); the problem with it, or None.
+    """Check one JPEG or PNG's header, then decode it (as its name says); the problem, or None.
 
-    `channels` None: any count will do. Each format is decoded with the loader's decoder.
+    `channels` None: any count will do, decoded as one channel as the loader reads masks and
+    depths. Each format is decoded with the loader's decoder, and only once its header's size
+    and channels are right: a small PNG may declare 30000x30000.
     """
     try:
-        if name.endswith(".png"):
-            width, height, found = check_png(data)
-            decode_png(data, found)
-        else:
-            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-            found = 1 if colorspace.lower() == "gray" else 3
-            decode_simplejpeg(data, found)
-    except ValueError as exc:  # ImageError included
+        width, height, found = check_field(name, data)
+    except ImageError as exc:
         return f"{name}: undecodable image ({exc})"
     if [width, height] != list(size):
         return f"{name}: {width}x{height}, expected {size[0]}x{size[1]}"
     if channels is not None and found != channels:
         return f"{name}: {found} channel(s), the manifest's mode has {channels}"
+    try:
+        decoder_for(name)(data, channels or 1)
+    except ValueError as exc:
+        return f"{name}: undecodable image ({exc})"
     return None
 
 
