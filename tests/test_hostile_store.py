@@ -554,6 +554,45 @@ def test_ctrl_c_in_one_process_keeps_what_was_finished(tmp_path: Path, monkeypat
     assert summary.ok and summary.reused == ["batch1_images.zip"] and verify(out).ok
 
 
+BUGGY_CONVERT = """
+import sys
+import pipeline.store.pool as pool
+from pipeline.cli import main
+
+def a_buggy_step(job, report=None):
+    raise KeyError("a bug, not bad input")
+pool.convert_zip = a_buggy_step
+sys.argv = ["pipeline", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_bug_in_a_worker_keeps_its_traceback_with_v(tmp_path: Path):
+    zips = [build_zip(tmp_path / f"batch{b}_images.zip", 1, seed=b).path for b in (1, 2)]
+    args = ["convert", *map(str, zips), "--out", str(tmp_path / "out"), "--workers", "2"]
+    quiet = start_convert(args, BUGGY_CONVERT).communicate(timeout=120)[1]
+    verbose = start_convert(["-v", *args], BUGGY_CONVERT).communicate(timeout=120)[1]
+    assert "KeyError('a bug, not bad input')" in quiet and "Traceback" not in quiet
+    # The worker's traceback, where the bug is, comes through the pool (as exc.__cause__).
+    assert "traceback of the failure" in verbose and "in a_buggy_step" in verbose
+    assert "Traceback" in verbose
+
+
+def test_a_bug_in_one_process_keeps_its_traceback_at_debug(tmp_path: Path, monkeypatch, caplog):
+    import pipeline.store.pool as pool
+
+    def a_buggy_step(job, report=None):
+        raise KeyError("a bug, not bad input")
+
+    monkeypatch.setattr(pool, "convert_zip", a_buggy_step)
+    z = build_zip(tmp_path / "batch1_images.zip", 1).path
+    with caplog.at_level("DEBUG", logger="pipeline.store.runner"):
+        assert not convert([z], tmp_path / "out").ok
+    (record,) = [r for r in caplog.records if r.exc_info]
+    assert record.levelname == "DEBUG" and isinstance(record.exc_info[1], KeyError)
+    assert "a_buggy_step" in caplog.text
+
+
 def test_a_second_convert_of_the_same_batch_waits_or_refuses(tmp_path: Path):
     z = build_zip(tmp_path / "batch1_images.zip", 3).path
     out = tmp_path / "shards"

@@ -306,6 +306,9 @@ def _accept(job: ZipJob, result: dict | BaseException, mode: str | None, summary
 def _fail(summary: ConvertSummary, job: ZipJob, exc: BaseException) -> None:
     message = str(exc) if isinstance(exc, ConvertError) else f"{job.path}: {_describe(exc)}"
     log.error("%s", message)
+    if not isinstance(exc, ConvertError):  # maybe a bug: where it happened, for `-v`
+        # From a pool, the worker's own traceback rides in exc.__cause__, printed with it.
+        log.debug("%s: traceback of the failure:", job.path, exc_info=exc)
     summary.failed.append({"zip": str(job.path), "error": message})
     _record_failure(job.out, job, message)  # verify fails on the folder until it is redone
 
