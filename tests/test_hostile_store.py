@@ -164,6 +164,45 @@ def test_verify_json_reports_a_missing_manifest(shards: Path):
     assert "not a finished conversion" in report["problems"][0]["problem"]
 
 
+@pytest.mark.parametrize("digits", [90, 5000])
+def test_a_sample_named_with_huge_numbers_is_skipped_not_fatal(tmp_path: Path, digits: int):
+    z = build_zip(tmp_path / "batch1_images.zip", 3)
+    first = next(iter(z.samples.values()))
+    huge = f"{'9' * digits}_1_0_1"  # 90 digits: a key over the tar name field; 5000: over int's
+    names = {
+        "fg_bg": f"fg_bg_jpg/fg_bg_{huge}.jpg",
+        "mask": f"mask_black_jpg/bg_mask_{huge}.jpg",
+        "depth": f"depth_fg_bg_jpg/depth_fg_bg_{huge}.jpg",
+        "bg": f"bg_jpg/bg_img_{'9' * digits}.jpg",
+    }
+    with zipfile.ZipFile(z.path, "a") as zf:
+        for kind, name in names.items():
+            zf.writestr(name, z.members[first[kind]])
+        zf.writestr(f"top/{names['fg_bg']}", z.members[first["fg_bg"]])  # in a top folder too
+    out = tmp_path / "shards"
+    summary = convert([z.path], out)
+    assert summary.ok and summary.samples["train"] == 3
+    reasons = {s["member"]: s["reason"] for s in manifest_of(out)["skipped"]}
+    assert set(reasons) == {names["fg_bg"], f"top/{names['fg_bg']}"}  # every sample accounted for
+    assert all("a number in its name has over 9 digits" in r for r in reasons.values())
+    assert verify(out).ok
+
+
+def test_the_longest_key_fits_a_tar_name_field():
+    from pipeline.store.names import MAX_DIGITS, SampleId, batch_number, classify, sample_key
+    from pipeline.store.tar import NAME_FIELD
+
+    top = "9" * MAX_DIGITS
+    member = classify(f"fg_bg_jpg/fg_bg_{top}_{top}_1_{top}.jpg")
+    assert member is not None and member.sample == SampleId(int(top), int(top), 1, int(top))
+    assert classify(f"fg_bg_jpg/fg_bg_1{top}_1_1_1.jpg") is None
+    longest = f"{sample_key(int(top), member.sample)}.fg_bg.jpg"  # a 9-digit batch too
+    assert len(longest) <= NAME_FIELD
+    assert batch_number(f"batch{top}_images.zip") == int(top)
+    with pytest.raises(ValueError, match="batch1" + top + "_images.zip: a batch number of over 9"):
+        batch_number(f"batch1{top}_images.zip")
+
+
 # ---------------------------------------------------------------- 2. bounded memory
 
 

@@ -33,7 +33,7 @@ from pipeline.schema import (
     member_ext,
 )
 from pipeline.store.catalog import make_record
-from pipeline.store.names import Member, SampleId, classify, sample_key
+from pipeline.store.names import Member, SampleId, classify, refused_sample, sample_key
 from pipeline.store.tar import ShardWriter
 from pipeline.store.zipread import MemberReader, zip_fingerprint
 
@@ -92,7 +92,7 @@ class Pairings(NamedTuple):
     pairs: list[_Pairing]  # sorted by sample id
     bgs: dict[int, Member]  # by background number
     bg_problems: dict[int, str]  # background number -> why no sample may use it (duplicates)
-    skipped: list[dict]  # duplicate fg_bg members
+    skipped: list[dict]  # duplicate fg_bg members, and ones whose names have huge numbers
 
 
 def open_zip(path: Path) -> MemberReader:
@@ -111,6 +111,9 @@ def pair_members(zip_name: str, names: Iterable[str]) -> Pairings:
     for name in names:
         member = classify(name)
         if member is None:
+            problem = refused_sample(name)  # a sample member ignored would be a sample lost
+            if problem:
+                skipped.append(_skip(zip_name, name, problem))
             continue
         ident = member.bg if member.kind == "bg" else member.sample
         first = found[member.kind].setdefault(ident, member)
