@@ -122,6 +122,20 @@ def wids_index(manifest: dict, split: str) -> dict:
     }
 
 
+def parse_json(data: bytes | str) -> Any:
+    """JSON from text or UTF-8 bytes; ValueError `not valid JSON (...)` for anything else.
+
+    json recurses once per nesting level, so `'[' * 200000` raises RecursionError: that is
+    invalid data too, not a crash.
+    """
+    try:
+        return json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+    except RecursionError:
+        raise ValueError("not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"not valid JSON ({exc})") from None
+
+
 def load_manifest(root: Path) -> dict:
     """Load and validate `root/manifest.json`; ValueError if absent or not one of ours."""
     path = Path(root) / MANIFEST_NAME
@@ -133,9 +147,9 @@ def load_manifest(root: Path) -> dict:
             "(run `pipeline convert ... --out` into it, or finish the interrupted one)"
         )
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        data = parse_json(path.read_bytes())
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     validate_manifest(data, path)
     return data
 

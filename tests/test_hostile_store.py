@@ -164,6 +164,51 @@ def test_verify_json_reports_a_missing_manifest(shards: Path):
     assert "not a finished conversion" in report["problems"][0]["problem"]
 
 
+DEEP = "[" * 200000 + "]" * 200000  # json recurses once per level: a RecursionError
+
+
+def test_a_deeply_nested_manifest_is_one_line_for_every_reader(shards: Path, monkeypatch):
+    from pipeline.train.sources import open_manifest
+
+    (shards / "manifest.json").write_text(DEEP)
+    monkeypatch.chdir(shards)
+    runner = CliRunner()
+    commands = [
+        ["verify", "."],
+        ["train", "--shards", ".", "--out", "run", "--device", "cpu", "--steps-per-epoch", "1"],
+        ["evaluate", "model.pt", "--shards", ".", "--device", "cpu"],
+    ]
+    for args in commands:
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), args
+        (line,) = result.stderr.strip().splitlines()
+        assert line == "error: manifest.json: not valid JSON (nested too deeply)", args
+    result = runner.invoke(cli, ["verify", ".", "--json"])
+    assert result.exit_code == 1
+    (found,) = json.loads(result.stdout)["problems"]
+    assert found["problem"] == "manifest.json: not valid JSON (nested too deeply)"
+    with pytest.raises(ValueError, match="manifest.json: cannot read the manifest .not valid JSON"):
+        open_manifest(f"file://{shards}")  # a manifest over a URL
+
+
+def test_deeply_nested_records_and_sample_json_are_problems_not_crashes(shards: Path):
+    from pipeline.store.catalog import load_failures, load_records
+    from pipeline.store.verify import check_sample
+
+    records = shards / ".parts"
+    (records / "batch01.json").write_text(DEEP)
+    (records / "failed-batch10.json").write_text(DEEP)
+    assert load_records(shards)[1] == (
+        f"{records / 'batch01.json'}: unreadable record (not valid JSON (nested too deeply))"
+    )
+    assert "unreadable (not valid JSON (nested too deeply))" in load_failures(shards)[10]["error"]
+    path = shards / first_train_shard(manifest_of(shards))["path"]
+    with open(path, "rb") as f:
+        sample = next(iter(read_samples(f, str(path))))
+    (problem,) = check_sample({**sample, "json": DEEP.encode()}, manifest_of(shards), 1)
+    assert problem.startswith("json: not the provenance record") and "nested too deeply" in problem
+
+
 @pytest.mark.parametrize("digits", [90, 5000])
 def test_a_sample_named_with_huge_numbers_is_skipped_not_fatal(tmp_path: Path, digits: int):
     z = build_zip(tmp_path / "batch1_images.zip", 3)

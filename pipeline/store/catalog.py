@@ -25,6 +25,7 @@ from pipeline.schema import (
     IMAGE_EXTS,
     SIZES,
     SPLITS,
+    parse_json,
     split_shards,
     wids_index,
     wids_index_name,
@@ -72,7 +73,7 @@ def load_records(out: Path) -> dict[int, dict | str]:
     records: dict[int, dict | str] = {}
     for path in sorted((out / PARTS_DIR).glob("batch*.json")):
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
+            record = parse_json(path.read_bytes())
             records[int(record["batch"])] = record
         except (OSError, ValueError, KeyError, TypeError) as exc:
             records[batch_number(path)] = f"{path}: unreadable record ({exc})"
@@ -226,7 +227,7 @@ def load_failures(out: Path) -> dict[int, dict]:
     for path in sorted((out / PARTS_DIR).glob("failed-batch*.json")):
         batch = int(path.stem.removeprefix("failed-batch"))
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
+            record = parse_json(path.read_bytes())
             failures[batch] = {"zip": str(record["zip"]), "error": str(record["error"])}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             failures[batch] = {"zip": f"batch {batch}", "error": f"{path}: unreadable ({exc})"}

@@ -11,7 +11,6 @@ totals match.
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import time
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from pipeline.schema import (
     check_shard_path,
     field_names,
     load_manifest,
+    parse_json,
     shard_entries,
     split_shards,
     wids_index,
@@ -163,7 +163,7 @@ def check_sample(sample: dict, manifest: dict, batch: int | None) -> list[str]:
             problems.extend([found] if found else [])
     if META in sample:
         try:
-            meta = json.loads(sample[META])
+            meta = parse_json(sample[META])
             if batch is not None and meta["batch"] != batch:
                 problems.append(f"json: batch {meta['batch']}, the shard's is {batch}")
         except (ValueError, TypeError, KeyError) as exc:
@@ -242,7 +242,7 @@ def check_wids_indexes(root: Path, manifest: dict) -> list[dict]:
             continue
         name = wids_index_name(split)
         try:
-            found = json.loads((root / name).read_text(encoding="utf-8"))
+            found = parse_json((root / name).read_bytes())
         except FileNotFoundError:
             problems.append(problem(None, None, f"{name} is missing (re-run convert to write it)"))
             continue

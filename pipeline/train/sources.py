@@ -8,7 +8,6 @@ only on (seed, epoch, cycle), so every process agrees on who reads what.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from urllib.parse import urlparse
@@ -21,6 +20,7 @@ from pipeline.schema import (
     MANIFEST_NAME,
     check_shard_path,
     load_manifest,
+    parse_json,
     split_samples,
     split_shards,
     validate_manifest,
@@ -39,7 +39,7 @@ def open_manifest(location: str | Path) -> dict:
     url = f"{str(location).rstrip('/')}/{MANIFEST_NAME}"
     try:
         with gopen(url) as stream:
-            data = json.loads(stream.read())
+            data = parse_json(stream.read())
     except (OSError, ValueError) as exc:
         raise ValueError(f"{url}: cannot read the manifest ({exc})") from None
     validate_manifest(data, url)
