@@ -197,10 +197,12 @@ def _check_split(split_data: Any, split: str, path: Path | str) -> None:
     if not _count(split_data.get("samples", 0)):
         raise ValueError(f"{where}.samples must be a count, got {split_data.get('samples')!r}")
     for index, shard in enumerate(split_data.get("shards", [])):
-        _check_shard(shard, split, f"{where}.shards[{index}]")
+        check_shard_entry(shard, split, f"{where}.shards[{index}]")
 
 
-def _check_shard(shard: Any, split: str, where: str) -> None:
+def check_shard_entry(shard: Any, split: str, where: str) -> None:
+    """A shard entry (of a manifest or a convert record) is strictly typed, its path inside
+    the folder; else ValueError starting with `where`."""
     if not isinstance(shard, dict):
         raise ValueError(f"{where}: a shard entry must be an object, got {shard!r}")
     missing = {"path", "samples", "bytes", "sha256"} - set(shard)

@@ -209,6 +209,84 @@ def test_deeply_nested_records_and_sample_json_are_problems_not_crashes(shards: 
     assert problem.startswith("json: not the provenance record") and "nested too deeply" in problem
 
 
+def edit_record(out: Path, batch: int, change) -> None:
+    path = out / ".parts" / f"batch{batch:02d}.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps(change(record)))
+
+
+def _with(record: dict, **fields) -> dict:
+    return {**record, **fields}
+
+
+def _shard_path(record: dict, path: str) -> dict:
+    record["shards"][0]["path"] = path
+    return record
+
+
+@pytest.mark.parametrize(
+    ("change", "fault"),
+    [
+        (lambda r: _with(r, shards=5), "shards must be list, got 5"),
+        (lambda r: _with(r, batch="1"), "batch must be int, got '1'"),
+        (lambda r: _with(r, batch=True), "batch must be int, got True"),
+        (lambda r: _with(r, split="valid"), "split 'valid'"),
+        (lambda r: _with(r, samples=10**30), "is not the sum of its shards' samples"),
+        (lambda r: _with(r, skipped=[1]), "skipped must be a list of"),
+        (lambda r: _with(r, formats={"jpg": "1"}), "formats must count jpg and png members"),
+        (lambda r: _shard_path(r, "../outside.tar"), "shard path '../outside.tar' is not"),
+        (lambda r: _shard_path(r, "/etc/hostname"), "shard path '/etc/hostname' is not"),
+        (lambda r: _shard_path(r, "test/batch10-000000.tar"), "is not of the form train/"),
+        (lambda r: [r], "not an object: list"),
+    ],
+)
+def test_a_damaged_record_is_a_record_problem_and_its_zip_is_redone(
+    shards: Path, change, fault, caplog
+):
+    edit_record(shards, 1, change)
+    z1, z10 = shards.parent / "batch1_images.zip", shards.parent / "batch10_images.zip"
+    # Batch 1 not given: its record is reported, not used (and no traceback).
+    summary = convert([z10], shards, shard_samples=2)
+    (failed,) = summary.failed
+    assert failed["zip"] == "batch 1" and "batch01.json: damaged record (" in failed["error"]
+    assert fault in failed["error"]
+    assert [s["batch"] for s in manifest_of(shards)["sources"]] == [10]
+    # Given again, its zip is converted again.
+    with caplog.at_level("INFO", logger="pipeline.store.runner"):
+        again = convert([z1, z10], shards, shard_samples=2)
+    assert again.ok and again.converted == ["batch1_images.zip"]
+    assert "damaged record" in caplog.text and "converting it again" in caplog.text
+    assert verify(shards).ok
+
+
+def test_a_record_never_makes_convert_read_outside_the_folder(shards: Path, monkeypatch):
+    import pipeline.store.catalog as catalog
+
+    record = json.loads((shards / ".parts" / "batch01.json").read_text())
+    outside = shards.parent / "outside.tar"
+    outside.write_bytes(bytes(record["shards"][0]["bytes"]))  # the size the record says
+    edit_record(shards, 1, lambda r: _shard_path(r, "../outside.tar"))
+    hashed = []
+    real = catalog.file_sha256
+    monkeypatch.setattr(catalog, "file_sha256", lambda path: hashed.append(path) or real(path))
+    convert([shards.parent / "batch10_images.zip"], shards, shard_samples=2)
+    assert hashed and all(shards in Path(p).resolve().parents for p in hashed)
+    assert outside not in [Path(p).resolve() for p in hashed]
+
+
+def test_a_failure_record_of_an_odd_name_is_named_and_still_counts(shards: Path):
+    odd = shards / ".parts" / "failed-batchXX.json"
+    odd.write_text("{}")
+    summary = convert([shards.parent / "batch10_images.zip"], shards, shard_samples=2)
+    assert summary.ok  # its own zips converted
+    (failed,) = manifest_of(shards)["failed"]
+    assert failed["zip"] == "failed-batchXX.json"
+    assert f"{odd}: unreadable (not a name convert writes" in failed["error"]
+    assert not verify(shards).ok
+    convert([shards.parent / "batch10_images.zip"], shards, shard_samples=2, forget_failed=True)
+    assert not odd.exists() and verify(shards).ok
+
+
 @pytest.mark.parametrize("digits", [90, 5000])
 def test_a_sample_named_with_huge_numbers_is_skipped_not_fatal(tmp_path: Path, digits: int):
     z = build_zip(tmp_path / "batch1_images.zip", 3)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 from collections import Counter
 from collections.abc import Iterable
@@ -25,19 +26,26 @@ from pipeline.schema import (
     IMAGE_EXTS,
     SIZES,
     SPLITS,
+    check_shard_entry,
     parse_json,
     split_shards,
     wids_index,
     wids_index_name,
 )
-from pipeline.store.names import batch_number
 
 PARTS_DIR = ".parts"  # per-zip records: which zips are done, with their shards
 # 2: image fields named by their format (PNG members kept as `.png`, counted in "formats");
 # a version-1 record's zip is converted again, as version 1 skipped its PNG members.
 RECORD_VERSION = 2
-RECORD_KEYS = {"zip", "batch", "split", "mode", "shard_samples", "seed", "bytes", "fingerprint"}
-RECORD_KEYS |= {"samples", "shards", "skipped", "formats"}
+# A record's fields and their types: a record is data too (a damaged one is redone, never used).
+RECORD_TYPES = {
+    **{"zip": str, "batch": int, "split": str, "mode": str, "shard_samples": int, "seed": int},
+    **{"bytes": int, "fingerprint": str, "samples": int, "shards": list, "skipped": list},
+    "formats": dict,
+}
+RECORD_KEYS = set(RECORD_TYPES)
+RECORD_NAME = re.compile(r"batch(\d{1,9})\.json")
+FAILURE_NAME = re.compile(r"failed-batch(\d{1,9})\.json")
 
 
 def record_path(out: Path, batch: int) -> Path:
@@ -69,15 +77,70 @@ def make_record(
 
 
 def load_records(out: Path) -> dict[int, dict | str]:
-    """Every record in `DIR/.parts`, by batch; an unreadable one maps to an error message."""
+    """Every record in `DIR/.parts`, by batch; an unreadable, damaged or older one maps to the
+    message saying so (its zip is converted again when given)."""
     records: dict[int, dict | str] = {}
     for path in sorted((out / PARTS_DIR).glob("batch*.json")):
+        named = RECORD_NAME.fullmatch(path.name)
+        if named is None:
+            continue  # not a name convert writes (batchNN.json)
+        batch = int(named[1])
         try:
             record = parse_json(path.read_bytes())
-            records[int(record["batch"])] = record
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            records[batch_number(path)] = f"{path}: unreadable record ({exc})"
+        except (OSError, ValueError) as exc:
+            records[batch] = f"{path}: unreadable record ({exc})"
+            continue
+        if isinstance(record, dict) and record.get("version") != RECORD_VERSION:
+            records[batch] = f"{path}: not a record of this version of convert"
+            continue
+        try:
+            check_record(record, batch)
+            records[batch] = record
+        except ValueError as exc:
+            records[batch] = f"{path}: damaged record ({exc})"
     return records
+
+
+def check_record(record: Any, batch: int) -> None:
+    """ValueError naming the fault unless `record` is a well-typed record of `batch`."""
+    if not isinstance(record, dict):
+        raise ValueError(f"not an object: {type(record).__name__}")
+    missing = RECORD_KEYS - set(record)
+    if missing:
+        raise ValueError(f"lacks {sorted(missing)}")
+    for key, kind in RECORD_TYPES.items():
+        value = record[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{key} must be {kind.__name__}, got {value!r:.60}")
+    split, mode = record["split"], record["mode"]
+    if record["batch"] != batch or split not in SPLITS or mode not in CHANNELS:
+        raise ValueError(f"batch {record['batch']}, split {split!r}, mode {mode!r}")
+    if min(record["samples"], record["bytes"], record["shard_samples"]) < 0:
+        raise ValueError("a negative count")
+    _check_record_lists(record)
+
+
+def _check_record_lists(record: dict) -> None:
+    """A record's shards (paths inside the folder, counts that add up), skips and formats."""
+    for index, shard in enumerate(record["shards"]):
+        check_shard_entry(shard, record["split"], f"shards[{index}]")
+    if sum(shard["samples"] for shard in record["shards"]) != record["samples"]:
+        raise ValueError(f"samples {record['samples']} is not the sum of its shards' samples")
+    skip_keys = ("zip", "member", "reason")
+    if not all(isinstance(s, dict) and _strings(s, *skip_keys) for s in record["skipped"]):
+        raise ValueError('skipped must be a list of {"zip", "member", "reason"} strings')
+    formats = record["formats"]
+    if not all(ext in IMAGE_EXTS and _is_count(n) for ext, n in formats.items()):
+        exts = " and ".join(IMAGE_EXTS)
+        raise ValueError(f"formats must count {exts} members, got {formats!r:.60}")
+
+
+def _strings(data: dict, *keys: str) -> bool:
+    return all(isinstance(data.get(key), str) for key in keys)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def discard_batch(out: Path, batch: int) -> None:
@@ -96,9 +159,7 @@ def record_problem(
     Shards are checked by size; with `hashes`, by sha256 too (it reads every byte).
     """
     if isinstance(record, str):
-        return record
-    if record.get("version") != RECORD_VERSION or RECORD_KEYS - set(record):
-        return f"{record_path(out, record['batch'])}: not a record of this version of convert"
+        return record  # unreadable, damaged or older: load_records said why
     split = "test" if record["batch"] in set(test_batches) else "train"
     if record["split"] != split:
         return f"{record['zip']} was converted into {record['split']}, now belongs to {split}"
@@ -216,19 +277,26 @@ def write_failure(out: Path, batch: int, zip_name: str, error: str) -> None:
     write_json_atomic(failure_path(out, batch), {"zip": zip_name, "batch": batch, "error": error})
 
 
-def clear_failure(out: Path, batch: int) -> None:
-    """Forget a batch's failure (it converted, or the user goes on without it)."""
-    failure_path(out, batch).unlink(missing_ok=True)
+def clear_failure(out: Path, batch: int | str) -> None:
+    """Forget a batch's failure (it converted, or the user goes on without it); a str is the
+    file name of one load_failures could not tell the batch of."""
+    path = out / PARTS_DIR / batch if isinstance(batch, str) else failure_path(out, batch)
+    path.unlink(missing_ok=True)
 
 
-def load_failures(out: Path) -> dict[int, dict]:
-    """Every failure record in `DIR/.parts`, by batch (an unreadable one still counts)."""
-    failures = {}
+def load_failures(out: Path) -> dict[int | str, dict]:
+    """Every failure record in `DIR/.parts`, by batch (an unreadable one still counts; one
+    whose name has no batch number is keyed by its file name)."""
+    failures: dict[int | str, dict] = {}
     for path in sorted((out / PARTS_DIR).glob("failed-batch*.json")):
-        batch = int(path.stem.removeprefix("failed-batch"))
+        named = FAILURE_NAME.fullmatch(path.name)
+        batch: int | str = int(named[1]) if named else path.name
         try:
+            if named is None:
+                raise ValueError("not a name convert writes (failed-batchNN.json)")
             record = parse_json(path.read_bytes())
             failures[batch] = {"zip": str(record["zip"]), "error": str(record["error"])}
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            failures[batch] = {"zip": f"batch {batch}", "error": f"{path}: unreadable ({exc})"}
+            zip_name = f"batch {batch}" if named else path.name
+            failures[batch] = {"zip": zip_name, "error": f"{path}: unreadable ({exc})"}
     return failures

@@ -202,7 +202,7 @@ def _interrupted(out: Path, todo: list[ZipJob], summary: ConvertSummary) -> None
 def _forget_failures(out: Path, given: set[int]) -> None:
     """--forget-failed: drop failure records of zips not given (unless another convert runs)."""
     for batch, failure in load_failures(out).items():
-        if batch in given or is_locked(out, _batch_lock(batch)):
+        if isinstance(batch, int) and (batch in given or is_locked(out, _batch_lock(batch))):
             continue
         clear_failure(out, batch)
         log.warning("%s: forgotten (--forget-failed): %s", failure["zip"], failure["error"])
