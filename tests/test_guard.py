@@ -198,15 +198,49 @@ def test_an_epoch_without_test_metrics_never_replaces_best(
 # ---------------------------------------------------------------- 10: two Gloo ranks
 
 
-def _evaluate_on_rank(rank: int, store: str, fault: str, out: str) -> None:
-    """One of two Gloo ranks: evaluate, rank 1 failing as `fault` says; then one more collective."""
+FAULTS = ("none", "expected", "bug")  # what rank 1's evaluation does, in turn, in one group
+# A bound on a hang, not a speed: two spawned processes import torch before they pair up, which
+# took over 120 s on a loaded machine. A rank still running near the end dumps its stack.
+RANK_TIMEOUT = 300
+
+
+def _evaluate_on_rank(rank: int, store: str, folder: str, started: float) -> None:
+    """One of two Gloo ranks: evaluate once per fault (rank 1 failing as it says), each
+    followed by one more collective; results to rankN.json, progress and output to rankN.log."""
+    import faulthandler
+    import os
+    import time
+
+    log = open(Path(folder) / f"rank{rank}.log", "w", buffering=1)  # noqa: SIM115 - the process's
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)  # Gloo's and Python's own messages too
+    # Where a hang hangs: the stack, 20 s before the parent gives up on this process.
+    faulthandler.dump_traceback_later(max(1.0, started + RANK_TIMEOUT - 20 - time.time()), file=log)
+
+    def say(what: str) -> None:
+        print(f"{time.time() - started:6.1f} s  {what}", file=log)
+
+    import torch.distributed as dist
+
+    say("started (torch imported)")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    say("joined the group")
+    results = {}
+    for fault in FAULTS:
+        results[fault] = _evaluate_once(rank, fault)
+        say(f"{fault}: {results[fault]}")
+    dist.destroy_process_group()
+    Path(folder, f"rank{rank}.json").write_text(json.dumps(results))
+    say("done")
+
+
+def _evaluate_once(rank: int, fault: str) -> dict:
     import torch.distributed as dist
 
     from model import UNet
     from pipeline.train.loader import LoaderError
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     batch = {
         "inputs": torch.randint(0, 255, (2, 2, 160, 160), dtype=torch.uint8),
         "mask": torch.randint(0, 255, (2, 1, 160, 160), dtype=torch.uint8),
@@ -229,27 +263,40 @@ def _evaluate_on_rank(rank: int, store: str, fault: str, out: str) -> None:
     after = torch.ones(1)
     dist.all_reduce(after)  # the ranks still pair up: nobody was left inside evaluate's
     result["after"] = after.item()
-    dist.destroy_process_group()
-    Path(out).write_text(json.dumps(result))
+    return result
 
 
-@pytest.mark.parametrize("fault", ["none", "expected", "bug"])
-def test_an_evaluation_failure_on_one_rank_reaches_every_rank(tmp_path: Path, fault) -> None:
+@pytest.fixture(scope="module")
+def two_rank_evaluations(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
+    """Both ranks' results for each fault: one pair of processes for all (start-up is slow)."""
+    import time
+
+    folder = tmp_path_factory.mktemp("ranks")
     spawn = multiprocessing.get_context("spawn")
-    outs = [tmp_path / f"rank{r}.json" for r in range(2)]
-    store = str(tmp_path / "store")
-    procs = [
-        spawn.Process(target=_evaluate_on_rank, args=(r, store, fault, str(outs[r])))
-        for r in range(2)
-    ]
+    started = time.time()
+    args = (str(folder / "store"), str(folder), started)
+    procs = [spawn.Process(target=_evaluate_on_rank, args=(r, *args)) for r in range(2)]
     for proc in procs:
         proc.start()
+    for proc in procs:  # one deadline for both
+        proc.join(timeout=max(0.0, started + RANK_TIMEOUT - time.time()))
     for proc in procs:
-        proc.join(timeout=120)
         if proc.is_alive():
             proc.kill()
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    rank0, rank1 = (json.loads(p.read_text()) for p in outs)
+            proc.join()
+    codes = [proc.exitcode for proc in procs]
+    if codes != [0, 0]:  # say whether they were slow (late lines) or hung (a stack at the end)
+        logs = [folder / f"rank{r}.log" for r in range(2)]
+        shown = "".join(f"--- rank {r}:\n{p.read_text() if p.exists() else '(no log)'}\n"
+                        for r, p in enumerate(logs))  # fmt: skip
+        pytest.fail(f"ranks exited {codes} after {time.time() - started:.0f} s:\n{shown}")
+    found = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
+    return {fault: (found[0][fault], found[1][fault]) for fault in FAULTS}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_an_evaluation_failure_on_one_rank_reaches_every_rank(two_rank_evaluations, fault) -> None:
+    rank0, rank1 = two_rank_evaluations[fault]
     assert rank0["after"] == rank1["after"] == 2.0
     if fault == "none":
         assert rank0["samples"] == rank1["samples"] == 4  # both ranks' batches, summed
