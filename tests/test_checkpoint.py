@@ -145,6 +145,10 @@ def broken_states(tiny_run: Path) -> dict[str, tuple[dict, str]]:
             {"config": {**good["config"], "model_args": {"image_channels": 10**9}}},
             "image_channels is 1000000000, not one of 1, 3",
         ),
+        "unknown depth output": (
+            {"config": {**good["config"], "model_args": {"depth_output": "foo"}}},
+            "depth_output is 'foo', not one of sigmoid, minmax",
+        ),
         "model a list": ({"model": [1.0]}, "its model is a list, not a dict of weights"),
         "a weight missing": ({"model": model}, "weights do not fit the network it describes"),
     }

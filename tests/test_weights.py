@@ -223,8 +223,12 @@ def test_a_pickled_model_and_other_files_are_refused_clearly(tmp_path: Path, imp
     torch.save(UNet(UNetConfig()), tmp_path / "whole.pth")  # torch.save(model): pickled code
     result = run_cli("import-weights", tmp_path / "whole.pth", "--out", tmp_path / "x.pt")
     assert result.exit_code == 1
-    assert "whole.pth: holds a pickled Python object (model.unet.UNet)" in result.output
-    assert "not a plain state_dict" in result.output and "Traceback" not in result.output
+    assert (
+        "whole.pth: not a readable PyTorch weights file: it holds pickled Python objects "
+        "(model.unet.UNet), which could run code" in result.output
+    )
+    assert "save `model.state_dict()` from the published code" in result.output
+    assert "Traceback" not in result.output
     (tmp_path / "junk.pth").write_bytes(b"not a weights file")
     result = run_cli("import-weights", tmp_path / "junk.pth", "--out", tmp_path / "x.pt")
     assert (
@@ -317,3 +321,24 @@ def test_resume_keeps_the_published_depth_output(imported: Path, tiny_shards: Pa
     train(smoke_config(tiny_shards, out, epochs=2, resume=True))
     state = load_checkpoint(out / "last.pt")
     assert state["epoch"] == 2 and state["config"]["model_args"]["depth_output"] == "minmax"
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (Path.touch, (Path("ran.txt"),))
+
+
+def test_a_plain_pickle_is_one_line_without_torch_warnings(tmp_path: Path, monkeypatch):
+    import pickle
+    import warnings
+
+    monkeypatch.chdir(tmp_path)
+    Path("plain.pth").write_bytes(pickle.dumps(RunsCode(), protocol=4))  # not torch.save's
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_cli("import-weights", "plain.pth", "--out", "x.pt")
+    assert result.exit_code == 1 and not Path("ran.txt").exists()
+    assert result.stderr.strip() == (
+        "error: plain.pth: not a readable PyTorch weights file: it was not written by torch.save"
+    )
+    assert not [w for w in caught if "pickle protocol" in str(w.message)]  # torch's two lines

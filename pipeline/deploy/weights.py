@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import pickle
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import torch
 
 from model import UNet, UNetConfig
 from pipeline.schema import CHANNELS, MODE_OF
-from pipeline.train.checkpoint import save_checkpoint
+from pipeline.train.checkpoint import load_tensors, save_checkpoint, unreadable_reason
 from pipeline.train.config import PUBLISHED_WEIGHTS
 
 log = logging.getLogger(__name__)
@@ -57,18 +55,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such weights file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if found:
-            raise ValueError(
-                f"{path}: holds a pickled Python object ({found.group(1)}), not a plain "
-                "state_dict: refused, because loading it would run code from the file. Save "
-                "`model.state_dict()` from the published code and import that"
-            ) from None
-        raise ValueError(f"{path}: not a readable PyTorch weights file") from None
+        state = load_tensors(path)
     except Exception as exc:  # torch raises many types for a file that is not one of its own
-        raise ValueError(f"{path}: not a readable PyTorch weights file ({exc})") from None
+        why = unreadable_reason(exc, "save `model.state_dict()` from the published code")
+        raise ValueError(f"{path}: not a readable PyTorch weights file: {why}") from None
     if isinstance(state, Mapping) and {"model", "config"} <= set(state):
         raise ValueError(f"{path}: already a pipeline checkpoint: use it as it is")
     if not isinstance(state, Mapping) or not all(

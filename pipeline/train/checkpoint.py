@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from model import UNet, UNetConfig
+from model.unet import DEPTH_OUTPUTS
 from pipeline.schema import CHANNELS
 
 REQUIRED_KEYS = ("model", "config")
@@ -54,18 +55,24 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch's pickle-protocol chatter
-            # weights_only: a checkpoint from elsewhere cannot run code; ours hold tensors, data.
-            state = torch.load(path, map_location=map_location, weights_only=True)
+        state = load_tensors(path, map_location)
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint: {_unreadable(exc)}") from None
+        why = unreadable_reason(exc, "save a state_dict in a dict instead")
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint: {why}") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise ValueError(
             f"{path}: not a pipeline checkpoint (needs keys {', '.join(REQUIRED_KEYS)})"
         )
     _check_contents(state, path)
     return state
+
+
+def load_tensors(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load with weights_only (a file from elsewhere cannot run code: ours hold tensors
+    and data), and without torch's two-line pickle-protocol warning for a plain pickle."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def model_from_checkpoint(
@@ -112,6 +119,12 @@ def _check_contents(state: dict[str, Any], path: Path) -> None:
             f"{path}: its model_args image_channels is {channels}, not one of "
             f"{', '.join(map(str, CHANNELS.values()))}"
         )
+    depth = args.get("depth_output", UNetConfig.depth_output)
+    if depth not in DEPTH_OUTPUTS:
+        raise ValueError(
+            f"{path}: its model_args depth_output is {_short(repr(depth))}, not one of "
+            f"{', '.join(DEPTH_OUTPUTS)}"
+        )
 
 
 def _weights_mismatch(want: dict[str, Any], have: dict[str, Any]) -> str:
@@ -127,14 +140,15 @@ def _weights_mismatch(want: dict[str, Any], have: dict[str, Any]) -> str:
     return "; ".join(f"{len(names)} {label} ({_names(names)})" for label, names in found if names)
 
 
-def _unreadable(exc: Exception) -> str:
-    """Why torch could not load a file, in a few words (never its advice to drop weights_only)."""
+def unreadable_reason(exc: Exception, advice: str) -> str:
+    """Why torch could not load a file, in a few words (never its advice to drop weights_only);
+    `advice` says what to save instead of pickled objects."""
     text = str(exc)
     found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if found:
         return (
             f"it holds pickled Python objects ({found.group(1)}), which could run code when "
-            "loaded, not just weights (save a state_dict in a dict instead)"
+            f"loaded, not just weights ({advice})"
         )
     if isinstance(exc, EOFError):
         return "the file is empty or cut short"
@@ -181,7 +195,7 @@ def init_weights(model: UNet, path: Path, out: Path) -> None:
             "--out, or continue that run with --resume"
         )
     state = load_checkpoint(path)
-    have = state["config"].get("model_args", {}).get("image_channels", 1)
+    have = state["config"].get("model_args", {}).get("image_channels", UNetConfig.image_channels)
     want = model.config.image_channels
     if have != want:
         raise ValueError(
