@@ -99,6 +99,42 @@ def test_the_library_refuses_non_finite_settings(tiny_shards: Path, tmp_path: Pa
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--lr", "-0.01"),
+        ("--lr", "0"),
+        ("--gamma", "0"),
+        ("--gamma", "-0.1"),
+        ("--momentum", "-0.9"),
+        ("--weight-decay", "-1e-5"),
+        ("--mask-weight", "-2"),
+        ("--depth-weight", "-1"),
+    ],
+)
+def test_settings_of_the_wrong_sign_are_usage_errors(tiny_shards, tmp_path, option, value):
+    result = train_cli("--shards", tiny_shards, "--out", tmp_path / "r", option, value)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}'" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_bench_quality_refuses_a_negative_learning_rate(tmp_path):
+    result = CliRunner().invoke(cli, ["bench", "quality", "--work", tmp_path / "w", "--lr", "-1"])
+    assert result.exit_code == 2 and "Invalid value for '--lr'" in result.stderr
+
+
+def test_the_library_refuses_settings_of_the_wrong_sign() -> None:
+    for name in ("lr", "gamma"):
+        for value in (0.0, -0.5):
+            with pytest.raises(ValueError, match=f"{name} must be above 0, not {value}"):
+                TrainConfig(**{name: value}).validate()
+    for name in ("momentum", "weight_decay", "mask_weight", "depth_weight"):
+        with pytest.raises(ValueError, match=f"{name} must be 0 or more, not -0.5"):
+            TrainConfig(**{name: -0.5}).validate()
+        TrainConfig(**{name: 0.0}).validate()  # zero is allowed: no momentum, no decay, ...
+
+
 def poison_loss(monkeypatch, part: int, at: int) -> list[int]:
     """Make the training loss's `part` (1 mask, 2 depth) NaN from training step `at` (1-based)."""
     calls: list[int] = []

@@ -80,15 +80,12 @@ class _Finite:
         return number
 
 
-class FiniteFloat(_Finite, click.types.FloatParamType):
-    """A float option that must be a finite number."""
-
-
 class FiniteFloatRange(_Finite, click.FloatRange):
     """click.FloatRange, but finite: NaN compares false with both bounds and would pass."""
 
 
-FINITE_FLOAT = FiniteFloat()
+POSITIVE = FiniteFloatRange(min=0, min_open=True)  # a learning rate, a decay factor
+NON_NEGATIVE = FiniteFloatRange(min=0)  # momentum, weight decay, a loss weight: 0 turns it off
 
 
 def finite(value: Any) -> Any:

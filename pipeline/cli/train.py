@@ -12,7 +12,8 @@ from pathlib import Path
 import click
 
 from pipeline.cli.common import (
-    FINITE_FLOAT,
+    NON_NEGATIVE,
+    POSITIVE,
     TORCH_EXPECTED,
     FiniteFloatRange,
     emit_json,
@@ -72,9 +73,9 @@ def _train_options(command):
             type=click.Choice(OPTIMIZERS),
             help="sgd is the published recipe; adamw learns faster from few samples.",
         ),
-        option_from(T, "lr", "--lr", type=FINITE_FLOAT, help="Learning rate."),
-        option_from(T, "momentum", "--momentum", type=FINITE_FLOAT, help="SGD momentum."),
-        option_from(T, "weight_decay", "--weight-decay", type=FINITE_FLOAT),
+        option_from(T, "lr", "--lr", type=POSITIVE, help="Learning rate."),
+        option_from(T, "momentum", "--momentum", type=NON_NEGATIVE, help="SGD momentum."),
+        option_from(T, "weight_decay", "--weight-decay", type=NON_NEGATIVE),
         option_from(
             T,
             "step_size",
@@ -82,19 +83,19 @@ def _train_options(command):
             type=click.IntRange(1),
             help="StepLR: epochs between learning-rate drops.",
         ),
-        option_from(T, "gamma", "--gamma", type=FINITE_FLOAT, help="StepLR factor."),
+        option_from(T, "gamma", "--gamma", type=POSITIVE, help="StepLR factor."),
         option_from(
             T,
             "mask_weight",
             "--mask-weight",
-            type=FINITE_FLOAT,
+            type=NON_NEGATIVE,
             help="Weight of BCE(mask) in the loss.",
         ),
         option_from(
             T,
             "depth_weight",
             "--depth-weight",
-            type=FINITE_FLOAT,
+            type=NON_NEGATIVE,
             help="Weight of 1-SSIM(depth) in the loss.",
         ),
         option_from(

@@ -87,6 +87,12 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
         _check_finite(self)
+        for name in ("lr", "gamma"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be above 0, not {getattr(self, name)}")
+        for name in ("momentum", "weight_decay", "mask_weight", "depth_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)}")
         if self.init and self.resume:
             raise ValueError(
                 "--init starts a new run from a checkpoint's weights, --resume continues "
