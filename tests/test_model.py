@@ -13,7 +13,7 @@ from model import UNet, UNetConfig
 from pipeline.deploy.info import count_macs, count_params, model_info
 
 PUBLISHED_PARAMS = 513_206  # 1-channel images
-PUBLISHED_MACS = 892_294_400  # decoder run twice, counted with thop's rules (see pipeline/deploy/info.py)
+PUBLISHED_MACS = 892_294_400  # decoder run twice, thop's rules (see pipeline/deploy/info.py)
 
 
 @pytest.fixture(autouse=True)
