@@ -15,6 +15,7 @@ pair at 160x160, B samples; 513,206 parameters):
     up4      up ++ x1 = 64,      DoubleConv(64 -> 32 -> 32)           # (B, 32, 160, 160)
     mask     SeparableConv(32 -> 1)                           logits  # (B, 1, 160, 160)
     depth    SeparableConv(32 -> 1, stride 2), sigmoid        [0, 1]  # (B, 1, 80, 80)
+             (or, depth_output="minmax", the published per-image min-max normalisation)
 
 SeparableConv is a 3x3 depthwise conv then a 1x1 pointwise conv, both with bias; DoubleConv is
 [SeparableConv, BatchNorm, ReLU, SeparableConv, BatchNorm, ReLU]; "up" is bilinear x2 upsampling
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 DIVISOR = 16  # four 2x2 poolings: H and W must halve cleanly four times
+DEPTH_OUTPUTS = ("sigmoid", "minmax")
 
 
 @dataclass
@@ -39,6 +41,16 @@ class UNetConfig:
     """The network's arguments; checkpoints store `dataclasses.asdict` of it as model_args."""
 
     image_channels: int = 1  # 1 for the published grayscale data, 3 for RGB (the manifest's mode)
+    # sigmoid: ours, a bounded output whose gradient never vanishes with the image's range.
+    # minmax: the published head, (d - min) / max(d - min) per image; what imported weights need.
+    # Checkpoints from before this field load as sigmoid, which they were trained with.
+    depth_output: str = "sigmoid"
+
+    def __post_init__(self) -> None:
+        if self.depth_output not in DEPTH_OUTPUTS:
+            raise ValueError(
+                f"unknown depth_output {self.depth_output!r}: use one of {', '.join(DEPTH_OUTPUTS)}"
+            )
 
     @property
     def in_channels(self) -> int:
@@ -140,7 +152,24 @@ class UNet(nn.Module):
         """Return (mask_logits (B,1,H,W), depth (B,1,H/2,W/2) in [0, 1])."""
         check_input(x, self.config.in_channels)
         y = self.decode(self.encode(x))  # (B, 32, H, W)
-        return self.mask_head(y), torch.sigmoid(self.depth_head(y))
+        return self.mask_head(y), self.depth_activation(self.depth_head(y))
+
+    def depth_activation(self, raw: Tensor) -> Tensor:
+        """The depth head's raw output (B, 1, h, w) -> depth in [0, 1], as `depth_output` says."""
+        if self.config.depth_output == "minmax":
+            return minmax_per_image(raw)
+        return torch.sigmoid(raw)
+
+
+def minmax_per_image(raw: Tensor) -> Tensor:
+    """The published depth: subtract each image's minimum, then divide by the maximum after that.
+
+    An image whose values are all equal (maximum 0 after the subtraction) stays all zeros; the
+    published training dropped such images from its loss, here they simply score as zeros.
+    """
+    shifted = raw - raw.amin(dim=(-2, -1), keepdim=True)
+    top = shifted.amax(dim=(-2, -1), keepdim=True)
+    return shifted / torch.where(top > 0, top, torch.ones_like(top))
 
 
 def check_input(x: Tensor, in_channels: int) -> None:

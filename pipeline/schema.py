@@ -9,12 +9,18 @@ No I/O here beyond reading a local manifest file; no torch.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
-# Field names inside a shard sample: `KEY.bg.jpg`, `KEY.fg_bg.jpg`, `KEY.mask.jpg`, `KEY.depth.jpg`.
+# Field names inside a shard sample: `KEY.bg.jpg`, `KEY.fg_bg.jpg`, `KEY.mask.jpg`, `KEY.depth.jpg`
+# (or `.png`: a field's extension says its format, see IMAGE_EXTS).
 FIELDS = ("bg", "fg_bg", "mask", "depth")
-IMAGE_EXT = "jpg"  # the image fields' extension in a shard
+# The image formats a shard may hold, by the name images.image_format gives, and the extension
+# their fields take. The generator saved half of the published masks as PNG under `.jpg` names.
+FORMAT_EXTS = {"JPEG": "jpg", "PNG": "png"}
+IMAGE_EXTS = tuple(FORMAT_EXTS.values())  # every extension an image field may have
+IMAGE_EXT = FORMAT_EXTS["JPEG"]  # the usual one
 META = "json"  # the provenance field: `KEY.json`
 INPUTS = ("fg_bg", "bg")  # the model's input, concatenated along channels in this order
 TARGETS = ("mask", "depth")  # read as one channel whatever their mode
@@ -28,14 +34,44 @@ MODE_OF = {channels: mode for mode, channels in CHANNELS.items()}
 
 FORMAT_NAME = "pipeline-shards"
 FORMAT_VERSION = 1
+# Beside the manifest, a shard index per split for webdataset's indexed reader (wids): random
+# access by sample index with no scan, e.g. wids.ShardListDataset("shards/train.wids.json").
+WIDS_KIND = "wids-shard-index-v1"
+WIDS_VERSION = 1
+
+# The most bytes one file of a sample may have, in a zip and in a shard. A 160x160 image is
+# 5-80 KB in any format (raw RGB is 77 KB); 4 MiB leaves room for metadata and odd encoders,
+# yet bounds what a reader holds per member, whatever a header claims (a deflate bomb or a
+# tar header declaring 10 GB is refused before any byte of it is inflated or read).
+MAX_MEMBER_BYTES = 4 << 20
+
+# A shard's path in a manifest: `SPLIT/NAME.tar`, NAME of letters, digits, `.`, `_`, `-`, not
+# starting with a dot. A manifest is data: its paths are appended to the folder or to the URL
+# prefix the user typed (`pipe:ssh host cat /data/shards` + `/train/x.tar`), so a path must
+# never climb out (`..`, `/abs`), carry a scheme (`pipe:`), or hold a character a shell reads.
+SHARD_PATH = re.compile(r"(?P<split>[a-z]+)/[A-Za-z0-9_-][A-Za-z0-9._-]*\.tar")
 
 
-def member_ext(field: str) -> str:
+def member_ext(field: str, ext: str = IMAGE_EXT) -> str:
     """A field's extension inside a sample: `bg` -> `bg.jpg` (the tar member is `KEY.bg.jpg`)."""
-    return f"{field}.{IMAGE_EXT}"
+    return f"{field}.{ext}"
 
 
-SAMPLE_EXTS = (*map(member_ext, FIELDS), META)  # every file of a sample, in the order written
+# The files of an all-JPEG sample, in the order written (a PNG field ends in `.png` instead).
+SAMPLE_EXTS = (*map(member_ext, FIELDS), META)
+
+
+def field_names(field: str) -> tuple[str, ...]:
+    """Every name a field may have in a sample: `mask` -> (`mask.jpg`, `mask.png`)."""
+    return tuple(member_ext(field, ext) for ext in IMAGE_EXTS)
+
+
+def find_field(sample: dict, field: str) -> str | None:
+    """The name under which a sample holds `field` (`mask.jpg` or `mask.png`); None if absent."""
+    for name in field_names(field):
+        if name in sample:
+            return name
+    return None
 
 
 def shard_name(split: str, batch: int, index: int) -> str:
@@ -68,6 +104,38 @@ def shard_entries(manifest: dict) -> list[tuple[str, dict]]:
     return [(split, shard) for split in SPLITS for shard in split_shards(manifest, split)]
 
 
+def wids_index_name(split: str) -> str:
+    """The wids index of a split, beside the manifest: `train.wids.json`."""
+    return f"{split}.wids.json"
+
+
+def wids_index(manifest: dict, split: str) -> dict:
+    """A split's wids index: its shards (urls relative to the index's folder) and their counts."""
+    return {
+        "__kind__": WIDS_KIND,
+        "wids_version": WIDS_VERSION,
+        "name": split,
+        "shardlist": [
+            {"url": shard["path"], "nsamples": shard["samples"], "filesize": shard["bytes"]}
+            for shard in split_shards(manifest, split)
+        ],
+    }
+
+
+def parse_json(data: bytes | str) -> Any:
+    """JSON from text or UTF-8 bytes; ValueError `not valid JSON (...)` for anything else.
+
+    json recurses once per nesting level, so `'[' * 200000` raises RecursionError: that is
+    invalid data too, not a crash.
+    """
+    try:
+        return json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+    except RecursionError:
+        raise ValueError("not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"not valid JSON ({exc})") from None
+
+
 def load_manifest(root: Path) -> dict:
     """Load and validate `root/manifest.json`; ValueError if absent or not one of ours."""
     path = Path(root) / MANIFEST_NAME
@@ -79,9 +147,9 @@ def load_manifest(root: Path) -> dict:
             "(run `pipeline convert ... --out` into it, or finish the interrupted one)"
         )
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        data = parse_json(path.read_bytes())
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     validate_manifest(data, path)
     return data
 
@@ -95,9 +163,9 @@ def validate_manifest(data: Any, path: Path | str) -> None:
             f"{path}: manifest version {data.get('version')!r}, this tool reads {FORMAT_VERSION}"
         )
     mode = data.get("mode")
-    if mode not in CHANNELS:
+    if not isinstance(mode, str) or mode not in CHANNELS:
         raise ValueError(f"{path}: unknown image mode {mode!r}")
-    if data.get("channels") != CHANNELS[mode]:
+    if not _positive_int(data.get("channels")) or data["channels"] != CHANNELS[mode]:
         raise ValueError(
             f"{path}: 'channels' is {data.get('channels')!r}, mode {mode} has {CHANNELS[mode]}"
         )
@@ -106,13 +174,61 @@ def validate_manifest(data: Any, path: Path | str) -> None:
     if not isinstance(splits, dict) or any(s not in splits for s in SPLITS):
         raise ValueError(f"{path}: 'splits' must hold {' and '.join(SPLITS)}")
     for split in SPLITS:
-        shards = splits[split].get("shards", []) if isinstance(splits[split], dict) else None
-        if not isinstance(shards, list):
-            raise ValueError(f"{path}: splits.{split} must be an object with a 'shards' list")
-        for shard in shards:
-            missing = {"path", "samples", "bytes", "sha256"} - set(shard)
-            if missing:
-                raise ValueError(f"{path}: a {split} shard lacks {sorted(missing)}: {shard}")
+        _check_split(splits[split], split, path)
+    _check_failed(data.get("failed", []), path)
+
+
+def check_shard_path(split: str, rel: Any) -> str:
+    """`rel` if it is a shard path of `split` (`train/NAME.tar`); else ValueError naming it."""
+    found = SHARD_PATH.fullmatch(rel) if isinstance(rel, str) else None
+    if found is None or found["split"] != split:
+        raise ValueError(
+            f"shard path {rel!r} is not of the form {split}/NAME.tar inside the folder "
+            "(a manifest's paths never hold '..', '/', a scheme or spaces)"
+        )
+    return rel
+
+
+def _check_split(split_data: Any, split: str, path: Path | str) -> None:
+    """A split is {"samples": count, "shards": [entries]}, every entry strictly typed."""
+    where = f"{path}: splits.{split}"
+    if not isinstance(split_data, dict) or not isinstance(split_data.get("shards", []), list):
+        raise ValueError(f"{where} must be an object with a 'shards' list")
+    if not _count(split_data.get("samples", 0)):
+        raise ValueError(f"{where}.samples must be a count, got {split_data.get('samples')!r}")
+    for index, shard in enumerate(split_data.get("shards", [])):
+        check_shard_entry(shard, split, f"{where}.shards[{index}]")
+
+
+def check_shard_entry(shard: Any, split: str, where: str) -> None:
+    """A shard entry (of a manifest or a convert record) is strictly typed, its path inside
+    the folder; else ValueError starting with `where`."""
+    if not isinstance(shard, dict):
+        raise ValueError(f"{where}: a shard entry must be an object, got {shard!r}")
+    missing = {"path", "samples", "bytes", "sha256"} - set(shard)
+    if missing:
+        raise ValueError(f"{where}: a {split} shard lacks {sorted(missing)}: {shard}")
+    try:
+        check_shard_path(split, shard["path"])
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    for key in ("samples", "bytes"):
+        if not _count(shard[key]):
+            raise ValueError(f"{where}: {key} must be a count, got {shard[key]!r}")
+    if not (isinstance(shard["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", shard["sha256"])):
+        raise ValueError(f"{where}: sha256 must be 64 hex digits, got {shard['sha256']!r}")
+    if "batch" in shard and not _positive_int(shard["batch"]):
+        raise ValueError(f"{where}: batch must be a positive integer, got {shard['batch']!r}")
+
+
+def _check_failed(failed: Any, path: Path | str) -> None:
+    """`failed` (zips a convert could not finish) is a list of {"zip", "error"} strings."""
+    good = isinstance(failed, list) and all(
+        isinstance(f, dict) and isinstance(f.get("zip"), str) and isinstance(f.get("error"), str)
+        for f in failed
+    )
+    if not good:
+        raise ValueError(f'{path}: \'failed\' must be a list of {{"zip", "error"}} objects')
 
 
 def _check_sizes(sizes: Any, path: Path | str) -> None:
@@ -127,3 +243,7 @@ def _check_sizes(sizes: Any, path: Path | str) -> None:
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -36,6 +36,17 @@ def encode(width: int, height: int, seed: int, channels: int = 1) -> bytes:
     return data.tobytes()
 
 
+def encode_png_mask(width: int, height: int, seed: int) -> bytes:
+    """An RGB PNG of a white box on black, as the published generator saved flip=0 masks."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((height, width, 3), np.uint8)
+    x0, y0 = rng.integers(0, width // 2), rng.integers(0, height // 2)
+    image[y0 : y0 + height // 3, x0 : x0 + width // 4] = 255
+    ok, data = cv2.imencode(".png", image)
+    assert ok
+    return data.tobytes()
+
+
 @dataclass
 class BatchZip:
     """A test zip: its path, every member's bytes, and the members of each sample."""
@@ -78,8 +89,13 @@ def build_zip(
     wrong_size: dict[int, str] | None = None,
     seed: int = 0,
     compression: int = zipfile.ZIP_DEFLATED,
+    png_masks: bool = False,
 ) -> BatchZip:
-    """Write a zip in the published layout; drop/truncate/wrong_size map sample index -> kind."""
+    """Write a zip in the published layout; drop/truncate/wrong_size map sample index -> kind.
+
+    `png_masks`: every flip=0 mask is an RGB PNG (white on black) under its .jpg name, as the
+    published generator saved them.
+    """
     drop, truncate, wrong_size = drop or {}, truncate or {}, wrong_size or {}
     channels = 3 if mode == "RGB" else 1
     out = BatchZip(Path(path))
@@ -101,6 +117,8 @@ def build_zip(
             if wrong_size.get(i) == kind:
                 width, height = width + 8, height
             data = encode(width, height, seed * 1000 + i * 4 + len(kind), channels)
+            if png_masks and kind == "mask" and sample.flip == 0:
+                data = encode_png_mask(width, height, seed * 1000 + i)
             if truncate.get(i) == kind:
                 data = data[: len(data) // 2]
             entries[name] = data

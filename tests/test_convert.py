@@ -56,13 +56,16 @@ def read_back(out: Path) -> dict[str, dict]:
 def assert_matches_zip(
     samples: dict[str, dict], batch: int, zipped: dict[str, bytes], names: dict
 ) -> None:
-    """Every field of every sample equals its zip member byte for byte; json names them."""
+    """Every field of every sample equals its zip member byte for byte, under the extension of
+    its real format (`mask.png` for PNG bytes named .jpg); json names the members as zipped."""
     for sample_id, members in names.items():
         sample = samples[sample_key(batch, sample_id)]
         meta = json.loads(sample["json"])
         assert meta == {"batch": batch, **{k: members[k] for k in ("fg_bg", "bg", "mask", "depth")}}
         for kind, member in members.items():
-            assert sample[f"{kind}.jpg"] == zipped[member], (kind, member)
+            ext, other = ("png", "jpg") if zipped[member].startswith(b"\x89PNG") else ("jpg", "png")
+            assert sample[f"{kind}.{ext}"] == zipped[member], (kind, member)
+            assert f"{kind}.{other}" not in sample
 
 
 def rewrite_zip(path: Path, replace: dict[str, bytes]) -> None:
@@ -253,15 +256,21 @@ def test_shards_hashed_across_many_buffers_match_their_bytes(make_zip, tmp_path:
 
 
 def test_synth_round_trip_byte_for_byte(tmp_path: Path):
-    from pipeline.store.synth import synth_zips
+    from pipeline.store.synth import synth_zip, synth_zips
 
     zips = synth_zips(tmp_path / "zips", batches=[1, 10], samples=12)
+    # Batch 2 as the published generator wrote it: its flip=0 masks are PNGs named .jpg.
+    zips.append(synth_zip(tmp_path / "zips/batch2_images.zip", 2, 12, png_masks=True))
     out = tmp_path / "shards"
     summary = convert(zips, out, shard_samples=5)
-    assert summary.ok and summary.samples == {"train": 12, "test": 12} and summary.skipped == 0
+    assert summary.ok and summary.samples == {"train": 24, "test": 12} and summary.skipped == 0
+    assert summary.formats["png"] > 0 and summary.formats["jpg"] == 36 * 4 - summary.formats["png"]
     assert verify_shards(out, workers=1, progress=False).ok
     samples = read_back(out)
-    assert len(samples) == 24
+    assert len(samples) == 36
+    assert (
+        sum(name.endswith(".png") for s in samples.values() for name in s) == summary.formats["png"]
+    )
     for path in zips:
         with zipfile.ZipFile(path) as zf:
             zipped = {i.filename: zf.read(i) for i in zf.infolist() if not i.is_dir()}
@@ -322,6 +331,97 @@ def test_rgb_zip_round_trip(make_zip, tmp_path: Path):
     assert (manifest_of(out)["mode"], manifest_of(out)["channels"]) == ("RGB", 3)
     assert verify_shards(out, workers=1, progress=False).ok
     assert_matches_zip(read_back(out), 2, z.members, z.samples)
+
+
+def test_png_members_named_jpg_are_kept_under_their_format(make_zip, tmp_path: Path):
+    z = make_zip("batch3_images.zip", 10, png_masks=True)  # flips alternate: 5 PNG masks
+    out = tmp_path / "shards"
+    summary = convert([z.path], out)
+    assert summary.ok and summary.samples["train"] == 10 and summary.skipped == 0
+    assert summary.formats == {"jpg": 35, "png": 5}
+    assert "0 skipped, 5 PNG members kept" in summary.summary_line()
+    assert summary.to_dict()["formats"] == {"jpg": 35, "png": 5}
+    manifest = manifest_of(out)
+    assert manifest["splits"]["train"]["formats"] == {"jpg": 35, "png": 5}
+    assert manifest["splits"]["test"]["formats"] == {"jpg": 0, "png": 0}
+    samples = read_back(out)
+    for sample_id, names in z.samples.items():
+        sample = samples[sample_key(3, sample_id)]
+        assert ("mask.png" in sample) == (sample_id.flip == 0)
+        assert json.loads(sample["json"])["mask"] == names["mask"]  # the zip's .jpg name
+    assert_matches_zip(samples, 3, z.members, z.samples)
+    assert verify_shards(out, workers=1, progress=False).ok
+
+
+def _pil(image, fmt: str) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def test_png_members_get_the_jpeg_checks_and_other_formats_are_named(make_zip, tmp_path: Path):
+    z = make_zip("batch4_images.zip", 8)  # backgrounds 1, 2, 3 (gray)
+    names = list(z.samples.values())
+    black = np.zeros((160, 160), np.uint8)
+    rewrite_zip(
+        z.path,
+        {
+            names[0]["mask"]: _pil(black, "GIF"),
+            names[1]["depth"]: b"neither JPEG nor PNG",
+            names[2]["fg_bg"]: _pil(np.zeros((160, 160, 3), np.uint8), "PNG"),  # RGB in an L zip
+            names[4]["mask"]: _pil(np.zeros((160, 168), np.uint8), "PNG"),  # wrong size
+            names[5]["depth"]: _pil(np.zeros((80, 80, 4), np.uint8), "PNG"),  # RGBA
+            names[6]["mask"]: _pil(black, "PNG")[:-20],  # truncated
+            names[7]["fg_bg"]: _pil(black, "PNG"),  # a gray PNG fg_bg in an L zip: fine
+        },
+    )
+    summary = convert([z.path], tmp_path / "shards")
+    assert summary.ok and summary.samples["train"] == 2 and summary.formats["png"] == 1
+    reasons = {s["member"]: s["reason"] for s in manifest_of(tmp_path / "shards")["skipped"]}
+    fg = [n["fg_bg"] for n in names]
+    assert reasons == {
+        fg[0]: f"mask member {names[0]['mask']}: GIF, not a JPEG or PNG image",
+        fg[1]: f"depth member {names[1]['depth']}: unknown format, not a JPEG or PNG image",
+        fg[2]: f"fg_bg member {fg[2]}: 3 colour components, expected 1 (the zip's backgrounds "
+        "are mostly L)",
+        fg[4]: f"mask member {names[4]['mask']}: 168x160, expected 160x160",
+        fg[5]: f"depth member {names[5]['depth']}: PNG with an alpha channel (RGBA), not supported",
+        fg[6]: f"mask member {names[6]['mask']}: truncated PNG (no IEND chunk at the end)",
+    }
+
+
+def test_png_backgrounds_decide_the_mode_like_jpegs(make_zip, tmp_path: Path):
+    z = make_zip("batch5_images.zip", 6, mode="RGB")  # backgrounds 1, 2, 3
+    names = list(z.samples.values())
+    rgb = np.dstack([np.full((160, 160), v, np.uint8) for v in (10, 120, 250)])
+    rewrite_zip(z.path, {names[0]["bg"]: _pil(rgb, "PNG"), names[1]["bg"]: _pil(rgb, "PNG")})
+    summary = convert([z.path], tmp_path / "shards")
+    assert summary.ok and summary.skipped == 0 and manifest_of(tmp_path / "shards")["mode"] == "RGB"
+    assert_matches_zip(
+        read_back(tmp_path / "shards"), 5, {**z.members, **_members(z.path)}, z.samples
+    )
+
+
+def _members(path: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as zf:
+        return {i.filename: zf.read(i) for i in zf.infolist() if not i.is_dir()}
+
+
+def test_a_record_of_the_previous_convert_is_converted_again(make_zip, tmp_path: Path, caplog):
+    # Version 1 of convert skipped PNG members: its records must not be reused.
+    z = make_zip("batch1_images.zip", 4)
+    out = tmp_path / "shards"
+    assert convert([z.path], out).ok
+    record = json.loads(record_path(out, 1).read_text())
+    record["version"] = 1
+    del record["formats"]
+    record_path(out, 1).write_text(json.dumps(record))
+    with caplog.at_level(logging.INFO):
+        again = convert([z.path], out)
+    assert again.converted == ["batch1_images.zip"] and not again.reused
+    assert "not a record of this version of convert" in caplog.text
 
 
 def test_real_sample_packed_in_published_layout(real_sample_dir: Path, tmp_path: Path):
@@ -430,13 +530,16 @@ def test_a_file_that_is_not_a_zip_fails_alone(make_zip, tmp_path: Path, caplog):
     bad = tmp_path / "batch2_images.zip"
     bad.write_bytes(b"this is not a zip file at all")
     out = tmp_path / "shards"
-    summary = convert([bad, good.path, tmp_path / "batch3_images.zip"], out)
+    summary = convert([bad, good.path], out)
     assert not summary.ok and summary.samples["train"] == 3
     failed = {f["zip"]: f["error"] for f in summary.failed}
-    assert set(failed) == {str(bad), str(tmp_path / "batch3_images.zip")}
+    assert set(failed) == {str(bad)}
     assert "cannot open it as a zip" in failed[str(bad)]
     assert any(str(bad) in r.message and r.levelno == logging.ERROR for r in caplog.records)
-    assert verify_shards(out, workers=1, progress=False).ok  # the good zip's manifest is complete
+    # The good zip's shards are listed, but the folder is not complete: verify names the bad zip.
+    assert [f["zip"] for f in manifest_of(out)["failed"]] == ["batch2_images.zip"]
+    report = verify_shards(out, workers=1, progress=False)
+    assert not report.ok and "batch2_images.zip was not converted" in report.problem_lines()[0]
 
 
 def test_bad_arguments_raise_before_any_work(make_zip, tmp_path: Path):
@@ -449,6 +552,8 @@ def test_bad_arguments_raise_before_any_work(make_zip, tmp_path: Path):
     twin.write_bytes(z.path.read_bytes())
     with pytest.raises(ValueError, match="both batch 1"):
         convert([z.path, twin], out)
+    with pytest.raises(ValueError, match="batch3_images.zip: no such zip file"):
+        convert([z.path, tmp_path / "batch3_images.zip"], out)
     assert not out.exists()
 
 
@@ -704,6 +809,7 @@ def test_cli_json_prints_only_the_summary(make_zip, tmp_path: Path):
     assert result.exit_code == 1
     summary = json.loads(result.stdout)
     assert summary["reused"] == 1 and summary["failed"][0]["zip"] == str(bad)
+    (tmp_path / "x.zip").write_bytes(z.path.read_bytes())
     result = CliRunner().invoke(cli, ["convert", str(tmp_path / "x.zip"), "--out", str(out)])
     assert result.exit_code == 1 and "batch number" in result.stderr
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from pipeline.train.checkpoint import load_checkpoint
 
 
-def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def torchrun(*args: str, timeout: float = 240, code: int = 0) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
@@ -25,7 +26,7 @@ def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == code, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
@@ -57,3 +58,22 @@ def test_two_gloo_processes_train_and_resume(tiny_shards: Path, tmp_path: Path) 
     torchrun(*common, "--epochs", "2", "--resume")
     resumed = load_checkpoint(run / "last.pt")
     assert resumed["epoch"] == 2 and resumed["step"] == 6
+
+
+@pytest.mark.slow
+def test_one_rank_failing_to_evaluate_and_a_taken_folder(tiny_shards: Path, tmp_path: Path):
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    # 3 test shards over 2 ranks: rank 1 alone reads the second one.
+    sorted((shards / "test").glob("*.tar"))[1].write_bytes(b"no tar" * 100)
+    run = tmp_path / "ddp"
+    common = ["train", "--shards", str(shards), "--out", str(run), "--device", "cpu"]
+    common += ["--workers", "0", "--batch-size", "8", "--epochs", "1"]
+    result = torchrun(*common, timeout=180)  # both ranks skip the evaluation: no hang
+    assert "evaluation failed" in result.stderr and "best.pt stays as it was" in result.stderr
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    assert not (run / "best.pt").exists()  # no test IoU yet: nothing to call best
+    before = (run / "last.pt").read_bytes()
+    refused = torchrun(*common, timeout=120, code=1)  # every rank refuses, none waits
+    assert "already holds a run" in refused.stderr
+    assert (run / "last.pt").read_bytes() == before

@@ -168,3 +168,41 @@ def test_predict_refuses_folders_whose_outputs_would_collide(tiny_run: Path, tmp
         "predict", tiny_run / "best.pt", "--bg", bgs, "--fg-bg", fgs, "--out", tmp_path / "out"
     )
     assert result.exit_code == 1 and "share the name a" in result.output
+
+
+def test_export_without_the_extra_names_it(tiny_run: Path, tmp_path: Path, monkeypatch) -> None:
+    from pipeline.deploy import export
+
+    real = export.find_spec
+    monkeypatch.setattr(export, "find_spec", lambda m: None if m == "onnx" else real(m))
+    result = run_cli("export", tiny_run / "best.pt", "--onnx", tmp_path / "m.onnx")
+    assert result.exit_code == 1
+    assert "maskdepth-pipeline[export]" in result.output and "onnx" in result.output
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_loader_failure_is_one_line_and_keeps_its_traceback_with_v(
+    tiny_run: Path, tiny_shards: Path, tmp_path: Path
+) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    broken = tmp_path / "shards"
+    shutil.copytree(tiny_shards, broken)
+    for shard in (broken / "test").glob("*.tar"):
+        shard.write_bytes(shard.read_bytes()[:700])  # a header, then the data ends
+    args = ["evaluate", str(tiny_run / "best.pt"), "--shards", str(broken), "--workers", "1"]
+    args += ["--device", "cpu"]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "pipeline", *extra, *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    quiet, verbose = run(), run("-v")
+    assert quiet.returncode == verbose.returncode == 1
+    lines = quiet.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: the loader failed: ") and "truncated tar" in lines[-1]
+    assert "Traceback" not in quiet.stderr
+    # With -v the worker's own traceback (where in the tar reader it failed) is kept.
+    assert "Original Traceback" in verbose.stderr and "_read_exact" in verbose.stderr

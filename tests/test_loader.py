@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.images import decode_simplejpeg
 from pipeline.store import tar as shardreader
+from pipeline.store.names import sample_key
 from pipeline.train import augment as augmentation
 from pipeline.train.augment import AugmentConfig
 from pipeline.train.loader import (
@@ -272,6 +274,29 @@ def test_undecodable_sample_is_skipped_warned_and_counted(tmp_path, caplog):
     config = LoaderConfig(batch_size=5, workers=0, shuffle_buffer=1)
     train = make_train_loader(tmp_path, config, epoch=0, steps=4)
     assert "b01_5_6_0_0" not in _keys(train) and train.skipped >= 1  # once per cycle
+
+
+def test_png_fields_decode_like_jpegs_one_channel_for_masks(tmp_path):
+    from conftest import build_zip
+
+    from pipeline.store.runner import ConvertConfig, convert_zips
+
+    z = build_zip(tmp_path / "batch10_images.zip", 6, png_masks=True)  # 3 PNG masks (flip 0)
+    out = tmp_path / "shards"
+    assert convert_zips([z.path], ConvertConfig(out=out, progress=False)).ok
+    batch = next(iter(make_eval_loader(out, "test", LoaderConfig(batch_size=6, workers=0))))
+    assert batch["mask"].shape == (6, 1, 160, 160) and batch["mask"].dtype == torch.uint8
+    by_key = {sample_key(10, sid): names for sid, names in z.samples.items()}
+    pngs = 0
+    for key, mask in zip(batch["keys"], batch["mask"], strict=True):
+        data = z.members[by_key[key]["mask"]]
+        if data.startswith(b"\x89PNG"):  # an RGB PNG -> its one gray channel
+            pngs += 1
+            want = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+        else:
+            want = decode_simplejpeg(data, 1)[:, :, 0]
+        assert torch.equal(mask[0], torch.from_numpy(want)), key
+    assert pngs == 3 and batch["skipped"] == 0
 
 
 def test_trailing_skips_reach_the_last_batch():

@@ -156,6 +156,41 @@ def test_loss_is_the_batch_size_weighted_mean():
     assert acc.compute()["loss"] == pytest.approx((2 * 1.0 + 4 * 4.0) / 6)
 
 
+def test_published_iou_thresholds_raw_logits_and_targets_at_0_75_over_all_pixels():
+    # Image 0: logits 0.5 (probability 0.62) count for our iou, not for the published one.
+    # Image 1: truth 0.7 is foreground for us (> 0.5), background for the published IoU.
+    logits = torch.full((2, 1, 4, 4), -5.0)
+    true = torch.zeros(2, 1, 4, 4)
+    logits[0, :, :, :2] = 0.5
+    logits[0, :, :, 2] = 0.8  # above 0.75: predicted by both definitions
+    true[0, :, :, 1:3] = 1.0
+    logits[1, :, :2] = 3.0
+    true[1, :, :2] = 0.7
+    true[1, :, 0] = 0.9
+    m = metrics_of(logits, true)
+    # Published: image 0 P = column 2 (4 px), T = columns 1-2 (8 px): 4 shared, union 8;
+    # image 1 P = rows 0-1 (8 px), T = row 0 (4 px): 4 shared, union 8. Pooled: 8 / 16.
+    assert m["iou_published"] == pytest.approx(0.5)
+    # Ours, per image: image 0 P = columns 0-2 (12), T = columns 1-2 (8): 8 / 12; image 1 P = T.
+    assert m["iou"] == pytest.approx((8 / 12 + 1.0) / 2)
+
+
+def test_published_iou_by_hand_against_the_jaccard_formula():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 1, 16, 16, generator=g) * 2
+    true = torch.rand(5, 1, 16, 16, generator=g)
+    pred, truth = (logits > 0.75).flatten(), (true > 0.75).flatten()
+    expected = (pred & truth).sum().item() / (pred | truth).sum().item()  # jaccard_score's
+    acc = MetricAccumulator()
+    for part in range(0, 5, 2):  # pooled over batches, not averaged over them
+        batch = slice(part, part + 2)
+        acc.update(logits[batch], depth_batch(len(logits[batch])), true[batch],
+                   depth_batch(len(logits[batch])))  # fmt: skip
+    assert acc.compute()["iou_published"] == pytest.approx(expected)
+    # Nothing above 0.75 anywhere: 0, as jaccard_score gives.
+    assert metrics_of(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4))["iou_published"] == 0.0
+
+
 def test_compute_without_updates_is_a_clear_error():
     with pytest.raises(ValueError, match="no batches"):
         MetricAccumulator().compute()
@@ -166,6 +201,7 @@ def test_all_reduce_is_a_noop_without_distributed_and_never_counts_twice(tmp_pat
     acc = MetricAccumulator()
     acc.update(logits_from(pred), depth_batch(1), true, depth_batch(1))
     before = acc.compute()
+    assert before["iou_published"] == pytest.approx(16 / 48)  # reduced with the other sums
     acc.all_reduce()
     assert acc.compute() == before
     # A real (one-rank) gloo group: the sum runs, and a second call does not add twice.

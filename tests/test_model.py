@@ -13,7 +13,7 @@ from model import UNet, UNetConfig
 from pipeline.deploy.info import count_macs, count_params, model_info
 
 PUBLISHED_PARAMS = 513_206  # 1-channel images
-PUBLISHED_MACS = 892_294_400  # decoder run twice, counted with thop's rules (see pipeline/info.py)
+PUBLISHED_MACS = 892_294_400  # decoder run twice, thop's rules (see pipeline/deploy/info.py)
 
 
 @pytest.fixture(autouse=True)
@@ -127,7 +127,39 @@ def test_bad_input_is_a_clear_error(shape: tuple[int, ...]) -> None:
 def test_model_args_round_trip_through_a_dict() -> None:
     config = UNetConfig(image_channels=3)
     args = dataclasses.asdict(config)
-    assert args == {"image_channels": 3}
+    assert args == {"image_channels": 3, "depth_output": "sigmoid"}
     model = UNet.from_args(args)
     assert model.config == config and model.config.in_channels == 6
     model.load_state_dict(UNet(config).state_dict())
+
+
+def test_checkpoints_from_before_depth_output_load_as_sigmoid() -> None:
+    assert UNet.from_args({"image_channels": 1}).config.depth_output == "sigmoid"
+    with pytest.raises(ValueError, match="unknown depth_output 'relu'"):
+        UNetConfig(depth_output="relu")
+
+
+def test_minmax_depth_is_the_published_per_image_normalisation() -> None:
+    model = UNet(UNetConfig(depth_output="minmax")).eval()
+    x = _pair(3, 1, 64)
+    with torch.no_grad():
+        _, depth = model(x)
+        raw = model.depth_head(model.decode(model.encode(x)))  # no activation
+    for image, got in zip(raw, depth, strict=True):  # the published code's two steps, by hand
+        shifted = image - image.min()
+        assert torch.equal(got, shifted / shifted.max())
+        assert got.min() == 0 and got.max() == 1
+    # The same weights with our sigmoid head: the same raw output, another activation.
+    sigmoid = UNet(UNetConfig()).eval()
+    sigmoid.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(sigmoid(x)[1], torch.sigmoid(raw))
+
+
+def test_minmax_of_a_flat_image_is_zeros_not_nan() -> None:
+    from model import minmax_per_image
+
+    raw = torch.stack([torch.full((1, 4, 4), 3.0), torch.arange(16.0).view(1, 4, 4)])
+    out = minmax_per_image(raw)
+    assert torch.equal(out[0], torch.zeros(1, 4, 4))
+    assert torch.equal(out[1], torch.arange(16.0).view(1, 4, 4) / 15)

@@ -157,4 +157,41 @@ def test_dockerignore_keeps_local_output_out() -> None:
     lines = set((ROOT / ".dockerignore").read_text().split())
     assert {".venv", "shards", "runs", ".git"} <= lines
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert 'ENTRYPOINT ["pipeline"]' in dockerfile and dockerfile.startswith("#")
+    assert '"pipeline"]' in dockerfile and dockerfile.startswith("#")
+    assert not any(line.startswith("docker") for line in lines)  # the constraints go in
+
+
+def test_dockerfile_installs_pinned_dependencies_before_the_sources_as_no_root() -> None:
+    steps = [
+        line.split("#")[0].strip()
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    text = "\n".join(steps)
+    deps = text.index("pip install --no-cache-dir -r docker/constraints.txt")
+    assert deps < text.index("COPY pipeline") < text.index('".[export]"')
+    assert "USER 1000" in text and 'ENTRYPOINT ["/usr/bin/tini", "--", "pipeline"]' in text
+
+
+def test_docker_constraints_pin_every_dependency_but_torch() -> None:
+    import configparser
+
+    from packaging.requirements import Requirement
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    wanted = config["options"]["install_requires"].split()
+    wanted += config["options.extras_require"]["export"].split()
+    pins = {}
+    for line in (ROOT / "docker" / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name] = version
+    assert "torch" not in pins  # the base image's CUDA build stays
+    for text in wanted:
+        req = Requirement(text)
+        name = req.name.lower().replace("_", "-")
+        if name == "torch":
+            continue
+        assert name in pins, f"{name}: run scripts/docker_constraints.py"
+        assert req.specifier.contains(pins[name]), (name, pins[name], str(req.specifier))

@@ -202,6 +202,35 @@ def test_cli_writes_zips(tmp_path: Path) -> None:
         assert len(_samples(path)) == 5
 
 
+def test_png_masks_as_the_published_generator_wrote_them(tmp_path: Path) -> None:
+    (jpeg_only,) = synth_zips(tmp_path / "a", [1], 12, seed=3)
+    (published,) = synth_zips(tmp_path / "b", [1], 12, seed=3, png_masks=True)
+    with zipfile.ZipFile(jpeg_only) as a, zipfile.ZipFile(published) as b:
+        assert a.namelist() == b.namelist()  # the same names: PNG bytes keep their .jpg name
+        pngs = 0
+        for name in a.namelist():
+            one, two = a.read(name), b.read(name)
+            sample = classify(name)
+            if sample is not None and sample.kind == "mask" and sample.sample.flip == 0:
+                assert two.startswith(b"\x89PNG\r\n\x1a\n"), name
+                image = Image.open(io.BytesIO(two))
+                assert (image.format, image.mode, image.size) == ("PNG", "RGB", (160, 160))
+                pixels = np.asarray(image)
+                assert set(np.unique(pixels)) == {0, 255}  # white on black, as the generator's
+                jpeg = np.asarray(Image.open(io.BytesIO(one)))
+                assert np.mean(np.abs(pixels[:, :, 0].astype(int) - jpeg) > 60) < 0.01
+                pngs += 1
+            else:  # everything else, flip=1 masks included, is the same JPEG
+                assert one == two, name
+        assert 0 < pngs < 12
+    result = CliRunner().invoke(
+        cli, ["synth", str(tmp_path / "c"), "--batches", "1", "--samples", "12", "--seed", "3",
+              "--png-masks"]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "c/batch1_images.zip").read_bytes() == published.read_bytes()
+
+
 def test_does_not_import_torch() -> None:
     code = "import sys, pipeline.store.synth; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

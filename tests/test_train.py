@@ -24,6 +24,7 @@ REQUIRED_SCALARS = {
     "train/iou",
     "test/loss",
     "test/iou",
+    "test/iou_published",
     "test/dice",
     "test/depth_rmse",
     "test/depth_abs_rel",
@@ -53,7 +54,7 @@ def test_two_steps_write_checkpoints_config_and_scalars(tiny_run: Path) -> None:
         assert {"model", "optimizer", "scheduler", "epoch", "step", "config"} <= set(state)
         assert state["epoch"] == 1 and state["step"] == 2
         assert state["config"]["world_size"] == 1
-        assert state["config"]["model_args"] == {"image_channels": 1}
+        assert state["config"]["model_args"] == {"image_channels": 1, "depth_output": "sigmoid"}
     config = json.loads((tiny_run / "config.json").read_text())
     assert config["steps_per_epoch"] == 2 and config["lr"] == 0.01
     scalars = read_scalars(tiny_run)

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import build_zip, encode
+from conftest import build_zip, encode, encode_png_mask
+from test_images import declaring_jpeg, declaring_png
 
+import pipeline.images
 from pipeline.cli import cli
+from pipeline.store.catalog import write_wids_indexes
 from pipeline.store.runner import ConvertConfig, convert_zips
 from pipeline.store.tar import tar_member
 from pipeline.store.verify import verify_shards
@@ -63,6 +66,7 @@ def replace_shard(root: Path, rel: str, data: bytes) -> None:
             for shard in split["shards"]:
                 if shard["path"] == rel:
                     shard["bytes"], shard["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+        write_wids_indexes(root, manifest)  # the indexes list sizes too
 
     edit_manifest(root, change)
 
@@ -170,6 +174,38 @@ def test_undecodable_and_wrong_images_are_found(shards: Path):
     assert problems[keys[2]] == "fg_bg.jpg: 3 channel(s), the manifest's mode has 1"
 
 
+def test_a_declared_huge_size_is_refused_before_any_decoding(shards: Path, monkeypatch):
+    members = members_of(shards / TRAIN0)
+    keys = sorted({name.split(".")[0] for name, _ in members})
+    bombs = {declaring_png(30000, 30000), declaring_jpeg(30000, 30000)}
+    changed = []
+    for name, data in members:
+        if name == f"{keys[0]}.mask.jpg":
+            name, data = f"{keys[0]}.mask.png", declaring_png(30000, 30000)
+        elif name == f"{keys[1]}.fg_bg.jpg":
+            data = declaring_jpeg(30000, 30000)
+        changed.append((name, data))
+    replace_shard(shards, TRAIN0, tar_of(changed))
+
+    def guarded(decoder):
+        def decode(data: bytes, channels: int):
+            assert data not in bombs, "decoded an image whose header declares 30000x30000"
+            return decoder(data, channels)
+
+        return decode
+
+    monkeypatch.setattr(
+        pipeline.images, "decode_simplejpeg", guarded(pipeline.images.decode_simplejpeg)
+    )
+    for name, decoder in list(pipeline.images.PNG_DECODERS.items()):
+        monkeypatch.setitem(pipeline.images.PNG_DECODERS, name, guarded(decoder))
+    problems = {p["sample"]: p["problem"] for p in verify(shards).problems}
+    assert problems == {
+        keys[0]: "mask.png: 30000x30000, expected 160x160",
+        keys[1]: "fg_bg.jpg: 30000x30000, expected 160x160",
+    }
+
+
 def test_missing_field_and_bad_json_are_found(shards: Path):
     members = members_of(shards / TRAIN0)
     keys = sorted({name.split(".")[0] for name, _ in members})
@@ -177,8 +213,36 @@ def test_missing_field_and_bad_json_are_found(shards: Path):
     changed = [(n, b"{not json" if n == f"{keys[1]}.json" else d) for n, d in changed]
     replace_shard(shards, TRAIN0, tar_of(changed))
     problems = {p["sample"]: p["problem"] for p in verify(shards).problems}
-    assert problems[keys[0]] == "fields missing ['bg.jpg'], unexpected []"
+    assert problems[keys[0]] == "fields missing ['bg.jpg|png'], unexpected []"
     assert problems[keys[1]].startswith("json: not the provenance record")
+
+
+def test_png_members_are_decoded_and_checked(tmp_path: Path):
+    z = build_zip(tmp_path / "batch1_images.zip", 8, png_masks=True)
+    out = tmp_path / "shards"
+    assert convert_zips([z.path], ConvertConfig(out=out, progress=False)).ok
+    assert verify(out).ok
+    members = members_of(out / TRAIN0)
+    keys = sorted({n.split(".")[0] for n, _ in members if n.endswith(".mask.png")})
+    assert len(keys) == 4
+    changed = []
+    for name, data in members:
+        if name == f"{keys[0]}.mask.png":
+            data = data[: len(data) // 2]  # truncated
+        elif name == f"{keys[1]}.mask.png":
+            data = encode_png_mask(168, 160, 1)  # the wrong size
+        elif name == f"{keys[2]}.mask.png":
+            changed.append((f"{keys[2]}.mask.jpg", encode(160, 160, 2)))  # two masks
+        elif name == f"{keys[3]}.mask.png":
+            data = encode(160, 160, 3)  # JPEG bytes under a .png name
+        changed.append((name, data))
+    replace_shard(out, TRAIN0, tar_of(changed))
+    problems = {p["sample"]: p["problem"] for p in verify(out).problems}
+    assert set(problems) == set(keys)
+    assert problems[keys[0]].startswith("mask.png: undecodable image (truncated PNG")
+    assert problems[keys[1]] == "mask.png: 168x160, expected 160x160"
+    assert problems[keys[2]] == "fields missing [], unexpected ['mask.jpg', 'mask.png']"
+    assert problems[keys[3]].startswith("mask.png: undecodable image (not a PNG")
 
 
 def test_cli_verify_json_and_exit_codes(converted: Path, shards: Path):

@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from pipeline.images import get_decoder, measure_decoders
-from pipeline.schema import FIELDS, INPUTS, field_sizes
+from pipeline.schema import FIELDS, INPUTS, field_sizes, find_field
 from pipeline.train.augment import AugmentConfig
 from pipeline.train.config import TrainConfig
 from pipeline.train.feed import loader_config
@@ -118,7 +118,8 @@ def _report(best, manifest, raw, workers, batch_size, batches, augment, rounds) 
     n = f"{workers}_workers"
     one, many = best["1_workers"], best[n]
     mode = manifest["mode"]
-    decoders = measure_decoders([s["fg_bg.jpg"] for s in raw[:200]], 3 if mode == "RGB" else 1)
+    jpegs = [s["fg_bg.jpg"] for s in raw[:200] if "fg_bg.jpg" in s]
+    decoders = measure_decoders(jpegs, 3 if mode == "RGB" else 1) if jpegs else {}
     result = {
         "samples_per_s": round(many, 1),  # the loader with N workers, as the trainer on a GPU
         "workers": workers,
@@ -168,7 +169,7 @@ def write_loose_files(samples: list[dict], folder: Path) -> list[dict[str, Path]
             # (bar bg, shared by many samples there, which can only favour the old way).
             path = folder / f"{field}_jpg" / f"{key}.jpg"
             path.parent.mkdir(exist_ok=True)
-            path.write_bytes(sample[f"{field}.jpg"])
+            path.write_bytes(sample[find_field(sample, field)])  # a PNG keeps the .jpg name
             paths[field] = path
         out.append(paths)
     return out

@@ -83,6 +83,7 @@ def quality_curve(
         amp=amp,
         workers=workers,
         progress=False,
+        overwrite=True,  # a re-run replaces its run: the curve is read from its events alone
     )
     start = time.time()
     train(config)

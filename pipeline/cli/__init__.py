@@ -46,6 +46,7 @@ for command in (
     deploy.predict,
     deploy.export,
     deploy.info,
+    deploy.import_weights,
     bench.bench,
 ):
     cli.add_command(command)

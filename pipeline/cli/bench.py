@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.common import TORCH_EXPECTED, emit_json, json_flag, option_from, user_errors
+from pipeline.cli.common import (
+    POSITIVE,
+    TORCH_EXPECTED,
+    emit_json,
+    json_flag,
+    option_from,
+    user_errors,
+)
 from pipeline.cli.train import amp_option, augment_on_option, device_option, shards_option
 from pipeline.train.config import OPTIMIZERS, TrainConfig
 
@@ -115,7 +122,7 @@ def bench_train_cmd(shards, steps, warmup, as_json, **options) -> None:
 )
 @click.option("--test-samples", default=200, show_default=True, type=click.IntRange(1))
 @option_from(TrainConfig, "optimizer", "--optimizer", type=click.Choice(OPTIMIZERS))
-@option_from(TrainConfig, "lr", "--lr", type=float)
+@option_from(TrainConfig, "lr", "--lr", type=POSITIVE)
 @option_from(TrainConfig, "batch_size", "--batch-size", type=click.IntRange(1))
 @device_option()
 @amp_option()

@@ -8,6 +8,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import math
 import subprocess
 import zipfile
 from collections.abc import Callable
@@ -69,9 +70,28 @@ def option_from(
     return click.option(*decls, name, default=default, **kwargs)
 
 
+class _Finite:
+    """Refuses NaN and ±inf: click takes "nan" and "inf" as floats, and either trains to NaN."""
+
+    def convert(self, value, param, ctx):  # noqa: D102 - click's hook
+        number = super().convert(value, param, ctx)  # type: ignore[misc]
+        if not math.isfinite(number):
+            self.fail(f"{value} is not a finite number", param, ctx)  # type: ignore[attr-defined]
+        return number
+
+
+class FiniteFloatRange(_Finite, click.FloatRange):
+    """click.FloatRange, but finite: NaN compares false with both bounds and would pass."""
+
+
+POSITIVE = FiniteFloatRange(min=0, min_open=True)  # a learning rate, a decay factor
+NON_NEGATIVE = FiniteFloatRange(min=0)  # momentum, weight decay, a loss weight: 0 turns it off
+
+
 def finite(value: Any) -> Any:
-    """NaN (a metric with nothing to average) becomes null: strict JSON has no NaN."""
-    if isinstance(value, float) and value != value:
+    """NaN (a metric with nothing to average) or inf (no best IoU yet) becomes null: strict
+    JSON has neither."""
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
         return {k: finite(v) for k, v in value.items()}

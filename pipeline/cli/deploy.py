@@ -1,4 +1,5 @@
-"""Commands of the third stage, a trained network -> answers: predict, export, info."""
+"""Commands of the third stage, a trained network -> answers: predict, export, info, and
+import-weights (the published network's weights as a checkpoint)."""
 
 from __future__ import annotations
 
@@ -102,3 +103,40 @@ def info(channels: str, as_json: bool) -> None:
         return
     for key, value in data.items():
         click.echo(f"{key}: {value:,}" if isinstance(value, int) else f"{key}: {value}")
+
+
+@click.command("import-weights")
+@click.argument("seed", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The pipeline checkpoint to write (CKPT.pt).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(list(CHANNELS)),
+    default=None,
+    help="The images the weights were trained on: L (gray) or RGB. Default: read from the file.",
+)
+@json_flag()
+def import_weights(seed, out, mode, as_json) -> None:
+    """Turn the published network's weights (SEED.pth) into a checkpoint of this tool.
+
+    SEED.pth is what the published code saved with torch.save(model.state_dict(), ...)
+    (`{epoch}_final.pth`), with or without DataParallel's `module.` prefix. It is read
+    without running any code (a whole pickled model is refused); every entry is mapped onto
+    this network and its shape checked. The checkpoint keeps the published depth output
+    (per-image min-max) and works with evaluate, predict, export and train --init.
+    """
+    from pipeline.deploy.weights import import_weights as run_import
+
+    with user_errors(TORCH_EXPECTED):
+        result = run_import(seed, out, mode=mode)
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(
+        f"wrote {result['checkpoint']}: {result['entries']} entries, {result['mode']} images, "
+        f"{result['params']:,} parameters, depth output {result['depth_output']}"
+    )

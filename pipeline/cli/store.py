@@ -11,7 +11,7 @@ from pipeline.cli.common import batches_option, emit_json, json_flag, option_fro
 from pipeline.schema import CHANNELS
 from pipeline.store.runner import ConvertConfig
 from pipeline.store.synth import synth_zips
-from pipeline.store.verify import verify_shards
+from pipeline.store.verify import VerifyReport, problem, verify_shards
 
 
 def _batch_list(batches) -> str:
@@ -43,20 +43,34 @@ def _batch_list(batches) -> str:
     help="Image mode: L (grayscale, as published) or RGB.",
 )
 @option_from(synth_zips, "seed", "--seed", type=int, help="Seed: same seed, same bytes.")
-def synth(out: Path, batches: list[int], samples: int, mode: str, seed: int) -> None:
+@option_from(
+    synth_zips,
+    "png_masks",
+    "--png-masks",
+    is_flag=True,
+    help="Write flip=0 masks as RGB PNGs under their .jpg names, as the published generator did.",
+)
+def synth(
+    out: Path, batches: list[int], samples: int, mode: str, seed: int, png_masks: bool
+) -> None:
     """Write synthetic batchN_images.zip files in the published layout.
 
     The scenes are learnable: textured backgrounds, shapes pasted at random places (some
     flipped), their exact masks, and depth maps where the shape is nearer than the floor.
+    Every member is a JPEG unless --png-masks.
     """
     with user_errors():
-        paths = synth_zips(out, batches=batches, samples=samples, mode=mode, seed=seed)
+        paths = synth_zips(
+            out, batches=batches, samples=samples, mode=mode, seed=seed, png_masks=png_masks
+        )
     for path in paths:
         click.echo(str(path))
 
 
 @click.command()
-@click.argument("zips", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument(
+    "zips", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
 @click.option(
     "--out",
     "out",
@@ -91,8 +105,34 @@ def synth(out: Path, batches: list[int], samples: int, mode: str, seed: int) -> 
 )
 @click.option("--strict", is_flag=True, help="Any skipped sample is fatal.")
 @click.option("--force", is_flag=True, help="Redo every zip, even those already converted.")
+@option_from(
+    ConvertConfig,
+    "wait",
+    "--wait/--no-wait",
+    help="When another convert is writing the same batches there: wait for it, or refuse.",
+)
+@option_from(
+    ConvertConfig,
+    "forget_failed",
+    "--forget-failed",
+    is_flag=True,
+    show_default=False,
+    help="Forget zips that failed in earlier runs and are not given now: go on without them.",
+)
 @json_flag("Print only the summary, as JSON.")
-def convert(zips, out, test_batches, shard_samples, workers, seed, strict, force, as_json) -> None:
+def convert(
+    zips,
+    out,
+    test_batches,
+    shard_samples,
+    workers,
+    seed,
+    strict,
+    force,
+    wait,
+    forget_failed,
+    as_json,
+) -> None:
     """Stream batch zips into WebDataset tar shards, with a manifest of hashes.
 
     Nothing is extracted: each member is read once from the zip and written, byte for byte,
@@ -111,9 +151,15 @@ def convert(zips, out, test_batches, shard_samples, workers, seed, strict, force
         strict=strict,
         force=force,
         progress=not as_json,
+        wait=wait,
+        forget_failed=forget_failed,
     )
     with user_errors():
-        summary = convert_zips(list(zips), config)
+        try:
+            summary = convert_zips(list(zips), config)
+        except KeyboardInterrupt:  # what was finished is logged; no traceback
+            click.echo("convert interrupted", err=True)
+            sys.exit(130)
     if as_json:
         emit_json(summary.to_dict())
     else:
@@ -140,7 +186,12 @@ def verify(shards: Path, workers: int, as_json: bool) -> None:
     Exit 0 only when everything holds.
     """
     with user_errors():
-        report = verify_shards(shards, workers=workers, progress=not as_json)
+        try:
+            report = verify_shards(shards, workers=workers, progress=not as_json)
+        except ValueError as exc:  # no manifest, or not one to trust: --json still reports
+            if not as_json:
+                raise
+            report = VerifyReport(shards, problems=[problem(None, None, str(exc))])
     if as_json:
         emit_json(report.to_dict())
     else:

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.common import TORCH_EXPECTED, emit_json, json_flag, option_from, user_errors
+from pipeline.cli.common import (
+    NON_NEGATIVE,
+    POSITIVE,
+    TORCH_EXPECTED,
+    FiniteFloatRange,
+    emit_json,
+    json_flag,
+    option_from,
+    user_errors,
+)
 from pipeline.schema import SPLITS
 from pipeline.train.config import (
     AMP_CHOICES,
@@ -78,9 +87,9 @@ def _train_options(command):
             type=click.Choice(OPTIMIZERS),
             help="sgd is the published recipe; adamw learns faster from few samples.",
         ),
-        option_from(T, "lr", "--lr", type=float, help="Learning rate."),
-        option_from(T, "momentum", "--momentum", type=float, help="SGD momentum."),
-        option_from(T, "weight_decay", "--weight-decay", type=float),
+        option_from(T, "lr", "--lr", type=POSITIVE, help="Learning rate."),
+        option_from(T, "momentum", "--momentum", type=NON_NEGATIVE, help="SGD momentum."),
+        option_from(T, "weight_decay", "--weight-decay", type=NON_NEGATIVE),
         option_from(
             T,
             "step_size",
@@ -88,15 +97,19 @@ def _train_options(command):
             type=click.IntRange(1),
             help="StepLR: epochs between learning-rate drops.",
         ),
-        option_from(T, "gamma", "--gamma", type=float, help="StepLR factor."),
+        option_from(T, "gamma", "--gamma", type=POSITIVE, help="StepLR factor."),
         option_from(
-            T, "mask_weight", "--mask-weight", type=float, help="Weight of BCE(mask) in the loss."
+            T,
+            "mask_weight",
+            "--mask-weight",
+            type=NON_NEGATIVE,
+            help="Weight of BCE(mask) in the loss.",
         ),
         option_from(
             T,
             "depth_weight",
             "--depth-weight",
-            type=float,
+            type=NON_NEGATIVE,
             help="Weight of 1-SSIM(depth) in the loss.",
         ),
         option_from(
@@ -117,7 +130,7 @@ def _train_options(command):
             T,
             "hflip",
             "--hflip",
-            type=click.FloatRange(0, 1),
+            type=FiniteFloatRange(0, 1),
             help="Probability of flipping all four images of a sample together.",
         ),
         augment_on_option(),
@@ -146,6 +159,21 @@ def _train_options(command):
         ),
         option_from(
             T, "resume", "--resume", is_flag=True, help="Continue from OUT/last.pt up to --epochs."
+        ),
+        option_from(
+            T,
+            "overwrite",
+            "--overwrite",
+            is_flag=True,
+            help="Train into a folder that holds an earlier run, removing that run's files.",
+        ),
+        option_from(
+            T,
+            "init",
+            "--init",
+            type=click.Path(dir_okay=False),
+            show_default=False,
+            help="Start a new run from this checkpoint's weights (e.g. from import-weights).",
         ),
         option_from(T, "seed", "--seed", type=int),
         option_from(
@@ -182,6 +210,10 @@ def train(**options) -> None:
 
     options["out"] = str(options["out"])
     config = TrainConfig(**options)
+    try:
+        config.validate()
+    except ValueError as exc:  # settings that can't work together: a usage error, exit 2
+        raise click.UsageError(str(exc)) from None
     with user_errors(TORCH_EXPECTED):
         result = run_training(config)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -208,7 +240,8 @@ def evaluate(as_json: bool, **options) -> None:
     """Measure a checkpoint on a split: mask IoU and Dice, depth RMSE, AbsRel, delta1, SSIM.
 
     `iou` and `dice` are means over images (an image where both masks are empty counts 1);
-    `iou_pixel` and `dice_pixel` pool all pixels of the split.
+    `iou_pixel` and `dice_pixel` pool all pixels of the split. `iou_published` is the
+    article's IoU: target > 0.75 against raw logits > 0.75, all pixels of the split pooled.
     """
     from pipeline.train.evaluate import evaluate_checkpoint
 

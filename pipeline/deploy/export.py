@@ -37,7 +37,7 @@ def require_export_extra(check: bool) -> None:
 def export_onnx(checkpoint: Path, onnx_path: Path, check: bool, batch: int = 4) -> dict:
     """Write `onnx_path` from a checkpoint: input (N, 2C, 160, 160) float32 in [0, 1], N dynamic."""
     require_export_extra(check)
-    model = model_from_checkpoint(load_checkpoint(checkpoint), "cpu")
+    model = model_from_checkpoint(load_checkpoint(checkpoint), "cpu", checkpoint)
     channels = 2 * model.config.image_channels
     width, height = IMAGE_SIZE
     example = torch.rand(batch, channels, height, width)
@@ -63,6 +63,7 @@ def export_onnx(checkpoint: Path, onnx_path: Path, check: bool, batch: int = 4) 
             "mask_logits": ["N", 1, height, width],
             "depth": ["N", 1, height // 2, width // 2],
         },
+        "depth_output": model.config.depth_output,  # in the graph: sigmoid or per-image min-max
     }
     if check:
         result["max_abs_diff"] = check_onnx(model, onnx_path, channels)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from pipeline.train.runtime import resolve_device
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+# A larger image is refused from its header, before it is decoded (it would be shrunk to 160x160
+# anyway): a 20,000x20,000 file of a few kB would otherwise take over a GB to decode.
+MAX_PIXELS = 8192 * 8192
 
 
 def read_image(path: Path, mode: str) -> np.ndarray:
@@ -25,7 +29,8 @@ def read_image(path: Path, mode: str) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image file")
     try:
-        with Image.open(path) as img:
+        with _own_pixel_bound(), Image.open(path) as img:
+            _check_pixels(path, img.size)
             img = img.convert(mode)
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"{path}: not a readable image ({exc})") from None
@@ -34,6 +39,27 @@ def read_image(path: Path, mode: str) -> np.ndarray:
         img = img.resize(IMAGE_SIZE, Image.BILINEAR)
     array = np.asarray(img, dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array  # (H, W, C)
+
+
+@contextlib.contextmanager
+def _own_pixel_bound():
+    """PIL's bomb check (a module global) raises without the image's size, or only warns, while
+    opening it: switch it off for the header read, which `_check_pixels` bounds instead."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _check_pixels(path: Path, size: tuple[int, int]) -> None:
+    width, height = size
+    if width * height > MAX_PIXELS:
+        raise ValueError(
+            f"{path}: a {width}x{height} image ({width * height:,} pixels) is larger than "
+            f"predict reads ({MAX_PIXELS:,} pixels at most): shrink it first"
+        )
 
 
 def make_input(bg: np.ndarray, fg_bg: np.ndarray) -> torch.Tensor:
@@ -50,8 +76,7 @@ def pair_paths(bg: Path, fg_bg: Path) -> list[tuple[Path, Path, str]]:
         raise ValueError("--bg and --fg-bg must both be files or both be folders")
     if not bg.is_dir():
         return [(bg, fg_bg, fg_bg.stem)]
-    bgs = {p.name: p for p in bg.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-    fgs = {p.name: p for p in fg_bg.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    bgs, fgs = _images_in(bg), _images_in(fg_bg)
     unmatched = sorted(set(bgs) ^ set(fgs))
     if unmatched:
         raise ValueError(
@@ -70,12 +95,26 @@ def pair_paths(bg: Path, fg_bg: Path) -> list[tuple[Path, Path, str]]:
     return [(bgs[name], fgs[name], Path(name).stem) for name in sorted(bgs)]
 
 
+def _images_in(folder: Path) -> dict[str, Path]:
+    """A folder's images by file name; a sub-folder named like an image is skipped, with a word."""
+    images = {}
+    for path in folder.iterdir():
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if not path.is_file():  # a folder x.jpg/ (or a pipe, which would block a read)
+            kind = "a folder" if path.is_dir() else "not a regular file"
+            log.warning("%s: %s, not an image: skipped", path, kind)
+            continue
+        images[path.name] = path
+    return images
+
+
 @torch.no_grad()
 def predict(checkpoint: Path, bg: Path, fg_bg: Path, out: Path, device: str = "auto") -> list[Path]:
     """Write mask, depth and coloured depth PNGs for each pair; returns the files written."""
     pairs = pair_paths(bg, fg_bg)
     dev = resolve_device(device)
-    model = model_from_checkpoint(load_checkpoint(checkpoint, map_location=dev), dev)
+    model = model_from_checkpoint(load_checkpoint(checkpoint, map_location=dev), dev, checkpoint)
     mode = "RGB" if model.config.image_channels == 3 else "L"
     written: list[Path] = []
     for bg_path, fg_bg_path, stem in pairs:

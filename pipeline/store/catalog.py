@@ -11,19 +11,41 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import re
+import secrets
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.schema import CHANNELS, FORMAT_NAME, FORMAT_VERSION, SIZES, SPLITS
-from pipeline.store.names import batch_number
+from pipeline.schema import (
+    CHANNELS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    IMAGE_EXTS,
+    SIZES,
+    SPLITS,
+    check_shard_entry,
+    parse_json,
+    split_shards,
+    wids_index,
+    wids_index_name,
+)
 
 PARTS_DIR = ".parts"  # per-zip records: which zips are done, with their shards
-RECORD_VERSION = 1
-RECORD_KEYS = {"zip", "batch", "split", "mode", "shard_samples", "seed", "bytes", "fingerprint"}
-RECORD_KEYS |= {"samples", "shards", "skipped"}
+# 2: image fields named by their format (PNG members kept as `.png`, counted in "formats");
+# a version-1 record's zip is converted again, as version 1 skipped its PNG members.
+RECORD_VERSION = 2
+# A record's fields and their types: a record is data too (a damaged one is redone, never used).
+RECORD_TYPES = {
+    **{"zip": str, "batch": int, "split": str, "mode": str, "shard_samples": int, "seed": int},
+    **{"bytes": int, "fingerprint": str, "samples": int, "shards": list, "skipped": list},
+    "formats": dict,
+}
+RECORD_KEYS = set(RECORD_TYPES)
+RECORD_NAME = re.compile(r"batch(\d{1,9})\.json")
+FAILURE_NAME = re.compile(r"failed-batch(\d{1,9})\.json")
 
 
 def record_path(out: Path, batch: int) -> Path:
@@ -33,9 +55,10 @@ def record_path(out: Path, batch: int) -> Path:
 
 def make_record(
     *, zip_path: Path, batch: int, split: str, mode: str, shard_samples: int, seed: int,
-    fingerprint: str, samples: int, shards: list, skipped: list
+    fingerprint: str, samples: int, shards: list, skipped: list, formats: dict[str, int]
 ) -> dict:  # fmt: skip
-    """The record of a zip just converted: its options, fingerprint, shards and skipped samples."""
+    """The record of a zip just converted: its options, fingerprint, shards, skipped samples
+    and the image members written by format (extension -> count)."""
     return {
         "version": RECORD_VERSION,
         "zip": Path(zip_path).name,
@@ -49,19 +72,75 @@ def make_record(
         "samples": samples,
         "shards": shards,
         "skipped": skipped,
+        "formats": formats,
     }
 
 
 def load_records(out: Path) -> dict[int, dict | str]:
-    """Every record in `DIR/.parts`, by batch; an unreadable one maps to an error message."""
+    """Every record in `DIR/.parts`, by batch; an unreadable, damaged or older one maps to the
+    message saying so (its zip is converted again when given)."""
     records: dict[int, dict | str] = {}
     for path in sorted((out / PARTS_DIR).glob("batch*.json")):
+        named = RECORD_NAME.fullmatch(path.name)
+        if named is None:
+            continue  # not a name convert writes (batchNN.json)
+        batch = int(named[1])
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-            records[int(record["batch"])] = record
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            records[batch_number(path)] = f"{path}: unreadable record ({exc})"
+            record = parse_json(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            records[batch] = f"{path}: unreadable record ({exc})"
+            continue
+        if isinstance(record, dict) and record.get("version") != RECORD_VERSION:
+            records[batch] = f"{path}: not a record of this version of convert"
+            continue
+        try:
+            check_record(record, batch)
+            records[batch] = record
+        except ValueError as exc:
+            records[batch] = f"{path}: damaged record ({exc})"
     return records
+
+
+def check_record(record: Any, batch: int) -> None:
+    """ValueError naming the fault unless `record` is a well-typed record of `batch`."""
+    if not isinstance(record, dict):
+        raise ValueError(f"not an object: {type(record).__name__}")
+    missing = RECORD_KEYS - set(record)
+    if missing:
+        raise ValueError(f"lacks {sorted(missing)}")
+    for key, kind in RECORD_TYPES.items():
+        value = record[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{key} must be {kind.__name__}, got {value!r:.60}")
+    split, mode = record["split"], record["mode"]
+    if record["batch"] != batch or split not in SPLITS or mode not in CHANNELS:
+        raise ValueError(f"batch {record['batch']}, split {split!r}, mode {mode!r}")
+    if min(record["samples"], record["bytes"], record["shard_samples"]) < 0:
+        raise ValueError("a negative count")
+    _check_record_lists(record)
+
+
+def _check_record_lists(record: dict) -> None:
+    """A record's shards (paths inside the folder, counts that add up), skips and formats."""
+    for index, shard in enumerate(record["shards"]):
+        check_shard_entry(shard, record["split"], f"shards[{index}]")
+    if sum(shard["samples"] for shard in record["shards"]) != record["samples"]:
+        raise ValueError(f"samples {record['samples']} is not the sum of its shards' samples")
+    skip_keys = ("zip", "member", "reason")
+    if not all(isinstance(s, dict) and _strings(s, *skip_keys) for s in record["skipped"]):
+        raise ValueError('skipped must be a list of {"zip", "member", "reason"} strings')
+    formats = record["formats"]
+    if not all(ext in IMAGE_EXTS and _is_count(n) for ext, n in formats.items()):
+        exts = " and ".join(IMAGE_EXTS)
+        raise ValueError(f"formats must count {exts} members, got {formats!r:.60}")
+
+
+def _strings(data: dict, *keys: str) -> bool:
+    return all(isinstance(data.get(key), str) for key in keys)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def discard_batch(out: Path, batch: int) -> None:
@@ -80,9 +159,7 @@ def record_problem(
     Shards are checked by size; with `hashes`, by sha256 too (it reads every byte).
     """
     if isinstance(record, str):
-        return record
-    if record.get("version") != RECORD_VERSION or RECORD_KEYS - set(record):
-        return f"{record_path(out, record['batch'])}: not a record of this version of convert"
+        return record  # unreadable, damaged or older: load_records said why
     split = "test" if record["batch"] in set(test_batches) else "train"
     if record["split"] != split:
         return f"{record['zip']} was converted into {record['split']}, now belongs to {split}"
@@ -115,18 +192,27 @@ def file_sha256(path: Path) -> str:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file beside `path`, fsync it, then rename it over `path`."""
+    """Write JSON to a temp file beside `path`, fsync it, then rename it over `path`.
+
+    The temp file is created as the shards are (mode 0666 less the umask: 0644 under umask
+    022), not 0600 as mkstemp makes it, so whoever can read the shards can read the manifest.
+    An OSError names the file (`cannot write DIR/manifest.json: No space left on device`).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -134,10 +220,14 @@ def build_manifest(records: Iterable[dict], test_batches: Iterable[int], mode: s
     """The manifest of a conversion from its per-zip records (see convert's `.parts/`)."""
     records = sorted(records, key=lambda r: r["batch"])
     splits: dict[str, dict] = {split: {"samples": 0, "shards": []} for split in SPLITS}
+    formats: dict[str, Counter] = {split: Counter() for split in SPLITS}
     for record in records:
         split = splits[record["split"]]
         split["samples"] += record["samples"]
         split["shards"].extend(record["shards"])
+        formats[record["split"]].update(record["formats"])
+    for name, split in splits.items():  # image members by extension: {"jpg": n, "png": m}
+        split["formats"] = {ext: formats[name][ext] for ext in IMAGE_EXTS}
     for split in splits.values():
         split["shards"].sort(key=lambda s: s["path"])
     return {
@@ -162,3 +252,51 @@ def _source(record: dict) -> dict:
         "bytes": record["bytes"],
         "fingerprint": record["fingerprint"],
     }
+
+
+def write_wids_indexes(out: Path, manifest: dict) -> None:
+    """A wids index per split that has shards (`DIR/train.wids.json`); a stale one is removed."""
+    for split in SPLITS:
+        path = out / wids_index_name(split)
+        if split_shards(manifest, split):
+            write_json_atomic(path, wids_index(manifest, split))
+        else:  # wids cannot open an index without shards
+            path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- failures
+
+
+def failure_path(out: Path, batch: int) -> Path:
+    """Where a zip that did not finish (failed, or is still being converted) is recorded."""
+    return out / PARTS_DIR / f"failed-batch{batch:02d}.json"
+
+
+def write_failure(out: Path, batch: int, zip_name: str, error: str) -> None:
+    """Record that a batch is not done: a folder holding this never verifies as complete."""
+    write_json_atomic(failure_path(out, batch), {"zip": zip_name, "batch": batch, "error": error})
+
+
+def clear_failure(out: Path, batch: int | str) -> None:
+    """Forget a batch's failure (it converted, or the user goes on without it); a str is the
+    file name of one load_failures could not tell the batch of."""
+    path = out / PARTS_DIR / batch if isinstance(batch, str) else failure_path(out, batch)
+    path.unlink(missing_ok=True)
+
+
+def load_failures(out: Path) -> dict[int | str, dict]:
+    """Every failure record in `DIR/.parts`, by batch (an unreadable one still counts; one
+    whose name has no batch number is keyed by its file name)."""
+    failures: dict[int | str, dict] = {}
+    for path in sorted((out / PARTS_DIR).glob("failed-batch*.json")):
+        named = FAILURE_NAME.fullmatch(path.name)
+        batch: int | str = int(named[1]) if named else path.name
+        try:
+            if named is None:
+                raise ValueError("not a name convert writes (failed-batchNN.json)")
+            record = parse_json(path.read_bytes())
+            failures[batch] = {"zip": str(record["zip"]), "error": str(record["error"])}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            zip_name = f"batch {batch}" if named else path.name
+            failures[batch] = {"zip": zip_name, "error": f"{path}: unreadable ({exc})"}
+    return failures

@@ -21,10 +21,19 @@ from json.encoder import encode_basestring_ascii as quote_json
 from pathlib import Path
 from typing import NamedTuple
 
-from pipeline.images import JpegError, JpegInfo, check_jpeg
-from pipeline.schema import CHANNELS, FIELDS, META, MODE_OF, SIZES, TARGETS, member_ext
+from pipeline.images import ImageError, ImageInfo, check_image
+from pipeline.schema import (
+    CHANNELS,
+    FIELDS,
+    FORMAT_EXTS,
+    META,
+    MODE_OF,
+    SIZES,
+    TARGETS,
+    member_ext,
+)
 from pipeline.store.catalog import make_record
-from pipeline.store.names import Member, SampleId, classify, sample_key
+from pipeline.store.names import Member, SampleId, classify, refused_sample, sample_key
 from pipeline.store.tar import ShardWriter
 from pipeline.store.zipread import MemberReader, zip_fingerprint
 
@@ -83,7 +92,7 @@ class Pairings(NamedTuple):
     pairs: list[_Pairing]  # sorted by sample id
     bgs: dict[int, Member]  # by background number
     bg_problems: dict[int, str]  # background number -> why no sample may use it (duplicates)
-    skipped: list[dict]  # duplicate fg_bg members
+    skipped: list[dict]  # duplicate fg_bg members, and ones whose names have huge numbers
 
 
 def open_zip(path: Path) -> MemberReader:
@@ -102,6 +111,9 @@ def pair_members(zip_name: str, names: Iterable[str]) -> Pairings:
     for name in names:
         member = classify(name)
         if member is None:
+            problem = refused_sample(name)  # a sample member ignored would be a sample lost
+            if problem:
+                skipped.append(_skip(zip_name, name, problem))
             continue
         ident = member.bg if member.kind == "bg" else member.sample
         first = found[member.kind].setdefault(ident, member)
@@ -154,8 +166,9 @@ class ZipConverter:
         self.mode = job.expected_mode
         self.skipped: list[dict] = []
         self.written = 0
-        self._bgs: dict[int, tuple[bytes, JpegInfo | str]] = {}
-        self._accepted: dict[str, frozenset[JpegInfo]] = {}
+        self._bgs: dict[int, tuple[bytes, ImageInfo | str, str]] = {}  # data, header, field
+        self._accepted: dict[str, frozenset[ImageInfo]] = {}
+        self.formats: Counter[str] = Counter()  # image members written, by extension
 
     def run(self) -> dict:
         """Convert every sample; return the zip's record (see `records`)."""
@@ -168,6 +181,7 @@ class ZipConverter:
             self.report("total", len(pairs))
         self._strict_check()
         self._read_backgrounds(found.bgs, found.bg_problems)
+        self._report_unused_backgrounds(pairs, found.bgs)
         self._decide_mode()
         random.Random(f"{self.job.seed}:{self.job.batch}").shuffle(pairs)
         writer = ShardWriter(self.job.out, self.job.split, self.job.batch, self.job.shard_samples)
@@ -189,6 +203,7 @@ class ZipConverter:
             samples=self.written,
             shards=shards,
             skipped=self.skipped,
+            formats=dict(sorted(self.formats.items())),
         )
 
     def _write_all(self, pairs: list[_Pairing], bgs: dict[int, Member], writer: ShardWriter):
@@ -203,6 +218,7 @@ class ZipConverter:
             else:
                 writer.write(sample_key(self.job.batch, pair.sample), fields)
                 self.written += 1
+                self.formats.update(name.rpartition(".")[2] for name in fields if name != META)
             done += 1
             if self.report and done % PROGRESS_EVERY == 0:
                 self.report("done", PROGRESS_EVERY)
@@ -222,23 +238,34 @@ class ZipConverter:
         # Read once: ~100 backgrounds are shared by all samples of a zip.
         for number, member in bg_members.items():
             if number in problems:
-                self._bgs[number] = (b"", problems[number])
+                self._bgs[number] = (b"", problems[number], "")
                 continue
             try:
                 data = self.reader.read(member.name)
             except READ_ERRORS as exc:
-                self._bgs[number] = (b"", f"bg member {member.name}: cannot read it ({exc})")
+                self._bgs[number] = (b"", f"bg member {member.name}: cannot read it ({exc})", "")
                 continue
             try:
-                self._bgs[number] = (data, check_jpeg(data))
-            except JpegError as exc:
-                self._bgs[number] = (data, f"bg member {member.name}: {exc}")
+                found, info = check_image(data)
+            except ImageError as exc:
+                self._bgs[number] = (data, f"bg member {member.name}: {exc}", "")
+            else:
+                self._bgs[number] = (data, info, member_ext("bg", FORMAT_EXTS[found]))
+
+    def _report_unused_backgrounds(self, pairs: list[_Pairing], bgs: dict[int, Member]) -> None:
+        """A broken background that no sample uses is reported too (a bomb, damage, a twin)."""
+        used = {pair.sample.bg for pair in pairs}
+        for number, (_, info, _) in sorted(self._bgs.items()):
+            if number not in used and isinstance(info, str):
+                reason = f"{info} (no sample uses it)"
+                self.skipped.append(_skip(self.job.name, bgs[number].name, reason))
+        self._strict_check()
 
     def _decide_mode(self) -> None:
         """The zip's mode (L or RGB): that of most of its backgrounds, so a stray image can't."""
         counts = Counter(
             MODE_OF[info.components]
-            for _, info in self._bgs.values()
+            for _, info, _ in self._bgs.values()
             if not isinstance(info, str) and info.components in MODE_OF
         )
         expected = self.job.expected_mode
@@ -255,40 +282,41 @@ class ZipConverter:
         log.debug("%s: %s images (backgrounds: %s)", self.job.name, self.mode, dict(counts))
 
     def _read_sample(self, pair: _Pairing, bg: Member | None) -> dict[str, bytes]:
-        """The sample's fields: four images (checked) and its json; SkipSample if unusable."""
+        """The sample's fields: four images (checked), each named by its format, and its json;
+        SkipSample if unusable."""
         mask, depth = pair.mask, pair.depth
         if bg is None or mask is None or depth is None:
             missing = [k for k, m in (("bg", bg), ("mask", mask), ("depth", depth)) if not m]
             raise SkipSample(f"missing {' and '.join(missing)} member(s) for {pair.sample.stem()}")
         if pair.problem:
             raise SkipSample(pair.problem)
-        bg_data, bg_info = self._bgs[pair.sample.bg]
+        bg_data, bg_info, bg_field = self._bgs[pair.sample.bg]
         if isinstance(bg_info, str):
             raise SkipSample(bg_info)
         if bg_info not in self._accepted["bg"]:  # first: the mode comes from the backgrounds
             self._check_info("bg", bg.name, bg_info)
-        return {
-            member_ext("bg"): bg_data,
-            member_ext("fg_bg"): self._read_checked("fg_bg", pair.fg_bg.name),
-            member_ext("mask"): self._read_checked("mask", mask.name),
-            member_ext("depth"): self._read_checked("depth", depth.name),
-            META: sample_json(self.job.batch, pair.fg_bg.name, bg.name, mask.name, depth.name),
-        }
+        images = [(bg_field, bg_data)] + [
+            self._read_checked(kind, member.name)
+            for kind, member in (("fg_bg", pair.fg_bg), ("mask", mask), ("depth", depth))
+        ]
+        meta = sample_json(self.job.batch, pair.fg_bg.name, bg.name, mask.name, depth.name)
+        return {**dict(images), META: meta}
 
-    def _read_checked(self, kind: str, name: str) -> bytes:
+    def _read_checked(self, kind: str, name: str) -> tuple[str, bytes]:
+        """(field name, bytes) of a checked member: `mask.png` for PNG bytes, whatever its name."""
         try:
             data = self.reader.read(name)
         except READ_ERRORS as exc:
             raise SkipSample(f"{kind} member {name}: cannot read it ({exc})") from None
         try:
-            info = check_jpeg(data)
-        except JpegError as exc:
+            found, info = check_image(data)
+        except ImageError as exc:
             raise SkipSample(f"{kind} member {name}: {exc}") from None
         if info not in self._accepted[kind]:
             self._check_info(kind, name, info)
-        return data
+        return member_ext(kind, FORMAT_EXTS[found]), data
 
-    def _accepted_infos(self) -> dict[str, frozenset[JpegInfo]]:
+    def _accepted_infos(self) -> dict[str, frozenset[ImageInfo]]:
         """Per kind, the frame headers `_check_info` accepts (a set lookup is cheaper)."""
         accepted = {}
         for kind, (width, height) in SIZES.items():
@@ -296,10 +324,10 @@ class ZipConverter:
                 channels = set(MODE_OF)
             else:  # no mode (no usable background): every sample is skipped before this check
                 channels = {CHANNELS[self.mode]} if self.mode else set()
-            accepted[kind] = frozenset(JpegInfo(width, height, c) for c in channels)
+            accepted[kind] = frozenset(ImageInfo(width, height, c) for c in channels)
         return accepted
 
-    def _check_info(self, kind: str, name: str, info: JpegInfo) -> None:
+    def _check_info(self, kind: str, name: str, info: ImageInfo) -> None:
         if (info.width, info.height) != SIZES[kind]:
             want = "x".join(map(str, SIZES[kind]))
             raise SkipSample(f"{kind} member {name}: {info.width}x{info.height}, expected {want}")

@@ -16,10 +16,14 @@ IGNORED_DIRS = ("fg_jpg", "mask_jpg")
 JUNK_PARTS = ("__MACOSX",)
 JUNK_NAMES = (".DS_Store", "Thumbs.db")
 
-_IDS = r"(\d+)_(\d+)_([01])_(\d+)"
+# The published numbers have 1-4 digits. A bound keeps every key far inside a tar header's name
+# field and every int small (5,000 digits exceed Python's int conversion limit).
+MAX_DIGITS = 9
+_NUM = rf"(\d{{1,{MAX_DIGITS}}})"
+_IDS = rf"{_NUM}_{_NUM}_([01])_{_NUM}"
 # Both naming styles: the published zips', and the article's (bg_{bg}.jpg, depth_{ids}.jpg).
 _PATTERNS = {
-    "bg": re.compile(rf"^{BG_DIR}/bg_(?:img_)?(\d+)\.jpe?g$", re.IGNORECASE),
+    "bg": re.compile(rf"^{BG_DIR}/bg_(?:img_)?{_NUM}\.jpe?g$", re.IGNORECASE),
     "fg_bg": re.compile(rf"^{FG_BG_DIR}/fg_bg_{_IDS}\.jpe?g$", re.IGNORECASE),
     "mask": re.compile(rf"^{MASK_DIR}/bg_mask_{_IDS}\.jpe?g$", re.IGNORECASE),
     "depth": re.compile(rf"^{DEPTH_DIR}/depth_(?:fg_bg_)?{_IDS}\.jpe?g$", re.IGNORECASE),
@@ -27,11 +31,13 @@ _PATTERNS = {
 _BATCH = re.compile(r"batch[_-]?(\d+)", re.IGNORECASE)
 # The same patterns without their folder, for names directly in a sample folder (the usual case).
 _FILE_PATTERNS = {
-    BG_DIR: ("bg", re.compile(r"bg_(?:img_)?(\d+)\.jpe?g$", re.IGNORECASE)),
+    BG_DIR: ("bg", re.compile(rf"bg_(?:img_)?{_NUM}\.jpe?g$", re.IGNORECASE)),
     FG_BG_DIR: ("fg_bg", re.compile(rf"fg_bg_{_IDS}\.jpe?g$", re.IGNORECASE)),
     MASK_DIR: ("mask", re.compile(rf"bg_mask_{_IDS}\.jpe?g$", re.IGNORECASE)),
     DEPTH_DIR: ("depth", re.compile(rf"depth_(?:fg_bg_)?{_IDS}\.jpe?g$", re.IGNORECASE)),
 }
+# A sample member's name with numbers of any length: what classify refuses of it is reported.
+_ANY_FG_BG = re.compile(rf"{FG_BG_DIR}/fg_bg_\d+_\d+_[01]_\d+\.jpe?g$", re.IGNORECASE)
 
 
 class SampleId(NamedTuple):
@@ -64,6 +70,8 @@ def batch_number(zip_path: str | Path) -> int:
             f"{zip_path}: cannot tell the batch number from the file name "
             "(expected a name like batch7_images.zip)"
         )
+    if len(match.group(1)) > MAX_DIGITS:  # a key must fit a tar header; int() has a limit
+        raise ValueError(f"{zip_path}: a batch number of over {MAX_DIGITS} digits")
     return int(match.group(1))
 
 
@@ -120,6 +128,14 @@ def classify(name: str) -> Member | None:
         sample = SampleId(*(int(g) for g in match.groups()))
         return Member(kind, name, sample.bg, sample)
     return None
+
+
+def refused_sample(name: str) -> str | None:
+    """Why a member that classify did not recognise is still named as a sample (fg_bg) and so
+    must be reported, not ignored: a number of over MAX_DIGITS digits. None for other names."""
+    if is_junk(name) or not _ANY_FG_BG.match(strip_top_folder(name)):
+        return None
+    return f"a number in its name has over {MAX_DIGITS} digits: not a sample name"
 
 
 def member_names(sample: SampleId, prefix: str = "") -> dict[str, str]:

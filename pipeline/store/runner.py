@@ -9,31 +9,29 @@ and a re-run redoes only unfinished zips.
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import queue as queue_lib
-import sys
 import time
-from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline.schema import MANIFEST_NAME, SPLITS
 from pipeline.store.catalog import (
     build_manifest,
+    clear_failure,
     discard_batch,
+    load_failures,
     load_records,
     record_path,
     record_problem,
     shards_problem,
+    write_failure,
     write_json_atomic,
+    write_wids_indexes,
 )
-from pipeline.store.convert import ConvertError, Reporter, ZipJob, convert_zip
+from pipeline.store.convert import ConvertError, ZipJob
+from pipeline.store.guard import is_locked, locked
 from pipeline.store.names import batch_number
+from pipeline.store.pool import run_jobs
 from pipeline.store.zipread import fingerprint_zip
 
 log = logging.getLogger(__name__)
@@ -51,6 +49,8 @@ class ConvertConfig:
     strict: bool = False  # any skipped sample fails its zip
     force: bool = False  # redo every zip, even those a record says are done
     progress: bool = True  # a progress bar, only when stderr is a terminal
+    wait: bool = True  # another convert is writing the same batches: wait for it (else refuse)
+    forget_failed: bool = False  # drop the failures of zips not given: go on without them
 
 
 @dataclass
@@ -65,6 +65,7 @@ class ConvertSummary:
     samples: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLITS})
     skipped: int = 0
     shards: int = 0
+    formats: dict[str, int] = field(default_factory=dict)  # image members by extension
     written: int = 0  # samples written by this run (reused zips excluded)
     seconds: float = 0.0
 
@@ -85,6 +86,7 @@ class ConvertSummary:
             "samples": dict(self.samples),
             "skipped": self.skipped,
             "shards": self.shards,
+            "formats": dict(self.formats),
             "written": self.written,
             "seconds": round(self.seconds, 3),
             "samples_per_s": round(rate, 1),
@@ -98,7 +100,8 @@ class ConvertSummary:
         return (
             f"convert {status}: {d['zips']} zip(s), {d['converted']} converted, "
             f"{d['reused']} reused; {self.out} holds {d['samples']['train']} train + "
-            f"{d['samples']['test']} test samples in {d['shards']} shards, {d['skipped']} skipped; "
+            f"{d['samples']['test']} test samples in {d['shards']} shards, {d['skipped']} skipped, "
+            f"{self.formats.get('png', 0)} PNG members kept; "
             f"{d['seconds']:.1f} s ({d['samples_per_s']:.0f} samples/s)"
         )
 
@@ -112,6 +115,8 @@ def plan_jobs(zips: list[Path], config: ConvertConfig) -> list[ZipJob]:
     jobs: dict[int, ZipJob] = {}
     for path in map(Path, zips):
         batch = batch_number(path)
+        if not path.is_file():
+            raise ValueError(f"{path}: no such zip file")
         if batch in jobs:
             raise ValueError(f"{jobs[batch].path} and {path} are both batch {batch}")
         split = "test" if batch in config.test_batches else "train"
@@ -122,29 +127,92 @@ def plan_jobs(zips: list[Path], config: ConvertConfig) -> list[ZipJob]:
 
 
 def convert_zips(zips: list[Path], config: ConvertConfig) -> ConvertSummary:
-    """Convert zips into shards under `config.out` and (re)write its manifest last."""
+    """Convert zips into shards under `config.out` and (re)write its manifest last.
+
+    The batches given are locked for the whole run (`store.guard`): a second convert of the same
+    batches waits for this one (or refuses); converts of other batches run alongside.
+    """
     start = time.perf_counter()
     jobs = plan_jobs(zips, config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = ConvertSummary(out=out, zips=len(jobs))
+    with locked(out, [_batch_lock(job.batch) for job in jobs], wait=config.wait):
+        _convert_locked(jobs, config, summary)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _batch_lock(batch: int) -> str:
+    return f"batch{batch:02d}"
+
+
+UNFINISHED = "its conversion did not finish (the convert writing it stopped, or still runs)"
+
+
+def _convert_locked(jobs: list[ZipJob], config: ConvertConfig, summary: ConvertSummary) -> None:
+    out = Path(config.out)
     records = load_records(out)
     todo = _select_todo(jobs, records, config, summary)
+    for job in jobs:
+        if job.name in summary.reused:
+            clear_failure(out, job.batch)
     if todo:
-        (out / MANIFEST_NAME).unlink(missing_ok=True)  # the output is unfinished from here on
+        with locked(out, ["manifest"]):
+            (out / MANIFEST_NAME).unlink(missing_ok=True)  # the output is unfinished from here on
         for job in todo:
             discard_batch(out, job.batch)
             records.pop(job.batch, None)
+            write_failure(out, job.batch, job.name, UNFINISHED)  # until it is done
     mode = _reference_mode(records.values())
     for job in todo:
         job.expected_mode = mode
-    for job, result in _run_jobs(todo, config):
-        mode = _accept(job, result, mode, summary)
+    results = run_jobs(todo, config.workers, config.progress)
+    try:
+        for job, result in results:
+            mode = _accept(job, result, mode, summary)
+    except KeyboardInterrupt:
+        results.close()  # stop the pool first: no worker may write after the clean-up
+        _interrupted(out, todo, summary)
+        raise
+    if config.forget_failed:
+        _forget_failures(out, {job.batch for job in jobs})
     done = set(summary.reused) | set(summary.converted)  # their shards are checked already
     checked = {job.batch for job in jobs if job.name in done}
-    _write_manifest(out, config, {job.batch for job in jobs}, checked, summary)
-    summary.seconds = time.perf_counter() - start
-    return summary
+    with locked(out, ["manifest"]):
+        _write_manifest(out, config, {job.batch for job in jobs}, checked, summary)
+
+
+def _interrupted(out: Path, todo: list[ZipJob], summary: ConvertSummary) -> None:
+    """Ctrl-C: remove what unfinished zips wrote, record them, say what was finished."""
+    given_up = {Path(f["zip"]).name for f in summary.failed}
+    unfinished = [j for j in todo if j.name not in summary.converted and j.name not in given_up]
+    for job in unfinished:
+        discard_batch(out, job.batch)
+        _record_failure(out, job, "interrupted (Ctrl-C) before it was finished")
+    finished = [*summary.converted, *summary.reused]
+    log.error(
+        "interrupted: %d zip(s) finished (%s), %d not finished (%s); no manifest written: "
+        "run the same command again to finish",
+        len(finished), ", ".join(finished) or "none",
+        len(unfinished), ", ".join(j.name for j in unfinished) or "none",
+    )  # fmt: skip
+
+
+def _forget_failures(out: Path, given: set[int]) -> None:
+    """--forget-failed: drop failure records of zips not given (unless another convert runs)."""
+    for batch, failure in load_failures(out).items():
+        if isinstance(batch, int) and (batch in given or is_locked(out, _batch_lock(batch))):
+            continue
+        clear_failure(out, batch)
+        log.warning("%s: forgotten (--forget-failed): %s", failure["zip"], failure["error"])
+
+
+def _record_failure(out: Path, job: ZipJob, error: str) -> None:
+    try:
+        write_failure(out, job.batch, job.name, error)
+    except OSError as exc:  # a full disk: the manifest will list it from this run's summary
+        log.error("%s", exc)
 
 
 def _fail_record(summary, out: Path, batch: int, record: dict | str, problem: str) -> None:
@@ -224,106 +292,43 @@ def _accept(job: ZipJob, result: dict | BaseException, mode: str | None, summary
     for skip in result["skipped"]:
         log.warning("%s: skipped %s: %s", skip["zip"], skip["member"], skip["reason"])
     write_json_atomic(record_path(job.out, job.batch), result)
+    clear_failure(job.out, job.batch)
     summary.converted.append(job.name)
     summary.written += result["samples"]
     shards, skipped = len(result["shards"]), len(result["skipped"])
     log.info(
-        "%s: %d samples -> %d %s shard(s), %d skipped",
-        *(job.name, result["samples"], shards, job.split, skipped),
+        "%s: %d samples -> %d %s shard(s), %d skipped, %d PNG members",
+        *(job.name, result["samples"], shards, job.split, skipped, result["formats"].get("png", 0)),
     )
     return mode or result["mode"]
 
 
 def _fail(summary: ConvertSummary, job: ZipJob, exc: BaseException) -> None:
-    message = str(exc) if isinstance(exc, ConvertError) else f"{job.path}: {exc!r}"
+    message = str(exc) if isinstance(exc, ConvertError) else f"{job.path}: {_describe(exc)}"
     log.error("%s", message)
+    if not isinstance(exc, ConvertError):  # maybe a bug: where it happened, for `-v`
+        # From a pool, the worker's own traceback rides in exc.__cause__, printed with it.
+        log.debug("%s: traceback of the failure:", job.path, exc_info=exc)
     summary.failed.append({"zip": str(job.path), "error": message})
+    _record_failure(job.out, job, message)  # verify fails on the folder until it is redone
 
 
-def _run_jobs(jobs: list[ZipJob], config: ConvertConfig):
-    """Yield (job, record or exception) as zips finish, with a progress bar on a terminal."""
-    if not jobs:
-        return
-    show = config.progress and sys.stderr.isatty()
-    if config.workers == 1 or len(jobs) == 1:
-        yield from _run_here(jobs, show)
-    else:
-        yield from _run_pool(jobs, min(config.workers, len(jobs)), show)
+def _describe(exc: BaseException) -> str:
+    """An error in words: an OSError's own text (naming its file), else its repr."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    return repr(exc)
 
 
-@contextmanager
-def _progress_bar(show: bool) -> Iterator[Reporter | None]:
-    """A sample-counting bar on stderr, and logging routed around it; None when not shown."""
-    if not show:
-        yield None
-        return
-    with tqdm(total=0, unit="sample", file=sys.stderr, smoothing=0.1) as bar:
-        with logging_redirect_tqdm():
-
-            def report(kind: str, n: int) -> None:
-                if kind == "total":  # each zip's count arrives when a worker has listed it
-                    bar.total += n
-                    bar.refresh()
-                else:
-                    bar.update(n)
-
-            yield report
-
-
-def _run_here(jobs: list[ZipJob], show: bool):
-    # One process: no pool to start, no pickling; a failed zip does not stop the others.
-    with _progress_bar(show) as report:
-        for job in jobs:
-            try:
-                yield job, convert_zip(job, report)
-            except Exception as exc:  # as in a pool: one zip's failure must not stop the others
-                yield job, exc
-
-
-_QUEUE = None  # a worker's progress channel to the parent
-
-
-def _init_worker(progress_queue) -> None:
-    global _QUEUE
-    _QUEUE = progress_queue
-
-
-def _queue_report(kind: str, n: int) -> None:
-    _QUEUE.put((kind, n))
-
-
-def _convert_in_worker(job: ZipJob) -> dict:
-    return convert_zip(job, _queue_report if _QUEUE is not None else None)
-
-
-def _run_pool(jobs: list[ZipJob], workers: int, show: bool):
-    # A manager's queue: put() returns once the message is queued, so when a zip's result
-    # arrives, all its progress messages are already there to drain.
-    with multiprocessing.Manager() if show else nullcontext() as manager:
-        progress_queue = manager.Queue() if show else None
-        yield from _pool_results(jobs, workers, show, progress_queue)
-
-
-def _pool_results(jobs: list[ZipJob], workers: int, show: bool, progress_queue):
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(progress_queue,)) as pool:
-        # Submit before the bar exists: workers fork here, before tqdm starts its monitor thread.
-        futures: dict[Future, ZipJob] = {pool.submit(_convert_in_worker, j): j for j in jobs}
-        pending = set(futures)
-        with _progress_bar(show) as report:
-            while pending:
-                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                _drain(progress_queue, report)
-                for future in done:
-                    exc = future.exception()
-                    yield futures[future], exc if exc is not None else future.result()
-
-
-def _drain(progress_queue, report: Reporter | None) -> None:
-    while report is not None:
-        try:
-            report(*progress_queue.get_nowait())
-        except queue_lib.Empty:
-            return
+def _failures(out: Path, summary: ConvertSummary) -> list[dict]:
+    """What the manifest lists as not done: failure records, and this run's failures (one may
+    have found no room to be recorded) and broken records of other runs."""
+    failed = [{"zip": f["zip"], "error": f["error"]} for f in load_failures(out).values()]
+    known = {f["error"] for f in failed}
+    for failure in summary.failed:
+        if failure["error"] not in known:
+            failed.append({"zip": Path(failure["zip"]).name, "error": failure["error"]})
+    return failed
 
 
 def _write_manifest(out: Path, config: ConvertConfig, given: set[int], checked: set[int], summary):
@@ -348,10 +353,18 @@ def _write_manifest(out: Path, config: ConvertConfig, given: set[int], checked: 
         log.error("no converted zip in %s: manifest not written", out)
         return
     manifest = build_manifest(good, config.test_batches, mode)
-    write_json_atomic(out / MANIFEST_NAME, manifest)
+    manifest["failed"] = _failures(out, summary)
+    told = {f["error"] for f in summary.failed}  # this run's failures are logged already
+    for failed in manifest["failed"]:
+        if failed["error"] not in told:
+            log.warning("%s is not complete: %s: %s", out, failed["zip"], failed["error"])
+    write_wids_indexes(out, manifest)
+    write_json_atomic(out / MANIFEST_NAME, manifest)  # last: the folder is finished
     for split in SPLITS:
         summary.samples[split] = manifest["splits"][split]["samples"]
         summary.shards += len(manifest["splits"][split]["shards"])
+        for ext, count in manifest["splits"][split]["formats"].items():
+            summary.formats[ext] = summary.formats.get(ext, 0) + count
     summary.skipped = len(manifest["skipped"])
     if not manifest["splits"]["test"]["shards"]:
         log.warning(

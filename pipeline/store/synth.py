@@ -8,6 +8,7 @@ covers, so its depth is darker than the floor around and behind it.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import zipfile
@@ -310,11 +311,22 @@ def _zip_info(name: str) -> zipfile.ZipInfo:
     return info
 
 
+def encode_png(array: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 image as PIL writes them (what the dataset's generator used)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def _write(zf: zipfile.ZipFile, name: str, array: np.ndarray, mode: str) -> None:
     zf.writestr(_zip_info(name), encode_jpeg(to_mode(array, mode)))
 
 
-def _write_members(zf: zipfile.ZipFile, rng: np.random.Generator, samples: int, mode: str) -> None:
+def _write_members(
+    zf: zipfile.ZipFile, rng: np.random.Generator, samples: int, mode: str, png_masks: bool
+) -> None:
     """Every entry of one zip, streamed: folders, backgrounds, raw foregrounds, then samples."""
     n_ids, ids = plan_samples(rng, samples)
     for folder in ZIP_DIRS:
@@ -332,11 +344,22 @@ def _write_members(zf: zipfile.ZipFile, rng: np.random.Generator, samples: int, 
         )
         names = member_names(sample)
         for kind in ("fg_bg", "mask", "depth"):
-            _write(zf, names[kind], images[kind], mode)
+            if kind == "mask" and png_masks and sample.flip == 0:
+                # As the generator did: an RGB white-on-black PNG under the mask's .jpg name.
+                png = encode_png(to_mode(images[kind], "RGB"))
+                zf.writestr(_zip_info(names[kind]), png)
+            else:
+                _write(zf, names[kind], images[kind], mode)
 
 
-def synth_zip(path: Path, batch: int, samples: int, mode: str = "L", seed: int = 0) -> Path:
-    """Write one synthetic zip of `samples` samples for batch number `batch` at `path`."""
+def synth_zip(
+    path: Path, batch: int, samples: int, mode: str = "L", seed: int = 0, png_masks: bool = False
+) -> Path:
+    """Write one synthetic zip of `samples` samples for batch number `batch` at `path`.
+
+    `png_masks`: every flip=0 mask is PNG bytes under its .jpg name, as the published generator
+    saved them; otherwise every member is a JPEG.
+    """
     if mode not in MODES:
         raise ValueError(f"unknown image mode {mode!r}: use one of {', '.join(MODES)}")
     if samples < 1 or batch < 1:
@@ -350,7 +373,7 @@ def synth_zip(path: Path, batch: int, samples: int, mode: str = "L", seed: int =
     # Written under a temporary name so an interrupted run leaves no zip that looks complete.
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            _write_members(zf, rng, samples, mode)
+            _write_members(zf, rng, samples, mode, png_masks)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -365,10 +388,12 @@ def synth_zips(
     samples: int = 200,  # the published zips hold 40,000; 200 make a quick demo or test
     mode: str = "L",
     seed: int = 0,
+    png_masks: bool = False,  # JPEG only: the one real sample we hold is a JPEG
 ) -> list[Path]:
     """Write `batch{N}_images.zip` for each batch number into `out`; return their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     return [
-        synth_zip(out / f"batch{batch}_images.zip", batch, samples, mode, seed) for batch in batches
+        synth_zip(out / f"batch{batch}_images.zip", batch, samples, mode, seed, png_masks)
+        for batch in batches
     ]

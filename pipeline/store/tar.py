@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
-from pipeline.schema import shard_name
+from pipeline.schema import MAX_MEMBER_BYTES, shard_name
 
 # Tar members get fixed metadata so the same zip and seed give byte-identical shards.
 TAR_BLOCK = 512
@@ -40,7 +40,11 @@ class _HashingFile:
     """
 
     def __init__(self, path: Path) -> None:
-        self._file = open(path, "wb", buffering=0)  # closed by close() or discard()
+        self.path = path
+        try:
+            self._file = open(path, "wb", buffering=0)  # closed by close() or discard()
+        except OSError as exc:
+            raise write_error(path, exc) from None
         self._sha = hashlib.sha256()
         self._buffer = bytearray()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
@@ -70,6 +74,8 @@ class _HashingFile:
         try:
             while done < len(view):  # a raw file may write less than it was given
                 done += self._file.write(view[done:])
+        except OSError as exc:  # a full disk: say which file could not be written
+            raise write_error(self.path, exc) from None
         finally:
             view.release()
 
@@ -87,6 +93,11 @@ class _HashingFile:
         """Close the file, dropping what is buffered (the shard is about to be deleted)."""
         self._thread.shutdown()  # waits for the buffer being written; its error is moot
         self._file.close()
+
+
+def write_error(path: Path, exc: OSError) -> OSError:
+    """`exc` as an OSError whose message names the file: `cannot write PATH: No space left…`."""
+    return OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}")
 
 
 def _ustar_constants() -> tuple[bytes, bytes, bytes, int]:
@@ -225,6 +236,12 @@ def tar_files(stream: BinaryIO, url: str) -> Iterator[dict]:
             return
         _check_header(header)
         size, kind = _member_size(header), header[156:157]
+        if size > MAX_MEMBER_BYTES:  # never trust a header with memory: refuse, don't allocate
+            name = header[:100].split(b"\0", 1)[0].decode(errors="replace")
+            raise ValueError(
+                f"tar member {name!r} declares {size} bytes, over the {MAX_MEMBER_BYTES} bytes "
+                "a sample's file may have (damaged, or not a shard)"
+            )
         data = _read_exact(stream, size)
         _read_exact(stream, -size % TAR_BLOCK)  # padding to a whole block
         if kind in (b"L", b"x"):

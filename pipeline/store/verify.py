@@ -2,7 +2,8 @@
 
 Per shard (in parallel processes): the file exists, its size and sha256 match (hashed while the
 tar streams through the tar reader the training loader uses, `store.tar`), every sample has its
-four images and its json, every image decodes at its expected size, and the sample count
+four images (each a JPEG or a PNG, as its extension says) and its json, every image's header
+declares its expected size (checked before decoding) and the image decodes, and the sample count
 matches. Then across shards: keys are unique over all shards and both splits, and the split
 totals match.
 """
@@ -10,7 +11,6 @@ totals match.
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import time
 from collections.abc import Iterator
@@ -19,19 +19,23 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import simplejpeg
 from tqdm import tqdm
 
-from pipeline.images import decode_simplejpeg
+from pipeline.images import ImageError, check_field, decoder_for
 from pipeline.schema import (
     FIELDS,
+    IMAGE_EXTS,
     INPUTS,
     META,
-    SAMPLE_EXTS,
     SPLITS,
+    check_shard_path,
+    field_names,
     load_manifest,
-    member_ext,
+    parse_json,
     shard_entries,
+    split_shards,
+    wids_index,
+    wids_index_name,
 )
 from pipeline.store.tar import read_samples
 
@@ -118,17 +122,24 @@ class ShardCheck:
 
 
 def check_image(name: str, data: bytes, size: list[int], channels: int | None) -> str | None:
-    """Decode one JPEG; the problem with it, or None. `channels` None: any count will do."""
+    """Check one JPEG or PNG's header, then decode it (as its name says); the problem, or None.
+
+    `channels` None: any count will do, decoded as one channel as the loader reads masks and
+    depths. Each format is decoded with the loader's decoder, and only once its header's size
+    and channels are right: a small PNG may declare 30000x30000.
+    """
     try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        found = 1 if colorspace.lower() == "gray" else 3
-        decode_simplejpeg(data, found)
-    except ValueError as exc:
+        width, height, found = check_field(name, data)
+    except ImageError as exc:
         return f"{name}: undecodable image ({exc})"
     if [width, height] != list(size):
         return f"{name}: {width}x{height}, expected {size[0]}x{size[1]}"
     if channels is not None and found != channels:
         return f"{name}: {found} channel(s), the manifest's mode has {channels}"
+    try:
+        decoder_for(name)(data, channels or 1)
+    except ValueError as exc:
+        return f"{name}: undecodable image ({exc})"
     return None
 
 
@@ -136,18 +147,23 @@ def check_sample(sample: dict, manifest: dict, batch: int | None) -> list[str]:
     """Every problem of one sample as the loader reads it (missing fields, bad images, bad json)."""
     fields = {k for k in sample if not k.startswith("__")}
     problems = []
-    if fields != set(SAMPLE_EXTS):
-        missing, extra = set(SAMPLE_EXTS) - fields, fields - set(SAMPLE_EXTS)
+    present = {kind: [n for n in field_names(kind) if n in fields] for kind in FIELDS}
+    missing = [f"{kind}.{'|'.join(IMAGE_EXTS)}" for kind, names in present.items() if not names]
+    missing += [META] if META not in fields else []
+    allowed = {META}.union(*map(field_names, FIELDS))
+    extra = fields - allowed
+    extra |= {n for names in present.values() if len(names) > 1 for n in names}  # jpg and png
+    if missing or extra:
         problems.append(f"fields missing {sorted(missing)}, unexpected {sorted(extra)}")
-    for kind in FIELDS:
-        ext = member_ext(kind)
-        if ext in sample:
+    for kind, names in present.items():
+        if len(names) == 1:
             channels = manifest["channels"] if kind in INPUTS else None
+            ext = names[0]
             found = check_image(ext, sample[ext], manifest["sizes"][kind], channels)
             problems.extend([found] if found else [])
     if META in sample:
         try:
-            meta = json.loads(sample[META])
+            meta = parse_json(sample[META])
             if batch is not None and meta["batch"] != batch:
                 problems.append(f"json: batch {meta['batch']}, the shard's is {batch}")
         except (ValueError, TypeError, KeyError) as exc:
@@ -157,7 +173,7 @@ def check_sample(sample: dict, manifest: dict, batch: int | None) -> list[str]:
 
 def verify_shard(root: Path, split: str, entry: dict, manifest: dict) -> ShardCheck:
     """Check one shard against its manifest entry: file, size, sha256, samples, count."""
-    rel = entry["path"]
+    rel = check_shard_path(split, entry["path"])  # never a file outside the folder
     result = ShardCheck(rel, split)
     path = Path(root) / rel
     if not path.is_file():
@@ -218,6 +234,41 @@ def cross_checks(manifest: dict, checks: list[ShardCheck]) -> list[dict]:
     return problems
 
 
+def check_wids_indexes(root: Path, manifest: dict) -> list[dict]:
+    """Problems with each split's wids index: missing, or not listing the manifest's shards."""
+    problems = []
+    for split in SPLITS:
+        if not split_shards(manifest, split):
+            continue
+        name = wids_index_name(split)
+        try:
+            found = parse_json((root / name).read_bytes())
+        except FileNotFoundError:
+            problems.append(problem(None, None, f"{name} is missing (re-run convert to write it)"))
+            continue
+        except (OSError, ValueError) as exc:
+            problems.append(problem(None, None, f"{name}: unreadable ({exc})"))
+            continue
+        if found != wids_index(manifest, split):
+            problems.append(
+                problem(None, None, f"{name} does not list the manifest's {split} shards")
+            )
+    return problems
+
+
+def failed_zips(manifest: dict) -> list[dict]:
+    """A zip that a convert could not finish makes the folder incomplete, whatever its shards."""
+    return [
+        problem(
+            None,
+            None,
+            f"{failed['zip']} was not converted ({failed['error']}); convert it again, "
+            "or convert with --forget-failed to go on without it",
+        )
+        for failed in manifest.get("failed", [])
+    ]
+
+
 def verify_shards(shards: Path, workers: int = 2, progress: bool = True) -> VerifyReport:
     """Verify every shard of a conversion against its manifest; ValueError if none there."""
     start = time.perf_counter()
@@ -238,6 +289,9 @@ def verify_shards(shards: Path, workers: int = 2, progress: bool = True) -> Veri
             report.problems.extend(check.problems)
             bar.update(1)
     report.problems.extend(cross_checks(manifest, checks))
+    report.problems.extend(check_wids_indexes(root, manifest))
+
+    report.problems.extend(failed_zips(manifest))
     report.seconds = time.perf_counter() - start
     return report
 

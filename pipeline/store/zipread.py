@@ -2,8 +2,9 @@
 
 zipfile builds a ZipInfo per member and a file object per read (~40 us a member together); a
 published zip has ~120,000 members. This reads the same fields and bytes with one struct call and
-one pread + inflate each, checks CRCs and sizes as zipfile does, and hands anything unusual
-(ZIP64 fields on a member, a comment, encryption, damage) to zipfile. No torch here.
+one pread + inflate each, checks CRCs and sizes as zipfile does, and hands an unusual listing
+(ZIP64 fields on a member, a comment, damage) to zipfile. Encrypted members and compression
+methods other than stored and deflate are refused. No torch here.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
+
+from pipeline.schema import MAX_MEMBER_BYTES
 
 LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # a member's local header (APPNOTE 4.3.7)
 LOCAL_MAGIC = b"PK\x03\x04"
@@ -31,6 +34,14 @@ ZIP64_LOCATOR_MAGIC = b"PK\x06\x07"
 END64_RECORD = struct.Struct("<4sQ2H2L4Q")  # ZIP64 end of central directory record (4.3.14)
 END64_MAGIC = b"PK\x06\x06"
 ZIP_STORED, ZIP_DEFLATED = zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED
+DEFLATE_SLACK = 1 << 16  # deflate may grow incompressible data a little: 5 bytes per 16 KB
+
+
+class MemberRefused(zipfile.BadZipFile):
+    """A member this reader will not read: encrypted, an unusual method, or a bomb.
+
+    A BadZipFile, so every caller that skips an unreadable member skips this one with its reason.
+    """
 
 
 class ZipEntry(NamedTuple):
@@ -137,11 +148,12 @@ class MemberReader:
     zipfile's own `read` costs ~35 us a member (a file object, a decompressor, several small
     reads); this costs a fraction of that, and convert reads ~120,000 members a zip. The CRC and
     size are checked as zipfile does. A zip whose central directory is not plain is listed by
-    zipfile; encrypted or unusual members are read by zipfile.
+    zipfile; encrypted members and methods other than stored and deflate are refused.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_member: int = MAX_MEMBER_BYTES) -> None:
         self.path = path
+        self.max_member = max_member  # the most bytes read or inflated for one member
         self._file = open(path, "rb")  # closed by close()
         self._zf: zipfile.ZipFile | None = None
         try:
@@ -178,10 +190,17 @@ class MemberReader:
         self.close()
 
     def read(self, name: str) -> bytes:
-        """The member's uncompressed bytes; BadZipFile, zlib.error or EOFError if damaged."""
+        """The member's uncompressed bytes; BadZipFile, zlib.error or EOFError if damaged.
+
+        Memory is bounded whatever the zip claims: an encrypted member, one compressed with
+        another method than stored or deflate, or one whose header declares more than
+        `max_member` bytes, is refused before any byte is read (MemberRefused); one that
+        inflates past its declared size is stopped there.
+        """
         _, offset, method, flags, size, file_size, crc = self._by_name[name]
-        if self._fd is None or flags & 1 or method not in (ZIP_STORED, ZIP_DEFLATED):
-            return self._zipfile().read(name)
+        self._check_member(method, flags, size, file_size)
+        if self._fd is None:
+            return self._zipfile().read(name)  # zipfile inflates deflate in bounded steps
         # One pread for the local header and the data, guessing the header's name and extra
         # fields from the last member's; a second one when the guess is wrong.
         guess = LOCAL_HEADER.size + len(name) + self._extra_guess
@@ -197,10 +216,39 @@ class MemberReader:
             raw = os.pread(self._fd, size, offset + start)
         if len(raw) != size:
             raise EOFError("the zip ends inside this member")
-        data = zlib.decompress(raw, -15) if method == ZIP_DEFLATED else bytes(raw)
+        data = _inflate(raw, file_size) if method == ZIP_DEFLATED else bytes(raw)
         if len(data) != file_size or zlib.crc32(data) != crc:
             raise zipfile.BadZipFile("bad CRC-32 or size (damaged member)")
         return data
+
+    def _check_member(self, method: int, flags: int, size: int, file_size: int) -> None:
+        if flags & 1:
+            raise MemberRefused("encrypted member (no password to read it)")
+        if method not in (ZIP_STORED, ZIP_DEFLATED):
+            # zipfile inflates bzip2 and LZMA without a bound (785 bytes of bzip2 gave 1 GiB
+            # at once); the published zips use deflate only.
+            kind = zipfile.compressor_names.get(method, "unknown")
+            raise MemberRefused(
+                f"compression method {method} ({kind}) is not read: only stored and deflate are"
+            )
+        if file_size > self.max_member or size > self.max_member + DEFLATE_SLACK:
+            raise MemberRefused(
+                f"declares {max(size, file_size)} bytes, over the {self.max_member} bytes "
+                "one image may have: a deflate bomb, or not an image"
+            )
+
+
+def _inflate(raw: memoryview, file_size: int) -> bytes:
+    """Inflate at most `file_size` + 1 bytes: a stream that would give more is refused."""
+    inflater = zlib.decompressobj(-15)
+    data = inflater.decompress(raw, file_size + 1)
+    if len(data) > file_size or inflater.unconsumed_tail:
+        raise MemberRefused(
+            f"inflates past the {file_size} bytes its header declares: a deflate bomb"
+        )
+    if not inflater.eof:
+        raise zlib.error("incomplete or truncated deflate stream")
+    return data
 
 
 def zip_fingerprint(path: Path, entries: Iterable[ZipEntry]) -> str:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import pickle
+import re
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from model import UNet
+from model import UNet, UNetConfig
+from model.unet import DEPTH_OUTPUTS
+from pipeline.schema import CHANNELS
 
 REQUIRED_KEYS = ("model", "config")
 
@@ -16,11 +24,29 @@ REQUIRED_KEYS = ("model", "config")
 def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
     """Write a checkpoint to a temp file, then rename it: a crash never leaves half a file."""
     path = Path(path)
+    bad = non_finite(state.get("model", {}))
+    if bad:  # a NaN run must not replace a good best.pt or last.pt
+        raise ValueError(f"{path}: not written, its weights hold NaN or inf ({_names(bad)})")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (RuntimeError, OSError) as exc:  # a full disk: torch says `enforce fail at ...`
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        why = _write_failure(exc, path.parent)
+        raise OSError(f"{path}: could not write the checkpoint: {why}") from exc
     return path
+
+
+def non_finite(weights: dict[str, Any]) -> list[str]:
+    """The names of the floating-point tensors that hold NaN or inf (one host sync for all)."""
+    names = [k for k, t in weights.items() if torch.is_tensor(t) and t.is_floating_point()]
+    if not names:
+        return []
+    finite = torch.stack([weights[k].isfinite().all() for k in names]).tolist()
+    return [name for name, ok in zip(names, finite, strict=True) if not ok]
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -29,19 +55,154 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
-        # weights_only: a checkpoint from elsewhere cannot run code; ours hold tensors, plain data.
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = load_tensors(path, map_location)
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+        why = unreadable_reason(exc, "save a state_dict in a dict instead")
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint: {why}") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise ValueError(
             f"{path}: not a pipeline checkpoint (needs keys {', '.join(REQUIRED_KEYS)})"
         )
+    _check_contents(state, path)
     return state
 
 
-def model_from_checkpoint(state: dict[str, Any], device: str | torch.device = "cpu") -> UNet:
-    """Rebuild the network a checkpoint describes and load its weights, in eval mode."""
+def load_tensors(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load with weights_only (a file from elsewhere cannot run code: ours hold tensors
+    and data), and without torch's two-line pickle-protocol warning for a plain pickle."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def model_from_checkpoint(
+    state: dict[str, Any], device: str | torch.device = "cpu", source: Path | str = "checkpoint"
+) -> UNet:
+    """Rebuild the network a checkpoint describes and load its weights, in eval mode.
+
+    `source` names the checkpoint in errors (its path, where the caller has one).
+    """
     model = UNet.from_args(state["config"].get("model_args", {}))
+    problem = _weights_mismatch(model.state_dict(), state["model"])
+    if problem:
+        raise ValueError(f"{source}: its weights do not fit the network it describes: {problem}")
     model.load_state_dict(state["model"])
     return model.to(device).eval()
+
+
+def _check_contents(state: dict[str, Any], path: Path) -> None:
+    """`config` and `model_args` are dicts of what this version knows, `model` a dict of weights."""
+    config = state["config"]
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: its config is {_kind(config)}, not a dict")
+    if not isinstance(state["model"], dict):
+        raise ValueError(f"{path}: its model is {_kind(state['model'])}, not a dict of weights")
+    args = config.get("model_args", {})
+    if not isinstance(args, dict):
+        raise ValueError(f"{path}: its config's model_args is {_kind(args)}, not a dict")
+    known = {f.name: f.default for f in dataclasses.fields(UNetConfig)}
+    unknown = [str(k) for k in args if k not in known]
+    if unknown:
+        raise ValueError(
+            f"{path}: its model_args hold unknown keys ({_names(unknown)}); "
+            f"this version knows {', '.join(known)}"
+        )
+    for name, value in args.items():
+        want = type(known[name])
+        if known[name] not in (None, dataclasses.MISSING) and type(value) is not want:
+            raise ValueError(
+                f"{path}: its model_args {name} is {_short(repr(value))}, not {want.__name__}"
+            )
+    channels = args.get("image_channels", UNetConfig.image_channels)
+    if channels not in CHANNELS.values():
+        raise ValueError(
+            f"{path}: its model_args image_channels is {channels}, not one of "
+            f"{', '.join(map(str, CHANNELS.values()))}"
+        )
+    depth = args.get("depth_output", UNetConfig.depth_output)
+    if depth not in DEPTH_OUTPUTS:
+        raise ValueError(
+            f"{path}: its model_args depth_output is {_short(repr(depth))}, not one of "
+            f"{', '.join(DEPTH_OUTPUTS)}"
+        )
+
+
+def _weights_mismatch(want: dict[str, Any], have: dict[str, Any]) -> str:
+    """What keeps `have` from loading into a network whose state dict is `want` ('' if nothing)."""
+    missing = [k for k in want if k not in have]
+    unexpected = [str(k) for k in have if k not in want]
+    wrong = [
+        k
+        for k in want
+        if k in have and (not torch.is_tensor(have[k]) or have[k].shape != want[k].shape)
+    ]
+    found = (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong))
+    return "; ".join(f"{len(names)} {label} ({_names(names)})" for label, names in found if names)
+
+
+def unreadable_reason(exc: Exception, advice: str) -> str:
+    """Why torch could not load a file, in a few words (never its advice to drop weights_only);
+    `advice` says what to save instead of pickled objects."""
+    text = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return (
+            f"it holds pickled Python objects ({found.group(1)}), which could run code when "
+            f"loaded, not just weights ({advice})"
+        )
+    if isinstance(exc, EOFError):
+        return "the file is empty or cut short"
+    if "PytorchStreamReader" in text or "central directory" in text:
+        return "the file is truncated or damaged (its zip archive is incomplete)"
+    if isinstance(exc, pickle.UnpicklingError):
+        return "it was not written by torch.save"
+    return _short(text.splitlines()[0] if text else type(exc).__name__, 200)
+
+
+def _write_failure(exc: Exception, folder: Path) -> str:
+    """Why torch could not write a checkpoint: the OS's words, or its writer's and free space."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text)  # a C++ source line
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return text
+    return f"{text} ({free:,} bytes free on its disk: is it full?)"
+
+
+def _kind(value: Any) -> str:
+    return f"a {type(value).__name__}"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    more = f", … {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(_short(n) for n in names[:shown]) + more
+
+
+def init_weights(model: UNet, path: Path, out: Path) -> None:
+    """Load a checkpoint's weights into a new run's network (`train --init`); ValueError naming
+    the problem if the run folder already holds a run or the weights don't fit the network."""
+    if (Path(out) / "last.pt").exists():
+        raise ValueError(
+            f"--init starts a new run, but {out} already holds one (last.pt): choose another "
+            "--out, or continue that run with --resume"
+        )
+    state = load_checkpoint(path)
+    have = state["config"].get("model_args", {}).get("image_channels", UNetConfig.image_channels)
+    want = model.config.image_channels
+    if have != want:
+        raise ValueError(
+            f"--init {path}: its network takes {have}-channel images, the shards hold "
+            f"{want}-channel images"
+        )
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"--init {path}: its weights do not fit this network ({exc})") from None

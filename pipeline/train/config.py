@@ -7,7 +7,8 @@ these dataclasses and constants.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -58,6 +59,11 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # cap each epoch (smoke runs); None = the whole split
     eval_batches: int | None = None  # cap evaluation (smoke runs); None = the whole test split
     resume: bool = False  # continue from OUT/last.pt up to `epochs`
+    overwrite: bool = False  # train into a folder holding an earlier run, replacing that run
+
+    # Start a new run from these weights (a checkpoint: a run's, or `import-weights`'): only the
+    # network is taken (and its depth output); optimizer, schedule and counters start afresh.
+    init: str | None = None
     seed: int = 0
     log_every: int = 20  # steps between progress-bar/TensorBoard updates (each costs a sync)
     grid_rows: int = 8  # samples in the per-epoch picture grid
@@ -83,6 +89,20 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.workers < 0:
             raise ValueError("workers must be 0 or more")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
+        _check_finite(self)
+        for name in ("lr", "gamma"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be above 0, not {getattr(self, name)}")
+        for name in ("momentum", "weight_decay", "mask_weight", "depth_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)}")
+        if self.init and self.resume:
+            raise ValueError(
+                "--init starts a new run from a checkpoint's weights, --resume continues "
+                "OUT/last.pt: give one of them"
+            )
 
 
 @dataclass
@@ -102,3 +122,11 @@ class EvaluateConfig:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}: use one of {', '.join(choices)}")
+
+
+def _check_finite(config: object) -> None:
+    """NaN or inf in any float setting (a learning rate, a loss weight) only trains to NaN."""
+    for setting in fields(config):
+        value = getattr(config, setting.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{setting.name} must be a finite number, not {value}")

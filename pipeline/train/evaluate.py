@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ def evaluate_checkpoint(config: EvaluateConfig) -> dict:
         raise ValueError(f"{config.shards}: the {config.split} split holds no samples")
     dev = resolve_device(config.device)
     state = load_checkpoint(config.checkpoint, map_location=dev)
-    model = model_from_checkpoint(state, dev)
+    model = model_from_checkpoint(state, dev, config.checkpoint)
     _check_channels(model, manifest, config.checkpoint)
     loaders = LoaderConfig(
         batch_size=config.batch_size, workers=config.workers, pin_memory=dev.type == "cuda"
@@ -34,7 +35,8 @@ def evaluate_checkpoint(config: EvaluateConfig) -> dict:
     loader = make_eval_loader(config.shards, config.split, loaders, rank=0, world_size=1)
     amp = resolve_amp("auto", dev)
     rows = config.grid_rows if config.grid else 0
-    metrics, picture = evaluate(model, loader, dev, amp, _loss_weights(state["config"]), rows)
+    weights = _loss_weights(state["config"], config.checkpoint)
+    metrics, picture = evaluate(model, loader, dev, amp, weights, rows)
     if config.grid is not None and picture is not None:
         save_png(picture, config.grid)
         shown = min(config.grid_rows, metrics["samples"])
@@ -43,12 +45,20 @@ def evaluate_checkpoint(config: EvaluateConfig) -> dict:
     return metrics
 
 
-def _loss_weights(config: dict) -> LossWeights:
+def _loss_weights(config: dict, checkpoint: Path) -> LossWeights:
     """The weights a checkpoint trained with (the published ones if it does not say)."""
-    return LossWeights(
-        float(config.get("mask_weight", PUBLISHED_WEIGHTS.mask)),
-        float(config.get("depth_weight", PUBLISHED_WEIGHTS.depth)),
+    weights = LossWeights(
+        config.get("mask_weight", PUBLISHED_WEIGHTS.mask),
+        config.get("depth_weight", PUBLISHED_WEIGHTS.depth),
     )
+    for name, value in zip(("mask_weight", "depth_weight"), weights, strict=True):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise ValueError(f"{checkpoint}: its config's {name} is {value!r}, not a finite number")
+    return LossWeights(*map(float, weights))
 
 
 def _check_channels(model: torch.nn.Module, manifest: dict, checkpoint: Path) -> None:

@@ -16,7 +16,20 @@ from pipeline.train.loader import to_device
 from pipeline.train.loss import compute_loss
 from pipeline.train.metrics import MetricAccumulator, batch_iou
 from pipeline.train.pictures import make_grid
-from pipeline.train.runtime import all_reduce_sum, autocast
+from pipeline.train.runtime import all_reduce_sum, autocast, raise_together
+
+# Failures of an evaluation that leave the epoch's training intact (data that cannot be read).
+EVAL_FAILURES = (ValueError, OSError)
+
+
+class LossCheck(Protocol):
+    """What watches the losses for NaN and inf (see `train.guard.LossWatch`)."""
+
+    every: int  # steps between checks
+
+    def update(self, values: torch.Tensor, step: int) -> None: ...
+
+    def check(self) -> None: ...
 
 
 class StepLog(Protocol):
@@ -77,10 +90,12 @@ def train_one_epoch(
     logger: StepLog | None = None,
     profiler=None,
     augment: BatchAugment | None = None,
+    watch: LossCheck | None = None,
 ) -> EpochStats:
     """One pass over the loader; losses and IoU are summed on the device (no per-step sync).
 
-    `augment`, if given, augments each batch on the device right after the copy.
+    `augment`, if given, augments each batch on the device right after the copy. `watch` (on
+    every rank alike) raises when a loss was not finite, at its checks.
     """
     net, device = stepper.net, stepper.device
     net.train()
@@ -105,6 +120,10 @@ def train_one_epoch(
             sums[4] += n  # Python numbers are kernel arguments: no host-to-device copy, no sync
             sums[5] += batch.get("skipped", 0)
         stats.steps += 1
+        if watch is not None:
+            watch.update(values, stats.steps)
+            if stats.steps % watch.every == 0:
+                watch.check()
         if profiler is not None:
             profiler.step()
         if logger is not None:
@@ -115,6 +134,8 @@ def train_one_epoch(
         if stats.steps % logger.every:  # the epoch's last point, so short runs log too
             logger.log(running_means(sums), stats.steps)
         logger.close()
+    if watch is not None:
+        watch.check()  # before anything is evaluated or saved
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     stats.train_s = time.perf_counter() - start
@@ -169,24 +190,32 @@ def evaluate(
     max_batches: int | None = None,
     channels_last: bool = False,
 ) -> tuple[dict[str, float], np.ndarray | None]:
-    """Metrics of `model` over every batch of `loader`, summed across ranks; optionally a grid."""
+    """Metrics of `model` over every batch of `loader`, summed across ranks; optionally a grid.
+
+    When any rank fails, every rank raises before the metrics' all_reduce (none is left waiting
+    in it): a ValueError when each failure was one of EVAL_FAILURES, else a RuntimeError.
+    """
     was_training = model.training
     model.eval()
     acc = MetricAccumulator(device)
-    grid = None
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        inputs, mask, depth = to_device(batch, device, channels_last=channels_last)
-        with autocast(device, amp):
-            mask_logits, depth_pred = model(inputs)
-        mask_logits, depth_pred = mask_logits.float(), depth_pred.float()
-        loss, _, _ = compute_loss(mask_logits, depth_pred, mask, depth, weights)
-        acc.update(mask_logits, depth_pred, mask, depth, loss=loss)
-        if grid is None and grid_rows > 0:
-            grid = grid_of(inputs, mask, depth, mask_logits, depth_pred, grid_rows)
-    acc.all_reduce()
+    grid, failure = None, None
+    try:
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            inputs, mask, depth = to_device(batch, device, channels_last=channels_last)
+            with autocast(device, amp):
+                mask_logits, depth_pred = model(inputs)
+            mask_logits, depth_pred = mask_logits.float(), depth_pred.float()
+            loss, _, _ = compute_loss(mask_logits, depth_pred, mask, depth, weights)
+            acc.update(mask_logits, depth_pred, mask, depth, loss=loss)
+            if grid is None and grid_rows > 0:
+                grid = grid_of(inputs, mask, depth, mask_logits, depth_pred, grid_rows)
+    except Exception as exc:  # raised again below, on every rank alike
+        failure = exc
     model.train(was_training)
+    raise_together(failure, device, EVAL_FAILURES)  # before the one collective of the metrics
+    acc.all_reduce()
     return acc.compute(), grid
 
 

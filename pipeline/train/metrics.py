@@ -26,8 +26,12 @@ _SUMS = (
     "depth_pixels",
     "loss",  # sum of batch loss * batch size
     "loss_samples",
+    "published_intersection",  # pixels, over all images, by the published IoU's definition
+    "published_union",
 )
 _INDEX = {name: i for i, name in enumerate(_SUMS)}
+# The published IoU thresholds both the target and the raw logits (not probabilities) at this.
+PUBLISHED_THRESHOLD = 0.75
 
 
 def mask_counts(
@@ -40,6 +44,18 @@ def mask_counts(
     intersection = (pred & true).sum(1, dtype=torch.float64)
     total = pred.sum(1, dtype=torch.float64) + true.sum(1, dtype=torch.float64)
     return intersection, total - intersection, total
+
+
+def published_counts(mask_logits: Tensor, mask_true: Tensor) -> Tensor:
+    """[|P & T|, |P | T|] over the batch's pixels, float64, as the published IoU counts them.
+
+    The published code scored `jaccard_score(mask_true > 0.75, mask_logits > 0.75)`: the raw
+    logits against 0.75 (a probability above sigmoid(0.75) = 0.68), every pixel pooled.
+    """
+    pred = mask_logits > PUBLISHED_THRESHOLD
+    true = mask_true > PUBLISHED_THRESHOLD
+    intersection = (pred & true).sum(dtype=torch.float64)
+    return torch.stack([intersection, (pred | true).sum(dtype=torch.float64)])
 
 
 def iou_dice(intersection: Tensor, union: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
@@ -89,6 +105,8 @@ class MetricAccumulator:
         # One stacked add for the sums computed on the device, in _SUMS order from "iou".
         sums = torch.stack([v.sum(dtype=torch.float64) for v in values])
         self._sums[_INDEX["iou"] : _INDEX["depth_ssim"] + 1] += sums.to(self.device)
+        published = published_counts(mask_logits, mask_true).to(self.device)
+        self._sums[_INDEX["published_intersection"] :] += published
         # Python numbers are kernel arguments: adding them needs no host-to-device copy.
         self._sums[_INDEX["samples"]] += n
         self._sums[_INDEX["depth_pixels"]] += depth_true.numel()
@@ -118,6 +136,10 @@ class MetricAccumulator:
             "dice": s["dice"] / n,
             "iou_pixel": s["intersection"] / s["union"] if s["union"] else 1.0,
             "dice_pixel": 2 * s["intersection"] / s["pred_plus_true"] if s["union"] else 1.0,
+            # sklearn's jaccard_score gives 0 when both masks are empty everywhere.
+            "iou_published": (
+                s["published_intersection"] / s["published_union"] if s["published_union"] else 0.0
+            ),
             "depth_rmse": (s["depth_squared_error"] / s["depth_pixels"]) ** 0.5,
             # No true depth above eps anywhere: these two are undefined.
             "depth_abs_rel": s["depth_abs_rel"] / valid if valid else float("nan"),

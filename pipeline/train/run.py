@@ -21,12 +21,13 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from model import UNet
+from model import UNet, UNetConfig
 from pipeline.schema import split_samples
-from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.train.checkpoint import init_weights, load_checkpoint, save_checkpoint
 from pipeline.train.config import TrainConfig
 from pipeline.train.feed import Feed, open_feed
-from pipeline.train.loop import EpochStats, Stepper, evaluate, train_one_epoch
+from pipeline.train.guard import LossWatch, check_weights, claim_run_folder
+from pipeline.train.loop import EVAL_FAILURES, EpochStats, Stepper, evaluate, train_one_epoch
 from pipeline.train.report import (
     StepLogger,
     epoch_line,
@@ -52,6 +53,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     config.validate()
     dist = setup_distributed(config.device)
     try:
+        claim_run_folder(Path(config.out), config.resume, config.overwrite, dist)  # before writing
         if config.profile == "cprofile":
             return _train_profiled(config, dist)
         return _train(config, dist)
@@ -99,7 +101,7 @@ class Run:
 def _train(config: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     manifest = open_manifest(config.shards)
     config.world_size = dist.world_size
-    config.model_args = {"image_channels": manifest["channels"]}
+    config.model_args = _network_args(config, manifest)
     _seed_everything(config.seed + dist.rank)
     run = _start_run(config, dist, manifest)
     metrics: dict[str, Any] = {}
@@ -133,6 +135,10 @@ def _start_run(config: TrainConfig, dist: DistInfo, manifest: dict) -> Run:
     )
     if config.resume:
         _resume(Path(config.out), run, config, device)
+    elif config.init:
+        init_weights(model, Path(config.init), Path(config.out))
+        if dist.is_main:
+            log.info("starting from the weights of %s", config.init)
     run.start_epoch = run.epoch
     if dist.distributed:
         ids = [device.index] if device.type == "cuda" else None
@@ -158,15 +164,27 @@ def _start_run(config: TrainConfig, dist: DistInfo, manifest: dict) -> Run:
     return run
 
 
+def _network_args(config: TrainConfig, manifest: dict) -> dict:
+    """The run's model_args: the shards' channels, and the depth output of the checkpoint it
+    continues (--resume) or starts from (--init), so a published network stays one."""
+    source = Path(config.out) / "last.pt" if config.resume else config.init
+    args = {"image_channels": manifest["channels"]}
+    if source and Path(source).is_file():
+        saved = load_checkpoint(source)["config"].get("model_args", {})
+        args["depth_output"] = saved.get("depth_output", UNetConfig.depth_output)
+    return dataclasses.asdict(UNetConfig(**args))
+
+
 def build_stepper(
     config: TrainConfig, device: torch.device, model_args: dict
 ) -> tuple[UNet, Stepper]:
     """The network on its device and what trains it (also the set-up `bench train` measures)."""
+    amp = resolve_amp(config.amp, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed 160x160 shapes: pick the fastest kernels once
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    amp = resolve_amp(config.amp, device)
+        # TF32 for the fp32 work, unless --amp off asks for plain fp32 (to compare precisions).
+        torch.backends.cuda.matmul.allow_tf32 = amp != "off"
+        torch.backends.cudnn.allow_tf32 = amp != "off"
     model = UNet.from_args(model_args).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -196,15 +214,17 @@ def _train_epoch(run: Run, config: TrainConfig, dist: DistInfo, epoch: int) -> d
     if config.profile == "torch" and first and dist.is_main:
         profiler = torch_profiler(Path(config.out), run.steps)
     logger = _step_logger(run, config, dist, epoch) if dist.is_main else None
+    watch = LossWatch(device, config.log_every, run.step, epoch + 1)
     with profiler or contextlib.nullcontext():
-        stats = train_one_epoch(run.stepper, loader, logger, profiler, run.feed.augment)
+        stats = train_one_epoch(run.stepper, loader, logger, profiler, run.feed.augment, watch)
     run.step += stats.steps
+    check_weights(run.model, run.step, epoch + 1, dist)  # a NaN update never reaches a save
     lr = run.stepper.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
     run.scheduler.step()
     eval_start = time.perf_counter()
     try:
         metrics, grid = _evaluate_epoch(run, config, dist)
-    except ValueError as exc:  # e.g. no test sample could be decoded: keep the epoch's work
+    except EVAL_FAILURES as exc:  # e.g. no test sample could be decoded: keep the epoch's work
         log.warning("evaluation failed, this epoch has no test metrics: %s", exc)
         metrics, grid = {}, None
     times = (time.perf_counter() - eval_start, time.perf_counter() - start)
@@ -212,14 +232,25 @@ def _train_epoch(run: Run, config: TrainConfig, dist: DistInfo, epoch: int) -> d
     metrics = _epoch_report(run, dist, label, stats, metrics, grid, times, lr)
     run.epoch = epoch + 1
     if dist.is_main:
-        score = metrics.get("iou", stats.iou)  # the training IoU when there are no test metrics
-        improved = score > run.best_iou
-        run.best_iou = max(run.best_iou, score)
+        improved = _improves_best(run, metrics, stats, label)
         state = _checkpoint_state(run, config, metrics)
         save_checkpoint(state, Path(config.out) / "last.pt")
         if improved:
             save_checkpoint(state, Path(config.out) / "best.pt")
     return metrics
+
+
+def _improves_best(run: Run, metrics: dict, stats: EpochStats, label: str) -> bool:
+    """Whether this epoch becomes best.pt, always on one metric: the test IoU when the run has a
+    test split (an epoch without test metrics never does), else the training IoU."""
+    score = metrics.get("iou") if run.has_test else stats.iou
+    if score is None:
+        log.warning("epoch %s has no test metrics: best.pt stays as it was", label)
+        return False
+    if score <= run.best_iou:
+        return False
+    run.best_iou = score
+    return True
 
 
 def _evaluate_epoch(run: Run, config: TrainConfig, dist: DistInfo):

@@ -82,6 +82,45 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise minimum of a tensor across ranks, in place (a no-op in one process)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MIN)
+    return tensor
+
+
+def count_ranks(flags: list[bool], device: torch.device) -> list[int]:
+    """For each flag, how many ranks raised it (one small all_reduce; this rank's own alone)."""
+    counts = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=device)
+    return [int(n) for n in all_reduce_sum(counts).tolist()]
+
+
+def raise_together(
+    failure: Exception | None, device: torch.device, expected: tuple[type[Exception], ...]
+) -> None:
+    """Raise on every rank when any rank failed, so that no rank is left waiting in a collective.
+
+    A rank raises its own failure as it is. A rank that did not fail raises a ValueError when
+    every failure was `expected` (the caller may then skip the work on all ranks alike), and a
+    RuntimeError when one was not (every rank then fails).
+    """
+    mine = failure is not None and isinstance(failure, expected)
+    other = failure is not None and not mine
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        if failure is not None:
+            raise failure
+        return
+    expected_failures, other_failures = count_ranks([mine, other], device)
+    if other_failures:
+        if other:
+            raise failure
+        raise RuntimeError(f"{other_failures} other rank(s) failed (their error is in their log)")
+    if failure is not None:
+        raise failure
+    if expected_failures:
+        raise ValueError(f"{expected_failures} other rank(s) failed (their log says why)")
+
+
 # ---------------------------------------------------------------- precision
 
 

@@ -8,7 +8,6 @@ only on (seed, epoch, cycle), so every process agrees on who reads what.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from urllib.parse import urlparse
@@ -19,7 +18,9 @@ from webdataset.gopen import gopen
 
 from pipeline.schema import (
     MANIFEST_NAME,
+    check_shard_path,
     load_manifest,
+    parse_json,
     split_samples,
     split_shards,
     validate_manifest,
@@ -38,7 +39,7 @@ def open_manifest(location: str | Path) -> dict:
     url = f"{str(location).rstrip('/')}/{MANIFEST_NAME}"
     try:
         with gopen(url) as stream:
-            data = json.loads(stream.read())
+            data = parse_json(stream.read())
     except (OSError, ValueError) as exc:
         raise ValueError(f"{url}: cannot read the manifest ({exc})") from None
     validate_manifest(data, url)
@@ -46,12 +47,16 @@ def open_manifest(location: str | Path) -> dict:
 
 
 def shard_urls(location: str | Path, manifest: dict, split: str) -> list[str]:
-    """The split's shards in manifest order: local paths, or URLs (base + "/" + path)."""
-    shards = split_shards(manifest, split)
+    """The split's shards in manifest order: local paths, or URLs (base + "/" + path).
+
+    Only the prefix the user typed may be a URL (`pipe:…`, `https://…`): each path from the
+    manifest is checked again to be `SPLIT/NAME.tar`, so no manifest can run a command.
+    """
+    paths = [check_shard_path(split, shard["path"]) for shard in split_shards(manifest, split)]
     if is_url(location):
         base = str(location).rstrip("/")
-        return [f"{base}/{shard['path']}" for shard in shards]
-    return [str(Path(location) / shard["path"]) for shard in shards]
+        return [f"{base}/{rel}" for rel in paths]
+    return [str(Path(location) / rel) for rel in paths]
 
 
 def train_steps_per_epoch(manifest: dict, batch_size: int, world_size: int) -> int:

@@ -7,20 +7,20 @@ augment). Each is a plain generator, easy to test alone.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
-import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
 
-from pipeline.images import Decoder, decode_image
-from pipeline.schema import FIELDS, INPUTS, member_ext
+from pipeline.images import Decoder, decode_image, decoder_for
+from pipeline.schema import FIELDS, IMAGE_EXTS, INPUTS, find_field
 from pipeline.store.tar import read_samples
 from pipeline.train import augment as augmentation
 from pipeline.train.augment import AugmentConfig
@@ -127,26 +127,27 @@ def decode_samples(
 ) -> Iterator[dict]:
     """Raw samples -> {"key", field: uint8 (H, W, C)}; a sample that fails is counted and handed
     to the handler (with its key and shard named), never half-yielded. With a `cache`, each
-    distinct background is decoded once (its arrays are read-only)."""
+    distinct background is decoded once (its arrays are read-only).
 
-    def decode(data: bytes, depth: int, size: tuple[int, int]) -> np.ndarray:
-        return decode_image(data, depth, size, decoder)
-
+    A field is `FIELD.jpg` (decoded by `decoder`) or `FIELD.png` (by `images.decode_png`, the
+    faster of cv2 and PIL as measured there): the same arrays either way, one channel for masks
+    and depths whatever their colour type."""
     for sample in samples:
         key, url = sample.get("__key__"), sample.get("__url__")
         try:
             decoded = {"key": key}
             for field in FIELDS:
-                ext = member_ext(field)
-                data = sample.get(ext)
-                if data is None:
-                    raise ValueError(f"missing {ext}")
+                ext = find_field(sample, field)
+                if ext is None:
+                    raise ValueError(f"missing {field}.{'|'.join(IMAGE_EXTS)}")
+                data = sample[ext]
                 depth = channels if field in INPUTS else 1  # masks and depths: one channel
+                codec = functools.partial(decode_image, decoder=decoder_for(ext, decoder))
                 try:
                     if cache is not None and field == "bg":  # shared by many samples
-                        decoded[field] = cache.decode(data, depth, sizes[field], decode)
+                        decoded[field] = cache.decode(data, depth, sizes[field], codec)
                     else:
-                        decoded[field] = decode(data, depth, sizes[field])
+                        decoded[field] = codec(data, depth, sizes[field])
                 except Exception as exc:  # any decoder's failure skips the sample
                     raise ValueError(f"{ext}: {exc}") from None
         except ValueError as exc:

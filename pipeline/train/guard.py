@@ -1,0 +1,109 @@
+"""What keeps a run from destroying another or saving garbage: the run-folder check, the watch
+on non-finite losses (no host sync a step), and the finite-weights check before any save.
+
+Every check here reaches the same answer on every rank (one small all_reduce), so that no rank
+stops while the others wait for it in a collective.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from pipeline.train.checkpoint import non_finite
+from pipeline.train.runtime import DistInfo, all_reduce_min, count_ranks
+
+log = logging.getLogger(__name__)
+
+RUN_FILES = ("last.pt", "best.pt", "config.json")  # what `train` writes into OUT
+EVENTS = "events.out.tfevents.*"  # TensorBoard's files
+LOSS_PARTS = ("total", "mask", "depth")  # train_step's values [loss, loss_mask, loss_depth, iou]
+NEVER = 2**62  # the watch's "no non-finite step yet"
+
+
+class NonFiniteError(ValueError):
+    """Training produced NaN or inf; nothing of that epoch was saved."""
+
+
+def earlier_run(out: Path) -> list[Path]:
+    """The files an earlier run left in OUT: checkpoints, config.json, TensorBoard events."""
+    if not out.is_dir():
+        return []
+    return [out / n for n in RUN_FILES if (out / n).exists()] + sorted(out.glob(EVENTS))
+
+
+def claim_run_folder(out: Path, resume: bool, overwrite: bool, dist: DistInfo) -> None:
+    """Refuse, on every rank alike, to train over an earlier run without --resume/--overwrite.
+
+    Called before any rank writes; with --overwrite, rank 0 then removes the earlier run's files
+    (a best.pt of another run would otherwise survive an epoch that does not improve on it).
+    """
+    found = [] if resume else earlier_run(out)
+    (refusing,) = count_ranks([bool(found) and not overwrite], dist.device)
+    if refusing:
+        what = _describe(found) if found else "seen by another rank"
+        raise FileExistsError(
+            f"{out} already holds a run ({what}): continue it with --resume, train into "
+            "a new folder, or replace it with --overwrite"
+        )
+    if found and dist.is_main:
+        log.warning("--overwrite: removing the earlier run in %s (%s)", out, _describe(found))
+        for path in found:
+            path.unlink(missing_ok=True)
+
+
+def _describe(files: list[Path]) -> str:
+    names = [p.name for p in files if p.name in RUN_FILES]
+    events = len(files) - len(names)
+    if events:
+        names.append(f"{events} TensorBoard event file{'s' if events > 1 else ''}")
+    return ", ".join(names)
+
+
+class LossWatch:
+    """The first step whose loss was not finite, kept on the device: no host sync a step.
+
+    `check` (every `every` steps and at the epoch's end, on every rank) reads it. Until then a
+    non-finite step may have spoilt the weights, which is why nothing is saved before a check.
+    """
+
+    def __init__(self, device: torch.device, every: int, start_step: int = 0, epoch: int = 1):
+        self.first = torch.full((len(LOSS_PARTS),), NEVER, dtype=torch.int64, device=device)
+        self.every = every  # steps between checks (each one host sync and one tiny all_reduce)
+        self.start_step = start_step  # optimizer steps before this epoch, for the message
+        self.epoch = epoch
+
+    def update(self, values: torch.Tensor, step: int) -> None:
+        """Note `step` (1-based in the epoch) where a loss part of `values` is not finite."""
+        bad = ~torch.isfinite(values[: len(LOSS_PARTS)])
+        # `step` is a Python number: a kernel argument, no host-to-device copy.
+        self.first = torch.where(bad, self.first.clamp(max=step), self.first)
+
+    def check(self) -> None:
+        """Raise NonFiniteError on every rank when any rank saw a non-finite loss."""
+        first = all_reduce_min(self.first.clone()).tolist()
+        step = min(first)
+        if step == NEVER:
+            return
+        parts = [p for p, s in zip(LOSS_PARTS, first, strict=True) if s == step and p != "total"]
+        what = " and ".join(f"the {p} loss" for p in parts) or "the weighted total loss"
+        raise NonFiniteError(
+            f"training stopped: {what} was not finite (NaN or inf) at step "
+            f"{self.start_step + step} (step {step} of epoch {self.epoch}); nothing of this "
+            "epoch was saved. Try a lower --lr or other loss weights"
+        )
+
+
+def check_weights(model: torch.nn.Module, step: int, epoch: int, dist: DistInfo) -> None:
+    """Raise NonFiniteError on every rank when any rank's weights hold NaN or inf."""
+    bad = non_finite(model.state_dict())
+    (spoilt,) = count_ranks([bool(bad)], dist.device)
+    if spoilt:
+        where = f" ({', '.join(bad[:3])})" if bad else " on another rank"
+        raise NonFiniteError(
+            f"training stopped after step {step} (epoch {epoch}): the weights hold NaN or inf"
+            f"{where} though every loss was finite; nothing of this epoch was saved. "
+            "Try a lower --lr"
+        )

@@ -1,0 +1,788 @@
+"""Hostile and unlucky inputs on the store side (issue 9): a manifest is data, memory is bounded,
+a failed, killed or concurrent convert never looks finished, files get the shards' permissions."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+import tracemalloc
+import zipfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import build_zip
+
+from pipeline.cli import cli
+from pipeline.schema import MAX_MEMBER_BYTES, validate_manifest
+from pipeline.store import tar as tar_module
+from pipeline.store.catalog import failure_path
+from pipeline.store.guard import locked
+from pipeline.store.runner import ConvertConfig, convert_zips
+from pipeline.store.tar import read_samples
+from pipeline.store.verify import verify_shards
+from pipeline.store.zipread import MemberReader, MemberRefused
+
+PWN = "pipe:id > pwned.txt; cat train/batch01-000000.tar"
+
+
+def convert(zips, out: Path, **options):
+    options.setdefault("progress", False)
+    return convert_zips([Path(z) for z in zips], ConvertConfig(out=out, **options))
+
+
+def verify(out: Path):
+    return verify_shards(out, workers=1, progress=False)
+
+
+def manifest_of(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def edit_manifest(out: Path, change) -> None:
+    manifest = manifest_of(out)
+    change(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def first_train_shard(manifest: dict) -> dict:
+    return manifest["splits"]["train"]["shards"][0]
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> Path:
+    """A finished conversion: batch 1 (train, 2 shards) and batch 10 (test)."""
+    zips = [build_zip(tmp_path / "batch1_images.zip", 4).path]
+    zips.append(build_zip(tmp_path / "batch10_images.zip", 2, seed=3).path)
+    out = tmp_path / "shards"
+    assert convert(zips, out, shard_samples=2).ok
+    return out
+
+
+# ---------------------------------------------------------------- 1. a manifest is data
+
+
+def test_a_manifest_path_cannot_run_a_command(shards: Path, monkeypatch):
+    edit_manifest(shards, lambda m: first_train_shard(m).update(path=PWN))
+    monkeypatch.chdir(shards)
+    runner = CliRunner()
+    commands = [
+        ["verify", "."],
+        ["train", "--shards", ".", "--out", "run", "--device", "cpu", "--steps-per-epoch", "1"],
+        ["evaluate", "model.pt", "--shards", ".", "--device", "cpu"],
+    ]
+    for args in commands:
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 1, (args, result.output)
+        assert isinstance(result.exception, SystemExit)  # a message, not a traceback
+        (line,) = result.stderr.strip().splitlines()[-1:]
+        assert line.startswith("error: manifest.json: splits.train.shards[0]: shard path")
+        assert repr(PWN) in line and "train/NAME.tar" in line
+    assert not (shards / "pwned.txt").exists()
+    assert not Path("run").exists()
+
+
+def test_a_manifest_read_over_a_url_is_checked_too(shards: Path, monkeypatch):
+    from pipeline.train.sources import open_manifest, shard_urls
+
+    edit_manifest(shards, lambda m: first_train_shard(m).update(path=PWN))
+    monkeypatch.chdir(shards)
+    with pytest.raises(ValueError, match="shard path 'pipe:id"):
+        open_manifest(f"file://{shards}")
+    # shard_urls checks each path again, even for a manifest that skipped validation.
+    with pytest.raises(ValueError, match="shard path 'pipe:id"):
+        shard_urls("pipe:cat", manifest_of(shards), "train")
+    assert not (shards / "pwned.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../outside.tar",
+        "/etc/hostname",
+        "train/../../outside.tar",
+        "train/sub/x.tar",
+        "test/batch01-000000.tar",  # another split's folder
+        "train/.hidden.tar",
+        "train/x.tar; rm -rf ~",
+        "https://host/x.tar",
+        "train/x.zip",
+    ],
+)
+def test_verify_refuses_a_path_outside_the_folder(shards: Path, path: str):
+    outside = shards.parent / "outside.tar"
+    outside.write_bytes(b"\0" * 1234)
+    edit_manifest(shards, lambda m: first_train_shard(m).update(path=path))
+    with pytest.raises(ValueError, match="is not of the form train/NAME.tar") as info:
+        verify(shards)
+    assert repr(path) in str(info.value) and "1234" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "fault"),
+    [
+        (lambda m: m["splits"].update(train="abc"), "splits.train must be an object"),
+        (lambda m: first_train_shard(m).update(samples="2"), "samples must be a count"),
+        (lambda m: first_train_shard(m).update(path=None), "shard path None"),
+        (lambda m: first_train_shard(m).update(bytes=-1), "bytes must be a count"),
+        (lambda m: first_train_shard(m).update(sha256=7), "sha256 must be 64 hex digits"),
+        (lambda m: m["splits"]["train"].update(samples=None), "splits.train.samples must be"),
+        (lambda m: m["splits"]["train"]["shards"].append("x"), "a shard entry must be an object"),
+        (lambda m: m["sizes"].pop("fg_bg"), "sizes.fg_bg must be [width, height]"),
+        (lambda m: m.update(mode=["L"]), "unknown image mode"),
+        (lambda m: m.update(channels=True), "'channels' is True"),
+        (lambda m: m.update(failed="none"), "'failed' must be a list"),
+    ],
+)
+def test_a_manifest_of_wrong_types_is_one_line_naming_the_fault(shards: Path, change, fault):
+    edit_manifest(shards, change)
+    result = CliRunner().invoke(cli, ["verify", str(shards)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {shards / 'manifest.json'}: ") and fault in line
+
+
+def test_validate_manifest_accepts_what_convert_writes(shards: Path):
+    validate_manifest(manifest_of(shards), "m.json")  # the new strictness fits our own output
+
+
+def test_verify_json_reports_a_missing_manifest(shards: Path):
+    (shards / "manifest.json").unlink()
+    result = CliRunner().invoke(cli, ["verify", str(shards), "--json"])
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["ok"] is False and report["shards"] == 0
+    assert "not a finished conversion" in report["problems"][0]["problem"]
+
+
+DEEP = "[" * 200000 + "]" * 200000  # json recurses once per level: a RecursionError
+
+
+def test_a_deeply_nested_manifest_is_one_line_for_every_reader(shards: Path, monkeypatch):
+    from pipeline.train.sources import open_manifest
+
+    (shards / "manifest.json").write_text(DEEP)
+    monkeypatch.chdir(shards)
+    runner = CliRunner()
+    commands = [
+        ["verify", "."],
+        ["train", "--shards", ".", "--out", "run", "--device", "cpu", "--steps-per-epoch", "1"],
+        ["evaluate", "model.pt", "--shards", ".", "--device", "cpu"],
+    ]
+    for args in commands:
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), args
+        (line,) = result.stderr.strip().splitlines()
+        assert line == "error: manifest.json: not valid JSON (nested too deeply)", args
+    result = runner.invoke(cli, ["verify", ".", "--json"])
+    assert result.exit_code == 1
+    (found,) = json.loads(result.stdout)["problems"]
+    assert found["problem"] == "manifest.json: not valid JSON (nested too deeply)"
+    with pytest.raises(ValueError, match="manifest.json: cannot read the manifest .not valid JSON"):
+        open_manifest(f"file://{shards}")  # a manifest over a URL
+
+
+def test_deeply_nested_records_and_sample_json_are_problems_not_crashes(shards: Path):
+    from pipeline.store.catalog import load_failures, load_records
+    from pipeline.store.verify import check_sample
+
+    records = shards / ".parts"
+    (records / "batch01.json").write_text(DEEP)
+    (records / "failed-batch10.json").write_text(DEEP)
+    assert load_records(shards)[1] == (
+        f"{records / 'batch01.json'}: unreadable record (not valid JSON (nested too deeply))"
+    )
+    assert "unreadable (not valid JSON (nested too deeply))" in load_failures(shards)[10]["error"]
+    path = shards / first_train_shard(manifest_of(shards))["path"]
+    with open(path, "rb") as f:
+        sample = next(iter(read_samples(f, str(path))))
+    (problem,) = check_sample({**sample, "json": DEEP.encode()}, manifest_of(shards), 1)
+    assert problem.startswith("json: not the provenance record") and "nested too deeply" in problem
+
+
+def edit_record(out: Path, batch: int, change) -> None:
+    path = out / ".parts" / f"batch{batch:02d}.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps(change(record)))
+
+
+def _with(record: dict, **fields) -> dict:
+    return {**record, **fields}
+
+
+def _shard_path(record: dict, path: str) -> dict:
+    record["shards"][0]["path"] = path
+    return record
+
+
+@pytest.mark.parametrize(
+    ("change", "fault"),
+    [
+        (lambda r: _with(r, shards=5), "shards must be list, got 5"),
+        (lambda r: _with(r, batch="1"), "batch must be int, got '1'"),
+        (lambda r: _with(r, batch=True), "batch must be int, got True"),
+        (lambda r: _with(r, split="valid"), "split 'valid'"),
+        (lambda r: _with(r, samples=10**30), "is not the sum of its shards' samples"),
+        (lambda r: _with(r, skipped=[1]), "skipped must be a list of"),
+        (lambda r: _with(r, formats={"jpg": "1"}), "formats must count jpg and png members"),
+        (lambda r: _shard_path(r, "../outside.tar"), "shard path '../outside.tar' is not"),
+        (lambda r: _shard_path(r, "/etc/hostname"), "shard path '/etc/hostname' is not"),
+        (lambda r: _shard_path(r, "test/batch10-000000.tar"), "is not of the form train/"),
+        (lambda r: [r], "not an object: list"),
+    ],
+)
+def test_a_damaged_record_is_a_record_problem_and_its_zip_is_redone(
+    shards: Path, change, fault, caplog
+):
+    edit_record(shards, 1, change)
+    z1, z10 = shards.parent / "batch1_images.zip", shards.parent / "batch10_images.zip"
+    # Batch 1 not given: its record is reported, not used (and no traceback).
+    summary = convert([z10], shards, shard_samples=2)
+    (failed,) = summary.failed
+    assert failed["zip"] == "batch 1" and "batch01.json: damaged record (" in failed["error"]
+    assert fault in failed["error"]
+    assert [s["batch"] for s in manifest_of(shards)["sources"]] == [10]
+    # Given again, its zip is converted again.
+    with caplog.at_level("INFO", logger="pipeline.store.runner"):
+        again = convert([z1, z10], shards, shard_samples=2)
+    assert again.ok and again.converted == ["batch1_images.zip"]
+    assert "damaged record" in caplog.text and "converting it again" in caplog.text
+    assert verify(shards).ok
+
+
+def test_a_record_never_makes_convert_read_outside_the_folder(shards: Path, monkeypatch):
+    import pipeline.store.catalog as catalog
+
+    record = json.loads((shards / ".parts" / "batch01.json").read_text())
+    outside = shards.parent / "outside.tar"
+    outside.write_bytes(bytes(record["shards"][0]["bytes"]))  # the size the record says
+    edit_record(shards, 1, lambda r: _shard_path(r, "../outside.tar"))
+    hashed = []
+    real = catalog.file_sha256
+    monkeypatch.setattr(catalog, "file_sha256", lambda path: hashed.append(path) or real(path))
+    convert([shards.parent / "batch10_images.zip"], shards, shard_samples=2)
+    assert hashed and all(shards in Path(p).resolve().parents for p in hashed)
+    assert outside not in [Path(p).resolve() for p in hashed]
+
+
+def test_a_failure_record_of_an_odd_name_is_named_and_still_counts(shards: Path):
+    odd = shards / ".parts" / "failed-batchXX.json"
+    odd.write_text("{}")
+    summary = convert([shards.parent / "batch10_images.zip"], shards, shard_samples=2)
+    assert summary.ok  # its own zips converted
+    (failed,) = manifest_of(shards)["failed"]
+    assert failed["zip"] == "failed-batchXX.json"
+    assert f"{odd}: unreadable (not a name convert writes" in failed["error"]
+    assert not verify(shards).ok
+    convert([shards.parent / "batch10_images.zip"], shards, shard_samples=2, forget_failed=True)
+    assert not odd.exists() and verify(shards).ok
+
+
+@pytest.mark.parametrize("digits", [90, 5000])
+def test_a_sample_named_with_huge_numbers_is_skipped_not_fatal(tmp_path: Path, digits: int):
+    z = build_zip(tmp_path / "batch1_images.zip", 3)
+    first = next(iter(z.samples.values()))
+    huge = f"{'9' * digits}_1_0_1"  # 90 digits: a key over the tar name field; 5000: over int's
+    names = {
+        "fg_bg": f"fg_bg_jpg/fg_bg_{huge}.jpg",
+        "mask": f"mask_black_jpg/bg_mask_{huge}.jpg",
+        "depth": f"depth_fg_bg_jpg/depth_fg_bg_{huge}.jpg",
+        "bg": f"bg_jpg/bg_img_{'9' * digits}.jpg",
+    }
+    with zipfile.ZipFile(z.path, "a") as zf:
+        for kind, name in names.items():
+            zf.writestr(name, z.members[first[kind]])
+        zf.writestr(f"top/{names['fg_bg']}", z.members[first["fg_bg"]])  # in a top folder too
+    out = tmp_path / "shards"
+    summary = convert([z.path], out)
+    assert summary.ok and summary.samples["train"] == 3
+    reasons = {s["member"]: s["reason"] for s in manifest_of(out)["skipped"]}
+    assert set(reasons) == {names["fg_bg"], f"top/{names['fg_bg']}"}  # every sample accounted for
+    assert all("a number in its name has over 9 digits" in r for r in reasons.values())
+    assert verify(out).ok
+
+
+def test_the_longest_key_fits_a_tar_name_field():
+    from pipeline.store.names import MAX_DIGITS, SampleId, batch_number, classify, sample_key
+    from pipeline.store.tar import NAME_FIELD
+
+    top = "9" * MAX_DIGITS
+    member = classify(f"fg_bg_jpg/fg_bg_{top}_{top}_1_{top}.jpg")
+    assert member is not None and member.sample == SampleId(int(top), int(top), 1, int(top))
+    assert classify(f"fg_bg_jpg/fg_bg_1{top}_1_1_1.jpg") is None
+    longest = f"{sample_key(int(top), member.sample)}.fg_bg.jpg"  # a 9-digit batch too
+    assert len(longest) <= NAME_FIELD
+    assert batch_number(f"batch{top}_images.zip") == int(top)
+    with pytest.raises(ValueError, match="batch1" + top + "_images.zip: a batch number of over 9"):
+        batch_number(f"batch1{top}_images.zip")
+
+
+# ---------------------------------------------------------------- 2. bounded memory
+
+
+def add_member(path: Path, name: str, size: int) -> None:
+    """Append a member of `size` zero bytes, written in chunks (never held whole)."""
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zf.open(name, "w") as member:
+            left = size
+            while left > 0:
+                member.write(bytes(min(left, 1 << 20)))
+                left -= 1 << 20
+
+
+def declare_size(path: Path, name: str, size: int) -> None:
+    """Make a member's headers (local and central) lie about its uncompressed size."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        offset = zf.getinfo(name).header_offset
+    struct.pack_into("<L", data, offset + 22, size)
+    central = data.rfind(b"PK\x01\x02", 0, data.rindex(name.encode()))
+    struct.pack_into("<L", data, central + 24, size)
+    path.write_bytes(bytes(data))
+
+
+def peak_of(read) -> int:
+    """Peak bytes Python allocated while `read()` ran (it is expected to raise MemberRefused)."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(MemberRefused) as info:
+            read()
+        return tracemalloc.get_traced_memory()[1], str(info.value)
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_deflate_bomb_is_refused_without_inflating_it(tmp_path: Path):
+    path = build_zip(tmp_path / "batch1_images.zip", 2).path
+    bomb = 16 << 20  # 16 MiB of zeros: 16 KB in the zip
+    add_member(path, "fg_bg_jpg/honest_bomb.jpg", bomb)
+    add_member(path, "fg_bg_jpg/lying_bomb.jpg", bomb)
+    declare_size(path, "fg_bg_jpg/lying_bomb.jpg", 9000)
+    with MemberReader(path) as reader:
+        peak, reason = peak_of(lambda: reader.read("fg_bg_jpg/honest_bomb.jpg"))
+        assert f"declares {bomb} bytes, over the {MAX_MEMBER_BYTES}" in reason
+        assert peak < 1 << 20  # refused from its header: nothing read
+        peak, reason = peak_of(lambda: reader.read("fg_bg_jpg/lying_bomb.jpg"))
+        assert "inflates past the 9000 bytes its header declares" in reason
+        assert peak < 1 << 20  # the inflate stopped at 9,001 bytes
+
+
+@pytest.mark.parametrize(
+    "method, kind", [(zipfile.ZIP_BZIP2, "bzip2"), (zipfile.ZIP_LZMA, "lzma"), (99, "unknown")]
+)
+def test_other_compression_methods_are_refused_unread(tmp_path: Path, method: int, kind: str):
+    path = build_zip(tmp_path / "batch1_images.zip", 2).path
+    name = "fg_bg_jpg/other_bomb.jpg"
+    known = method in zipfile.compressor_names
+    with zipfile.ZipFile(path, "a", compression=method if known else zipfile.ZIP_STORED) as zf:
+        zf.writestr(name, bytes(16 << 20))  # 16 MiB of zeros: a few KB compressed
+    declare_size(path, name, 3000)  # a header that lies, as a bomb's does
+    if not known:
+        set_method(path, name, method)
+    with MemberReader(path) as reader:
+        peak, reason = peak_of(lambda: reader.read(name))
+    assert f"compression method {method} ({kind}) is not read" in reason
+    assert peak < 1 << 20  # refused from its header: nothing inflated
+
+
+def set_method(path: Path, name: str, method: int) -> None:
+    """Set one member's compression method in its local header and its directory entry."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        offset = zf.getinfo(name).header_offset
+    struct.pack_into("<H", data, offset + 8, method)
+    central = data.rfind(b"PK\x01\x02", 0, data.rindex(name.encode()))
+    struct.pack_into("<H", data, central + 10, method)
+    path.write_bytes(bytes(data))
+
+
+def test_a_bzip2_member_skips_its_sample_with_the_method_named(tmp_path: Path):
+    z = build_zip(tmp_path / "batch1_images.zip", 4)
+    mask = list(z.samples.values())[1]["mask"]
+    with zipfile.ZipFile(z.path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    with zipfile.ZipFile(z.path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data, zipfile.ZIP_BZIP2 if name == mask else None)
+    out = tmp_path / "shards"
+    summary = convert([z.path], out)
+    assert summary.ok and summary.samples["train"] == 3
+    (skip,) = manifest_of(out)["skipped"]
+    assert skip["member"] == list(z.samples.values())[1]["fg_bg"]
+    assert "compression method 12 (bzip2) is not read" in skip["reason"]
+
+
+def test_convert_skips_bombs_with_their_reason_and_converts_the_rest(tmp_path: Path):
+    z = build_zip(tmp_path / "batch1_images.zip", 4)
+    sample = next(iter(z.samples.values()))
+    fg_bg = sample["fg_bg"]
+    with zipfile.ZipFile(z.path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    members.pop(fg_bg)
+    with zipfile.ZipFile(z.path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    add_member(z.path, fg_bg, 8 << 20)  # one sample's fg_bg inflates to 8 MiB
+    add_member(z.path, "bg_jpg/bg_img_77.jpg", 8 << 20)  # a background no sample uses
+    out = tmp_path / "shards"
+    summary = convert([z.path], out)
+    assert summary.ok and summary.samples["train"] == 3
+    reasons = {s["member"]: s["reason"] for s in manifest_of(out)["skipped"]}
+    assert "declares 8388608 bytes" in reasons[fg_bg]
+    assert "declares 8388608 bytes" in reasons["bg_jpg/bg_img_77.jpg"]
+    assert "no sample uses it" in reasons["bg_jpg/bg_img_77.jpg"]
+    assert verify(out).ok
+
+
+def set_encrypted(path: Path, name: str) -> None:
+    """Set the 'encrypted' flag of one member in its local header and its directory entry."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        offset = zf.getinfo(name).header_offset
+    data[offset + 6] |= 1
+    central = data.rfind(b"PK\x01\x02", 0, data.rindex(name.encode()))
+    data[central + 8] |= 1
+    path.write_bytes(bytes(data))
+
+
+def test_an_encrypted_member_skips_its_sample_only(tmp_path: Path):
+    z = build_zip(tmp_path / "batch1_images.zip", 4)
+    mask = list(z.samples.values())[1]["mask"]
+    set_encrypted(z.path, mask)
+    out = tmp_path / "shards"
+    summary = convert([z.path], out)
+    assert summary.ok and summary.samples["train"] == 3
+    (skip,) = manifest_of(out)["skipped"]
+    assert skip["member"] == list(z.samples.values())[1]["fg_bg"]
+    assert f"mask member {mask}: cannot read it (encrypted member" in skip["reason"]
+
+
+def absurd_tar(size: int) -> bytes:
+    """A tar whose only member's header declares `size` bytes (GNU base-256 above 8 GiB)."""
+    info = tarfile.TarInfo("b01_1_1_0_1.fg_bg.jpg")
+    info.size = size
+    return info.tobuf(format=tarfile.GNU_FORMAT) + bytes(1024)
+
+
+def test_a_tar_header_of_an_absurd_size_is_a_clear_error():
+    with pytest.raises(ValueError, match="declares 10000000000 bytes, over the 4194304"):
+        list(read_samples(io.BytesIO(absurd_tar(10**10)), "train/x.tar"))
+
+
+def test_training_skips_an_absurd_shard_and_verify_reports_it(shards: Path, caplog):
+    from pipeline.train.stages import LogOnce, read_shards
+
+    manifest = manifest_of(shards)
+    bad, good = (s["path"] for s in manifest["splits"]["train"]["shards"])
+    (shards / bad).write_bytes(absurd_tar(10**10))
+    samples = list(read_shards([str(shards / bad), str(shards / good)], LogOnce()))
+    assert len(samples) == 2  # the good shard's, after a warning for the bad one
+    warned = [r.message for r in caplog.records if "declares 10000000000 bytes" in r.message]
+    assert len(warned) == 1 and bad in warned[0]
+    report = verify(shards)
+    lines = [line for line in report.problem_lines() if "declares 10000000000" in line]
+    assert len(lines) == 1 and lines[0].startswith(bad)
+
+
+# ---------------------------------------------------------------- 3. a full disk
+
+
+def four_zips(tmp_path: Path) -> list[Path]:
+    return [build_zip(tmp_path / f"batch{b}_images.zip", 4, seed=b).path for b in (1, 2, 3, 4)]
+
+
+def fill_disk_after(monkeypatch, capacity: int) -> None:
+    """Shard writes raise ENOSPC once `capacity` bytes have been written, as a full disk."""
+    written = [0]
+    original = tar_module._HashingFile.__init__
+
+    class FullDisk:
+        def __init__(self, file) -> None:
+            self._file = file
+
+        def write(self, data) -> int:
+            if written[0] + len(data) > capacity:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            written[0] += len(data)
+            return self._file.write(data)
+
+        def close(self) -> None:
+            self._file.close()
+
+    def init(self, path: Path) -> None:
+        original(self, path)
+        self._file = FullDisk(self._file)
+
+    monkeypatch.setattr(tar_module._HashingFile, "__init__", init)
+
+
+def test_after_a_full_disk_the_folder_never_verifies(tmp_path: Path, monkeypatch):
+    zips = four_zips(tmp_path)
+    sizes = tmp_path / "sizes"
+    convert(zips[:2], sizes)
+    room = sum(p.stat().st_size for p in sizes.rglob("*.tar"))
+    fill_disk_after(monkeypatch, room + 100)  # the third zip does not fit
+    out = tmp_path / "shards"
+    summary = convert(zips, out)
+    assert not summary.ok and summary.converted == ["batch1_images.zip", "batch2_images.zip"]
+    error = summary.failed[0]["error"]
+    assert error.endswith(
+        f"cannot write {out}/train/batch03-000000.tar.tmp: No space left on device"
+    )
+    failed = {f["zip"]: f["error"] for f in manifest_of(out)["failed"]}
+    assert set(failed) == {"batch3_images.zip", "batch4_images.zip"}
+    assert not list(out.rglob("*.tmp"))
+    report = verify(out)
+    assert not report.ok
+    assert any("batch3_images.zip was not converted" in line for line in report.problem_lines())
+    # Another run that does not give those zips does not make the folder complete either.
+    monkeypatch.undo()
+    assert convert(zips[:2], out).ok and not verify(out).ok
+    # A bigger disk: the same command completes the folder, and verify passes.
+    summary = convert(zips, out)
+    assert summary.ok and summary.reused == ["batch1_images.zip", "batch2_images.zip"]
+    assert manifest_of(out)["failed"] == [] and verify(out).ok
+    assert not failure_path(out, 3).exists()
+
+
+def test_forget_failed_goes_on_without_the_failed_zips(tmp_path: Path, monkeypatch, caplog):
+    zips = four_zips(tmp_path)
+    out = tmp_path / "shards"
+    fill_disk_after(monkeypatch, 0)
+    assert not convert(zips[2:], out).ok
+    monkeypatch.undo()
+    assert convert(zips[:2], out).ok and not verify(out).ok
+    result = CliRunner().invoke(
+        cli, ["convert", *map(str, zips[:2]), "--out", str(out), "--forget-failed"]
+    )
+    assert result.exit_code == 0, result.output
+    assert any(
+        "batch3_images.zip: forgotten (--forget-failed)" in r.message for r in caplog.records
+    )
+    assert manifest_of(out)["failed"] == [] and verify(out).ok
+
+
+# ---------------------------------------------------------------- 6. permissions
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_manifest_and_records_get_the_shards_permissions(tmp_path: Path, umask: int):
+    z = build_zip(tmp_path / "batch1_images.zip", 2)
+    old = os.umask(umask)
+    try:
+        out = tmp_path / "shards"
+        assert convert([z.path], out).ok
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    shard = next(out.rglob("*.tar"))
+    assert shard.stat().st_mode & 0o777 == want
+    for path in [out / "manifest.json", *(out / ".parts").glob("*.json")]:
+        assert path.stat().st_mode & 0o777 == want, path
+
+
+# ---------------------------------------------------------------- usage errors
+
+
+def test_a_missing_zip_is_a_usage_error_leaving_no_folder(tmp_path: Path):
+    out = tmp_path / "shards"
+    result = CliRunner().invoke(
+        cli, ["convert", str(tmp_path / "batch1_images.zip"), "--out", str(out)]
+    )
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- 4, 5. other processes
+
+SLOW_CONVERT = """
+import os, sys, time
+import pipeline.store.pool as pool
+from pipeline.cli import main
+
+real = pool.convert_zip
+def slow(job, report=None):
+    if job.batch == 1:
+        return real(job, report)
+    (job.out.parent / f"worker-{job.batch}.pid").write_text(str(os.getpid()))
+    time.sleep(120)
+    return real(job, report)
+pool.convert_zip = slow
+sys.argv = ["pipeline", "convert", *sys.argv[1:]]
+main()
+"""
+
+
+def start_convert(args: list, script: str | None = None) -> subprocess.Popen:
+    code = textwrap.dedent(script) if script else "from pipeline.cli import main; main()"
+    cmd = [sys.executable, "-c", code, *([] if script else ["convert"]), *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until(condition, timeout: float = 60.0) -> None:
+    """Poll `condition` until it holds; fail after `timeout` s (a bound on a hang, not a speed)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.1)
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie that no one reaped counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def worker_pids(root: Path, batches) -> list[int]:
+    return [int((root / f"worker-{b}.pid").read_text()) for b in batches]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_die_with_a_killed_convert(tmp_path: Path):
+    zips = [build_zip(tmp_path / f"batch{b}_images.zip", 3, seed=b).path for b in (2, 3)]
+    out = tmp_path / "shards"
+    proc = start_convert([*zips, "--out", out, "--workers", "2"], SLOW_CONVERT)
+    wait_until(lambda: all((tmp_path / f"worker-{b}.pid").exists() for b in (2, 3)))
+    workers = worker_pids(tmp_path, (2, 3))
+    proc.kill()
+    proc.wait()
+    wait_until(lambda: not any(map(alive, workers)), timeout=20)
+    # The killed run's zips are recorded as unfinished: a later run of another zip
+    # writes a manifest, but verify names them.
+    other = build_zip(tmp_path / "batch4_images.zip", 3, seed=4).path
+    assert convert([other], out).ok
+    failed = {f["zip"] for f in manifest_of(out)["failed"]}
+    assert failed == {"batch2_images.zip", "batch3_images.zip"}
+    assert not verify(out).ok
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_cancels_queued_zips_and_says_what_was_finished(tmp_path: Path):
+    zips = [build_zip(tmp_path / f"batch{b}_images.zip", 3, seed=b).path for b in (1, 2, 3, 4)]
+    out = tmp_path / "shards"
+    proc = start_convert([*zips, "--out", out, "--workers", "2"], SLOW_CONVERT)
+    wait_until(lambda: (out / ".parts" / "batch01.json").exists())
+    wait_until(lambda: all((tmp_path / f"worker-{b}.pid").exists() for b in (2, 3)))
+    workers = worker_pids(tmp_path, (2, 3))
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, stderr = proc.communicate(timeout=30)  # without cancelling: 120 s per queued zip
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "interrupted: 1 zip(s) finished (batch1_images.zip), 3 not finished" in stderr
+    assert "Traceback" not in stderr
+    assert not any(map(alive, workers))
+    assert not (tmp_path / "worker-4.pid").exists()  # the queued zip never started
+    assert sorted(p.name for p in (out / ".parts").glob("batch*.json")) == ["batch01.json"]
+    assert not list(out.rglob("*.tmp")) and not (out / "manifest.json").exists()
+
+
+def test_ctrl_c_in_one_process_keeps_what_was_finished(tmp_path: Path, monkeypatch, caplog):
+    import pipeline.store.pool as pool
+
+    zips = [build_zip(tmp_path / f"batch{b}_images.zip", 3, seed=b).path for b in (1, 2, 3)]
+    real = pool.convert_zip
+
+    def interrupted(job, report=None):
+        if job.batch == 2:
+            raise KeyboardInterrupt
+        return real(job, report)
+
+    monkeypatch.setattr(pool, "convert_zip", interrupted)
+    out = tmp_path / "shards"
+    with pytest.raises(KeyboardInterrupt):
+        convert(zips, out)
+    assert "interrupted: 1 zip(s) finished (batch1_images.zip), 2 not finished" in caplog.text
+    assert sorted(p.name for p in (out / ".parts").glob("*.json")) == [
+        "batch01.json",
+        "failed-batch02.json",
+        "failed-batch03.json",
+    ]
+    monkeypatch.undo()
+    summary = convert(zips, out)  # the same command finishes the folder
+    assert summary.ok and summary.reused == ["batch1_images.zip"] and verify(out).ok
+
+
+BUGGY_CONVERT = """
+import sys
+import pipeline.store.pool as pool
+from pipeline.cli import main
+
+def a_buggy_step(job, report=None):
+    raise KeyError("a bug, not bad input")
+pool.convert_zip = a_buggy_step
+sys.argv = ["pipeline", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_bug_in_a_worker_keeps_its_traceback_with_v(tmp_path: Path):
+    zips = [build_zip(tmp_path / f"batch{b}_images.zip", 1, seed=b).path for b in (1, 2)]
+    args = ["convert", *map(str, zips), "--out", str(tmp_path / "out"), "--workers", "2"]
+    quiet = start_convert(args, BUGGY_CONVERT).communicate(timeout=120)[1]
+    verbose = start_convert(["-v", *args], BUGGY_CONVERT).communicate(timeout=120)[1]
+    assert "KeyError('a bug, not bad input')" in quiet and "Traceback" not in quiet
+    # The worker's traceback, where the bug is, comes through the pool (as exc.__cause__).
+    assert "traceback of the failure" in verbose and "in a_buggy_step" in verbose
+    assert "Traceback" in verbose
+
+
+def test_a_bug_in_one_process_keeps_its_traceback_at_debug(tmp_path: Path, monkeypatch, caplog):
+    import pipeline.store.pool as pool
+
+    def a_buggy_step(job, report=None):
+        raise KeyError("a bug, not bad input")
+
+    monkeypatch.setattr(pool, "convert_zip", a_buggy_step)
+    z = build_zip(tmp_path / "batch1_images.zip", 1).path
+    with caplog.at_level("DEBUG", logger="pipeline.store.runner"):
+        assert not convert([z], tmp_path / "out").ok
+    (record,) = [r for r in caplog.records if r.exc_info]
+    assert record.levelname == "DEBUG" and isinstance(record.exc_info[1], KeyError)
+    assert "a_buggy_step" in caplog.text
+
+
+def test_a_second_convert_of_the_same_batch_waits_or_refuses(tmp_path: Path):
+    z = build_zip(tmp_path / "batch1_images.zip", 3).path
+    out = tmp_path / "shards"
+    out.mkdir()
+    with locked(out, ["batch01"]):  # this process plays the first convert
+        refused = start_convert([z, "--out", out, "--no-wait"])
+        _, stderr = refused.communicate(timeout=60)
+        assert refused.returncode == 1
+        assert f"another convert (pid {os.getpid()} on" in stderr and "writing batch01" in stderr
+        waiting = start_convert([z, "--out", out])
+        lines = []
+        wait_until(lambda: lines.append(waiting.stderr.readline()) or "waiting" in lines[-1])
+        assert waiting.poll() is None and not (out / "manifest.json").exists()
+        # Another batch is not held up by this one.
+        other = build_zip(tmp_path / "batch2_images.zip", 3, seed=2).path
+        disjoint = start_convert([other, "--out", out, "--no-wait"])
+        assert disjoint.wait(timeout=60) == 0
+    assert waiting.wait(timeout=60) == 0
+    waiting.stderr.close()
+    assert verify(out).ok and manifest_of(out)["splits"]["train"]["samples"] == 6
+
+
+def test_two_converts_of_the_same_zips_both_end_complete(tmp_path: Path):
+    zips = [build_zip(tmp_path / f"batch{b}_images.zip", 60, seed=b).path for b in (1, 2, 10)]
+    for attempt in range(3):  # without the lock, most attempts end with shards missing
+        out = tmp_path / f"shards{attempt}"
+        runs = [start_convert([*zips, "--out", out, "--shard-samples", "5"]) for _ in range(2)]
+        for run in runs:
+            _, stderr = run.communicate(timeout=120)
+            assert run.returncode == 0, stderr
+        assert verify(out).ok and manifest_of(out)["failed"] == []

@@ -1,0 +1,69 @@
+"""predict on hostile inputs: an image too large to decode, a folder named like an image."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+from click.testing import CliRunner
+from PIL import Image
+from test_guard import error_line
+
+from pipeline.cli import cli
+from pipeline.deploy.predict import MAX_PIXELS, pair_paths, predict
+
+REAL = Path(__file__).parent / "fixtures" / "real-sample"
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG that declares width x height (a few bytes: no real pixel data follows)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit gray
+    idat = zlib.compress(b"\0" * 64)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat))
+    return path
+
+
+def test_a_huge_image_is_refused_from_its_header(tiny_run: Path, tmp_path: Path) -> None:
+    for width, height in ((20_000, 20_000), (9_000, 9_000)):  # above PIL's bound, above ours
+        bomb = png_header_only(tmp_path / f"bomb{width}.png", width, height)
+        result = CliRunner().invoke(
+            cli,
+            [
+                "predict",
+                str(tiny_run / "best.pt"),
+                "--bg",
+                str(REAL / "bg_img_51.jpg"),
+                "--fg-bg",
+                str(bomb),
+                "--out",
+                str(tmp_path / "pred"),
+                "--device",
+                "cpu",
+            ],
+        )
+        line = error_line(result)
+        assert f"{bomb}: a {width}x{height} image ({width * height:,} pixels)" in line
+        assert f"{MAX_PIXELS:,} pixels at most" in line
+    assert Image.MAX_IMAGE_PIXELS is not None  # PIL's own bound is back for everyone else
+
+
+def test_a_folder_named_like_an_image_is_skipped(tiny_run: Path, tmp_path: Path, caplog) -> None:
+    bgs, fgs = tmp_path / "bg", tmp_path / "fg"
+    for folder in (bgs, fgs):
+        folder.mkdir()
+        (folder / "x.jpg").mkdir()  # both sides: it would be a pair of "images"
+    (bgs / "only.png").mkdir()  # one side: it would be an image without a partner
+    Image.open(REAL / "bg_img_51.jpg").save(bgs / "a.png")
+    Image.open(REAL / "fg_bg_9_51_1_2.jpg").save(fgs / "a.png")
+    with caplog.at_level("WARNING"):
+        assert [stem for _, _, stem in pair_paths(bgs, fgs)] == ["a"]
+    assert f"{bgs / 'x.jpg'}: a folder, not an image: skipped" in caplog.text
+    assert f"{bgs / 'only.png'}: a folder" in caplog.text
+    written = predict(tiny_run / "best.pt", bgs, fgs, tmp_path / "out", device="cpu")
+    assert sorted(p.name for p in written) == ["a_depth.png", "a_depth_plasma.png", "a_mask.png"]
