@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from pipeline.cli.common import (
-    POSITIVE,
+    NON_NEGATIVE,
     TORCH_EXPECTED,
     emit_json,
     json_flag,
@@ -122,7 +122,7 @@ def bench_train_cmd(shards, steps, warmup, as_json, **options) -> None:
 )
 @click.option("--test-samples", default=200, show_default=True, type=click.IntRange(1))
 @option_from(TrainConfig, "optimizer", "--optimizer", type=click.Choice(OPTIMIZERS))
-@option_from(TrainConfig, "lr", "--lr", type=POSITIVE)
+@option_from(TrainConfig, "lr", "--lr", type=NON_NEGATIVE)
 @option_from(TrainConfig, "batch_size", "--batch-size", type=click.IntRange(1))
 @device_option()
 @amp_option()

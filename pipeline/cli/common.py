@@ -84,8 +84,8 @@ class FiniteFloatRange(_Finite, click.FloatRange):
     """click.FloatRange, but finite: NaN compares false with both bounds and would pass."""
 
 
-POSITIVE = FiniteFloatRange(min=0, min_open=True)  # a learning rate, a decay factor
-NON_NEGATIVE = FiniteFloatRange(min=0)  # momentum, weight decay, a loss weight: 0 turns it off
+POSITIVE = FiniteFloatRange(min=0, min_open=True)  # a decay factor
+NON_NEGATIVE = FiniteFloatRange(min=0)  # a rate, momentum, decay, a loss weight: 0 turns it off
 
 
 def finite(value: Any) -> Any:

@@ -87,7 +87,7 @@ def _train_options(command):
             type=click.Choice(OPTIMIZERS),
             help="sgd is the published recipe; adamw learns faster from few samples.",
         ),
-        option_from(T, "lr", "--lr", type=POSITIVE, help="Learning rate."),
+        option_from(T, "lr", "--lr", type=NON_NEGATIVE, help="Learning rate."),
         option_from(T, "momentum", "--momentum", type=NON_NEGATIVE, help="SGD momentum."),
         option_from(T, "weight_decay", "--weight-decay", type=NON_NEGATIVE),
         option_from(

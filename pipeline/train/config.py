@@ -92,10 +92,10 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
         _check_finite(self)
-        for name in ("lr", "gamma"):
+        for name in ("gamma",):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be above 0, not {getattr(self, name)}")
-        for name in ("momentum", "weight_decay", "mask_weight", "depth_weight"):
+        for name in ("lr", "momentum", "weight_decay", "mask_weight", "depth_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)}")
         if self.init and self.resume:

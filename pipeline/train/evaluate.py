@@ -15,7 +15,7 @@ from pipeline.train.loader import LoaderConfig, make_eval_loader
 from pipeline.train.loop import evaluate
 from pipeline.train.pictures import save_png
 from pipeline.train.runtime import resolve_amp, resolve_device
-from pipeline.train.sources import open_manifest
+from pipeline.train.sources import open_manifest, warn_if_incomplete
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 def evaluate_checkpoint(config: EvaluateConfig) -> dict:
     """Load a checkpoint and measure it on a split of a shard folder (or URL)."""
     manifest = open_manifest(config.shards)
+    warn_if_incomplete(config.shards, manifest)
     if split_samples(manifest, config.split) == 0:
         raise ValueError(f"{config.shards}: the {config.split} split holds no samples")
     dev = resolve_device(config.device)

@@ -43,7 +43,7 @@ from pipeline.train.runtime import (
     resolve_amp,
     setup_distributed,
 )
-from pipeline.train.sources import open_manifest, train_steps_per_epoch
+from pipeline.train.sources import open_manifest, train_steps_per_epoch, warn_if_incomplete
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ class Run:
 
 def _train(config: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     manifest = open_manifest(config.shards)
+    if dist.is_main:
+        warn_if_incomplete(config.shards, manifest)
     config.world_size = dist.world_size
     config.model_args = _network_args(config, manifest)
     _seed_everything(config.seed + dist.rank)

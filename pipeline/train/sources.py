@@ -8,6 +8,7 @@ only on (seed, epoch, cycle), so every process agrees on who reads what.
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from urllib.parse import urlparse
@@ -25,6 +26,8 @@ from pipeline.schema import (
     split_shards,
     validate_manifest,
 )
+
+log = logging.getLogger(__name__)
 
 
 def is_url(location: str | Path) -> bool:
@@ -44,6 +47,23 @@ def open_manifest(location: str | Path) -> dict:
         raise ValueError(f"{url}: cannot read the manifest ({exc})") from None
     validate_manifest(data, url)
     return data
+
+
+def warn_if_incomplete(location: str | Path, manifest: dict) -> None:
+    """Log a warning when the manifest lists zips a convert did not finish: what is there is
+    usable, but it is not the whole dataset (`pipeline verify` fails on such a folder)."""
+    failed = manifest.get("failed") or []
+    if failed:
+        names = ", ".join(str(entry.get("zip")) for entry in failed)
+        log.warning(
+            "%s is not a complete conversion: %d zip%s not converted (%s); reading the rest "
+            "(`pipeline verify %s` says why)",
+            location,
+            len(failed),
+            "" if len(failed) == 1 else "s",
+            names,
+            location,
+        )
 
 
 def shard_urls(location: str | Path, manifest: dict, split: str) -> list[str]:
