@@ -70,17 +70,19 @@ def shards(tmp_path: Path) -> Path:
 
 # ---------------------------------------------------------------- 1. a manifest is data
 
+# Every command that reads a shard folder's manifest, run inside that folder.
+MANIFEST_READERS = [
+    ["verify", "."],
+    ["train", "--shards", ".", "--out", "run", "--device", "cpu", "--steps-per-epoch", "1"],
+    ["evaluate", "model.pt", "--shards", ".", "--device", "cpu"],
+]
+
 
 def test_a_manifest_path_cannot_run_a_command(shards: Path, monkeypatch):
     edit_manifest(shards, lambda m: first_train_shard(m).update(path=PWN))
     monkeypatch.chdir(shards)
     runner = CliRunner()
-    commands = [
-        ["verify", "."],
-        ["train", "--shards", ".", "--out", "run", "--device", "cpu", "--steps-per-epoch", "1"],
-        ["evaluate", "model.pt", "--shards", ".", "--device", "cpu"],
-    ]
-    for args in commands:
+    for args in MANIFEST_READERS:
         result = runner.invoke(cli, args)
         assert result.exit_code == 1, (args, result.output)
         assert isinstance(result.exception, SystemExit)  # a message, not a traceback
@@ -173,12 +175,7 @@ def test_a_deeply_nested_manifest_is_one_line_for_every_reader(shards: Path, mon
     (shards / "manifest.json").write_text(DEEP)
     monkeypatch.chdir(shards)
     runner = CliRunner()
-    commands = [
-        ["verify", "."],
-        ["train", "--shards", ".", "--out", "run", "--device", "cpu", "--steps-per-epoch", "1"],
-        ["evaluate", "model.pt", "--shards", ".", "--device", "cpu"],
-    ]
-    for args in commands:
+    for args in MANIFEST_READERS:
         result = runner.invoke(cli, args)
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), args
         (line,) = result.stderr.strip().splitlines()
