@@ -63,7 +63,13 @@ SAMPLE_EXTS = (*map(member_ext, FIELDS), META)
 
 def field_names(field: str) -> tuple[str, ...]:
     """Every name a field may have in a sample: `mask` -> (`mask.jpg`, `mask.png`)."""
-    return tuple(member_ext(field, ext) for ext in IMAGE_EXTS)
+    names = _FIELD_NAMES.get(field)
+    if names is None:
+        names = _FIELD_NAMES[field] = tuple(member_ext(field, ext) for ext in IMAGE_EXTS)
+    return names
+
+
+_FIELD_NAMES: dict[str, tuple[str, ...]] = {}  # field_names' answers (the loader asks per sample)
 
 
 def find_field(sample: dict, field: str) -> str | None:

@@ -439,6 +439,7 @@ def test_bench_loader_reports_the_floor_the_loaders_and_the_old_way(shards):
     rates, ratios = result["rates"], result["ratios"]
     assert set(rates) == {
         "floor",
+        "read_floor",
         "1_workers",
         "1_workers_augmenting",
         "2_workers",
@@ -449,6 +450,9 @@ def test_bench_loader_reports_the_floor_the_loaders_and_the_old_way(shards):
     # Ratios are rounded to 2 decimals, the rates to 1.
     assert ratios["one_worker_vs_floor"] == pytest.approx(
         rates["1_workers"] / rates["floor"], abs=0.006
+    )
+    assert ratios["one_worker_vs_read_floor"] == pytest.approx(
+        rates["1_workers"] / rates["read_floor"], abs=0.006
     )
     assert ratios["n_workers_vs_one"] == pytest.approx(
         rates["2_workers"] / rates["1_workers"], abs=0.006

@@ -4,6 +4,9 @@ the augmentation on the device (as on a GPU) or in the workers, and beside the o
 All on the same samples, in one run:
 - the floor: one thread decoding all four fields of every sample (bytes already in memory), the
   most a worker could do if decoding were all it did;
+- the read floor: one thread reading the samples from the shards (the loader's tar reader, the
+  shards in the page cache) and decoding all four fields: the issue's "decode only" row, which
+  read with Python's tarfile (slower than this reader);
 - the loader as the trainer runs it on a GPU (its defaults: no augmentation in the workers, each
   distinct background decoded once), with 1 worker and with `--workers N`;
 - the same with `--augment-on workers` (the default on CPU);
@@ -66,13 +69,15 @@ def bench_loader(
     manifest = open_manifest(location)
     # Everything measures the same samples: as many as a timed run reads (fewer if fewer).
     wanted = (batches + 1) * batch_size
-    raw = list(itertools.islice(read_shards(shard_urls(location, manifest, "train")), wanted))
+    urls = shard_urls(location, manifest, "train")
+    raw = list(itertools.islice(read_shards(urls), wanted))
     configs = _loader_configs(workers, batch_size, augment, augment_on)
-    rates: dict[str, list[float]] = {name: [] for name in ("floor", *configs, "old")}
+    rates: dict[str, list[float]] = {name: [] for name in ("floor", "read_floor", *configs, "old")}
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         paths = write_loose_files(raw, Path(tmp)) if old else []
         for _ in range(rounds):
             rates["floor"].append(decode_floor(raw, manifest))
+            rates["read_floor"].append(read_decode_floor(urls, manifest, len(raw)))
             for name, config in configs.items():
                 log.info("shard loader %s: %d batches of %d", name, batches, batch_size)
                 stream = make_train_loader(location, config, epoch=0, steps=batches + 1)
@@ -105,8 +110,17 @@ def _loader_configs(
 def decode_floor(raw: list[dict], manifest: dict) -> float:
     """Samples/s of one thread decoding all four fields of each raw sample (the loader's decode
     stage, without its background cache)."""
-    channels, sizes, decoder = manifest["channels"], field_sizes(manifest), get_decoder()
+    return _decode_rate(raw, manifest, time.perf_counter())
+
+
+def read_decode_floor(urls: list[str], manifest: dict, samples: int) -> float:
+    """The same for the first `samples` samples read from the shards, the reading timed too."""
     start = time.perf_counter()
+    return _decode_rate(itertools.islice(read_shards(urls), samples), manifest, start)
+
+
+def _decode_rate(raw: Iterable[dict], manifest: dict, start: float) -> float:
+    channels, sizes, decoder = manifest["channels"], field_sizes(manifest), get_decoder()
     count = sum(1 for _ in decode_samples(raw, channels, sizes, SkipCounter(), LogOnce(), decoder))
     if count == 0:
         raise ValueError("no sample could be decoded")
@@ -130,6 +144,7 @@ def _report(best, manifest, raw, workers, batch_size, batches, augment, rounds) 
         "rates": {name: round(rate, 1) for name, rate in best.items()},
         "ratios": {
             "one_worker_vs_floor": round(one / best["floor"], 2),
+            "one_worker_vs_read_floor": round(one / best["read_floor"], 2),
             "n_workers_vs_one": round(many / one, 2),
             "augmenting_in_workers_vs_not_1_worker": round(best["1_workers_augmenting"] / one, 2),
         },
