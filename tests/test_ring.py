@@ -78,3 +78,58 @@ def test_a_persistent_evaluation_left_early_gives_whole_passes_after(tiny_shards
     finally:
         stream.close()
     assert not any(w.is_alive() for w in stream.loader._iterator._workers)
+
+
+def test_an_evaluation_whose_workers_finish_unevenly_gives_every_sample_once(tmp_path):
+    """When some evaluation workers finish early, DataLoader sends their requests to the one
+    still running, which can then be more batches ahead than a ring has slots: evaluation must
+    not reuse buffers (it gives each batch its own)."""
+    import time
+
+    from pipeline.store.runner import ConvertConfig, convert_zips
+    from pipeline.store.synth import synth_zips
+
+    zips = synth_zips(tmp_path / "zips", batches=[1, 2], samples=40, seed=3)
+    zips += synth_zips(tmp_path / "zips", batches=[3, 4, 5], samples=2, seed=4)
+    config = ConvertConfig(
+        out=tmp_path / "shards", test_batches=(2, 3, 4, 5), shard_samples=40, progress=False
+    )
+    assert convert_zips(zips, config).ok  # test shards of 40, 2, 2 and 2 samples: 4 workers
+    plain = _rows(make_eval_loader(tmp_path / "shards", "test", LoaderConfig(2, workers=0)))
+    got: dict[str, torch.Tensor] = {}
+    for batch in make_eval_loader(
+        tmp_path / "shards", "test", LoaderConfig(2, workers=4, prefetch_factor=2)
+    ):
+        time.sleep(0.03)  # a slow consumer: the last worker runs as far ahead as it may
+        got.update(_rows([batch]))
+    assert set(got) == set(plain) and len(got) == 46
+    for key, row in got.items():
+        assert torch.equal(row, plain[key]), key
+
+
+def test_a_stream_lets_its_workers_rings_go_when_they_stop(tiny_shards):
+    from pipeline.train.loader import make_train_batches
+
+    config = LoaderConfig(batch_size=4, workers=2, prefetch_factor=1)
+    stream = make_train_loader(tiny_shards, config, epoch=0, steps=6)
+    held = []
+    for _ in stream:
+        held.append(len(stream._rings))
+    assert 1 <= max(held) <= 2  # one ring per worker while they run ...
+    assert len(stream._rings) == 0  # ... none once they stopped
+    with make_train_batches(tiny_shards, config, first_epoch=0, steps=3) as run:
+        for epoch in range(2):
+            assert len(list(run.epoch(epoch))) == 3
+        assert 1 <= len(run._rings) <= 2  # persistent workers: the same rings all run long
+    assert len(run._rings) == 0
+    evaluation = list(make_eval_loader(tiny_shards, "test", config))
+    assert evaluation and all(RING_KEY not in b for b in evaluation)
+
+
+def test_evaluation_workers_use_no_ring(tiny_shards):
+    stream = make_eval_loader(tiny_shards, "test", LoaderConfig(batch_size=4, workers=2))
+    raw = list(stream.loader)  # the DataLoader's own batches, before the stream copies any
+    assert raw and not any(b.get(RING_KEY) for b in raw)
+    train = make_train_loader(tiny_shards, LoaderConfig(batch_size=4, workers=2), epoch=0, steps=2)
+    first = next(iter(train.loader))
+    assert first.get(RING_KEY)  # training workers do

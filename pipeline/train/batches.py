@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from torch.utils.data import DataLoader
 
-from pipeline.train.ring import own_batch
+from pipeline.train.ring import RingMappings
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class BatchStream:
         self.epoch = epoch  # training: the epoch every batch must carry
         self.keep_workers = keep_workers
         self.skipped = 0
+        self._rings = RingMappings()
 
     def __len__(self) -> int:
         return self.length
@@ -56,7 +57,7 @@ class BatchStream:
                 for batch in itertools.islice(batches, self.limit):
                     if self.epoch is not None and batch["epoch"] != self.epoch:
                         raise RuntimeError(f"a batch of epoch {batch['epoch']} in {self.epoch}")
-                    batch = own_batch(batch)  # before asking for the next: see train.ring
+                    batch = self._rings.own(batch)  # before asking for the next: train.ring
                     self.skipped += batch["skipped"]
                     yield batch
         finally:
@@ -64,10 +65,12 @@ class BatchStream:
             # train workers would otherwise keep decoding into their queues.
             if not self.keep_workers:
                 _shutdown(batches)
+                self._rings.clear()
 
     def close(self) -> None:
         """Stop the workers of a persistent loader (a no-op otherwise)."""
         _shutdown(getattr(self.loader, "_iterator", None))
+        self._rings.clear()
 
 
 class TrainBatches:
@@ -81,6 +84,7 @@ class TrainBatches:
     def __init__(self, loader: DataLoader, steps: int, first_epoch: int) -> None:
         self.loader, self.steps, self.next_epoch = loader, steps, first_epoch
         self._batches: Iterator[dict] | None = None
+        self._rings = RingMappings()
 
     def epoch(self, epoch: int) -> EpochBatches:
         """The batches of `epoch`: the one after the previous call's (or the first epoch)."""
@@ -103,12 +107,13 @@ class TrainBatches:
             if batch["epoch"] > epoch:
                 raise RuntimeError(f"a batch of epoch {batch['epoch']} in epoch {epoch}")
             taken += 1
-            yield own_batch(batch)  # before asking for the next: see train.ring
+            yield self._rings.own(batch)  # before asking for the next: see train.ring
 
     def close(self) -> None:
         """Stop the workers."""
         _shutdown(self._batches)
         self._batches = None
+        self._rings.clear()
 
     def __enter__(self) -> TrainBatches:
         return self

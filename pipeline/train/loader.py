@@ -108,9 +108,12 @@ class ShardStream(IterableDataset):
         _, _, worker = worker_slot(self.rank, self.world_size)
         workers = max(1, self.config.workers)
         cache = DecodedCache(self.config.bg_cache)  # this worker's, kept across epochs
-        # In a worker process, batches go to the trainer through a ring of shared buffers.
+        # A training worker hands its batches over through a ring of shared buffers. Not an
+        # evaluation worker: when the other workers of a pass have finished, DataLoader sends
+        # their requests to the one still running, which can then be more batches ahead of the
+        # trainer than any fixed ring has slots (see train.ring); each batch gets its own.
         in_worker = get_worker_info() is not None
-        ring = BatchRing(self.config.prefetch_factor + 2) if in_worker else None
+        ring = BatchRing(self.config.prefetch_factor + 2) if in_worker and self.train else None
         if not self.train:
             return self._batches(self.epoch, worker, workers, cache, LogOnce(), ring)
         return self._epochs(worker, workers, cache, ring)

@@ -5,10 +5,13 @@ memory for every batch costs its page faults, and on the development machine tha
 90 us a sample in a worker, against 180 us for decoding its three images. So each worker writes
 its batches into a ring of buffers it allocates once, and the training process copies each batch
 out as it receives it (`own_batch`, called by the loader's streams; for a GPU the pinning thread
-has already made that copy). The ring is never ahead of the copies: a DataLoader worker gets the
-request for its batch j + prefetch_factor only when its batch j reaches the training process,
-which copied out batch j - 1 before asking for more, so a ring of prefetch_factor + 2 slots never
-overwrites a batch that was not copied out.
+has already made that copy). The ring is never ahead of the copies while DataLoader's requests
+go round-robin to workers that all keep running, as training workers do (they are endless): a
+worker gets the request for its batch j + prefetch_factor only when its batch j reaches the
+training process, which copied out batch j - 1 before asking for more, so a ring of
+prefetch_factor + 2 slots never overwrites a batch that was not copied out. Evaluation workers
+do finish, one before another, and DataLoader then sends the finished workers' requests to those
+still running, which may run further ahead than that: they use no ring.
 """
 
 from __future__ import annotations
@@ -64,30 +67,47 @@ def _allocate(shapes: tuple[tuple[int, ...], ...], slots: int) -> list[list[Tens
 
 
 RING_KEY = "ring"  # set on a batch whose tensors lie in a worker's ring
-MAPPED_RINGS = 64  # rings the training process keeps mapped (a few per worker)
-_mapped: OrderedDict[int, torch.UntypedStorage] = OrderedDict()
+MAPPED_RINGS = 64  # rings a stream keeps mapped (a few per worker)
+
+
+class RingMappings:
+    """The rings a stream's batches came from, held in the training process while it reads them.
+
+    torch.multiprocessing maps a received storage once while any reference to it lives; without
+    one, every batch would map its ring afresh and fault its pages in again. A stream holds its
+    own (at most MAPPED_RINGS) and lets them go with its workers (`clear`), so the rings of
+    workers that are gone never pin shared memory.
+    """
+
+    def __init__(self) -> None:
+        self._storages: OrderedDict[int, torch.UntypedStorage] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._storages)
+
+    def own(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """`batch` with tensors of its own: copied out of the worker's ring, unless pinned (the
+        pinning thread's copy already is the batch's own)."""
+        if not batch.pop(RING_KEY, False):
+            return batch
+        for key, value in batch.items():
+            if isinstance(value, Tensor) and not value.is_pinned():
+                self._keep(value.untyped_storage())
+                batch[key] = value.clone()
+        return batch
+
+    def clear(self) -> None:
+        """Let every held ring go (the stream's workers have stopped)."""
+        self._storages.clear()
+
+    def _keep(self, storage: torch.UntypedStorage) -> None:
+        key = storage.data_ptr()
+        self._storages[key] = storage
+        self._storages.move_to_end(key)
+        if len(self._storages) > MAPPED_RINGS:
+            self._storages.popitem(last=False)
 
 
 def own_batch(batch: dict[str, Any]) -> dict[str, Any]:
-    """`batch` with tensors of its own: copied out of the worker's ring, unless pinned (a copy)."""
-    if not batch.pop(RING_KEY, False):
-        return batch
-    for key, value in batch.items():
-        if isinstance(value, Tensor):
-            _keep_mapped(value.untyped_storage())
-            if not value.is_pinned():
-                batch[key] = value.clone()
-    return batch
-
-
-def _keep_mapped(storage: torch.UntypedStorage) -> None:
-    """Hold a ring's storage, so that its next batch finds it mapped already.
-
-    torch.multiprocessing maps a received storage once while any reference to it lives;
-    without one, every batch would map the ring afresh and fault its pages in again.
-    """
-    key = storage.data_ptr()
-    _mapped[key] = storage
-    _mapped.move_to_end(key)
-    if len(_mapped) > MAPPED_RINGS:
-        _mapped.popitem(last=False)
+    """`batch` with tensors of its own (see RingMappings.own), holding no ring afterwards."""
+    return RingMappings().own(batch)
