@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -56,6 +57,19 @@ def test_evaluate_json_is_the_only_stdout(tiny_run: Path, tiny_shards: Path, tmp
         assert 0.0 <= metrics[key] <= 1.0
     picture = np.asarray(Image.open(grid))
     assert picture.ndim == 3 and picture.shape[2] == 3 and picture.shape[0] >= 160
+
+
+def test_evaluate_amp_says_the_precision_it_used(tiny_run: Path, tiny_shards: Path) -> None:
+    from pipeline.train.runtime import resolve_amp
+
+    common = ["evaluate", tiny_run / "best.pt", "--shards", tiny_shards, "--json"]
+    common += ["--device", "cpu", "--workers", "0"]
+    plain = json.loads(run_cli(*common, "--amp", "off").stdout)
+    assert plain["amp"] == "off"
+    default = json.loads(run_cli(*common).stdout)
+    assert default["amp"] == resolve_amp("auto", torch.device("cpu"))  # bf16 where native
+    if default["amp"] == "off":
+        assert default["iou"] == plain["iou"]  # the same fp32 passes
 
 
 def test_evaluate_errors(tiny_run: Path, tiny_shards: Path, tmp_path: Path) -> None:

@@ -41,9 +41,10 @@ def device_option(source=TrainConfig) -> click.Option:
 def amp_option(
     help_text: str = "Mixed precision; auto = bf16 on GPUs that support it and on CPUs with "
     "native bf16 (AVX512-BF16 or AMX), off elsewhere.",
+    source=TrainConfig,
 ):
     """`--amp auto|off|bf16|fp16`."""
-    return option_from(TrainConfig, "amp", "--amp", type=click.Choice(AMP_CHOICES), help=help_text)
+    return option_from(source, "amp", "--amp", type=click.Choice(AMP_CHOICES), help=help_text)
 
 
 def augment_on_option(
@@ -227,6 +228,8 @@ def train(**options) -> None:
 @option_from(EvaluateConfig, "batch_size", "--batch-size", type=click.IntRange(1))
 @option_from(EvaluateConfig, "workers", "--workers", type=click.IntRange(0))
 @device_option(EvaluateConfig)
+@amp_option("Precision of the forward passes; auto as in train (bf16 where native), off = fp32.",
+            EvaluateConfig)  # fmt: skip
 @option_from(
     EvaluateConfig,
     "grid",

@@ -115,6 +115,7 @@ class EvaluateConfig:
     batch_size: int = TrainConfig.batch_size
     workers: int = 2  # evaluation decodes only: fewer loader processes than training needs
     device: str = "auto"
+    amp: str = TrainConfig.amp  # auto: bf16 where the device computes it natively
     grid: Path | None = None  # save a picture grid of a few samples here
     grid_rows: int = TrainConfig.grid_rows
 

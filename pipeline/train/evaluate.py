@@ -34,7 +34,7 @@ def evaluate_checkpoint(config: EvaluateConfig) -> dict:
         batch_size=config.batch_size, workers=config.workers, pin_memory=dev.type == "cuda"
     )
     loader = make_eval_loader(config.shards, config.split, loaders, rank=0, world_size=1)
-    amp = resolve_amp("auto", dev)
+    amp = resolve_amp(config.amp, dev)
     rows = config.grid_rows if config.grid else 0
     weights = _loss_weights(state["config"], config.checkpoint)
     metrics, picture = evaluate(model, loader, dev, amp, weights, rows)
@@ -42,7 +42,9 @@ def evaluate_checkpoint(config: EvaluateConfig) -> dict:
         save_png(picture, config.grid)
         shown = min(config.grid_rows, metrics["samples"])
         log.info("grid of %d samples written to %s", shown, config.grid)
-    metrics.update(split=config.split, checkpoint=str(config.checkpoint), skipped=loader.skipped)
+    metrics.update(
+        split=config.split, checkpoint=str(config.checkpoint), skipped=loader.skipped, amp=amp
+    )
     return metrics
 
 
