@@ -336,15 +336,21 @@ def add_member(path: Path, name: str, size: int) -> None:
                 left -= 1 << 20
 
 
-def declare_size(path: Path, name: str, size: int) -> None:
-    """Make a member's headers (local and central) lie about its uncompressed size."""
+def patch_headers(path: Path, name: str, fmt: str, local: int, central: int, value: int) -> None:
+    """Write `value` into one member's local header (at `local`) and its directory entry (at
+    `central`), as struct format `fmt`: make the zip lie about that member."""
     data = bytearray(path.read_bytes())
     with zipfile.ZipFile(path) as zf:
         offset = zf.getinfo(name).header_offset
-    struct.pack_into("<L", data, offset + 22, size)
-    central = data.rfind(b"PK\x01\x02", 0, data.rindex(name.encode()))
-    struct.pack_into("<L", data, central + 24, size)
+    struct.pack_into(fmt, data, offset + local, value)
+    entry = data.rfind(b"PK\x01\x02", 0, data.rindex(name.encode()))
+    struct.pack_into(fmt, data, entry + central, value)
     path.write_bytes(bytes(data))
+
+
+def declare_size(path: Path, name: str, size: int) -> None:
+    """Make a member's headers (local and central) lie about its uncompressed size."""
+    patch_headers(path, name, "<L", 22, 24, size)
 
 
 def peak_of(read) -> int:
@@ -393,13 +399,7 @@ def test_other_compression_methods_are_refused_unread(tmp_path: Path, method: in
 
 def set_method(path: Path, name: str, method: int) -> None:
     """Set one member's compression method in its local header and its directory entry."""
-    data = bytearray(path.read_bytes())
-    with zipfile.ZipFile(path) as zf:
-        offset = zf.getinfo(name).header_offset
-    struct.pack_into("<H", data, offset + 8, method)
-    central = data.rfind(b"PK\x01\x02", 0, data.rindex(name.encode()))
-    struct.pack_into("<H", data, central + 10, method)
-    path.write_bytes(bytes(data))
+    patch_headers(path, name, "<H", 8, 10, method)
 
 
 def test_a_bzip2_member_skips_its_sample_with_the_method_named(tmp_path: Path):
