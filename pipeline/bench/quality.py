@@ -11,6 +11,7 @@ Each "epoch" here is `--every` samples, followed by an evaluation on the test zi
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -38,6 +39,8 @@ def read_curve(run: Path, batch_size: int, t0: float) -> list[dict]:
     """The test metrics logged after each epoch, read back from TensorBoard's event files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    # Its directory watcher logs "No path found after ..." at INFO once it has read every file.
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
     acc.Reload()
     series = {tag: acc.Scalars(tag) for tag in ("test/iou", "test/depth_ssim", "test/depth_rmse")}

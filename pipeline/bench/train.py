@@ -134,5 +134,4 @@ def bench_train(
         result["from_shards"]["workers"] = config.workers
         for _ in batches:  # drain, so the workers shut down cleanly
             pass
-    log.info("bench train: %s", result)
     return result
