@@ -1,0 +1,71 @@
+"""Where one loader worker loses against the decode floor: the stages, or the worker process?
+
+On the same shards and samples, `--rounds` times interleaved, each row's best round (samples/s):
+- floor: one thread decoding all four fields of each sample, bytes in memory (`bench loader`'s);
+- in process: the training stages (read, shuffle, decode with the background cache, batch) run in
+  this process (`--workers 0`), nothing handed over;
+- 1 worker: the loader as `bench loader` runs it (one worker process, its ring, the copy out);
+- 1 worker, no copy: the same DataLoader iterated raw, its batches never copied out of the ring
+  (not safe for a trainer that keeps batches: only to size the copy's cost).
+
+    .venv/bin/python benchmarks/loader_process.py --shards /tmp/i7b/shards --batches 30 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+from pipeline.bench.loader import decode_floor, time_batches
+from pipeline.train.loader import LoaderConfig, make_train_loader
+from pipeline.train.sources import open_manifest, shard_urls
+from pipeline.train.stages import read_shards
+
+
+def loader_rate(shards: str, workers: int, batch_size: int, batches: int, copy: bool) -> float:
+    """Samples/s of the training loader (no augmentation in the workers, as on a GPU)."""
+    config = LoaderConfig(batch_size=batch_size, workers=workers)
+    stream = make_train_loader(shards, config, epoch=0, steps=batches + 1)
+    if copy:
+        return time_batches(stream, batches)
+    raw = iter(stream.loader)
+    try:
+        return time_batches(raw, batches)
+    finally:
+        raw._shutdown_workers()  # type: ignore[attr-defined]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", required=True)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    manifest = open_manifest(args.shards)
+    wanted = (args.batches + 1) * args.batch_size
+    raw = list(itertools.islice(read_shards(shard_urls(args.shards, manifest, "train")), wanted))
+    rows = {
+        "floor": lambda: decode_floor(raw, manifest),
+        "in_process": lambda: loader_rate(args.shards, 0, args.batch_size, args.batches, True),
+        "1_worker": lambda: loader_rate(args.shards, 1, args.batch_size, args.batches, True),
+        "1_worker_no_copy": lambda: loader_rate(
+            args.shards, 1, args.batch_size, args.batches, False
+        ),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(args.rounds):
+        for name, measure in rows.items():
+            rates[name].append(measure())
+            time.sleep(0.2)
+    best = {name: round(max(values)) for name, values in rates.items()}
+    ratios = {
+        f"{name}_vs_floor": round(best[name] / best["floor"], 2) for name in rows if name != "floor"
+    }
+    print(json.dumps({"samples": len(raw), "rates": best, "ratios": ratios}))
+
+
+if __name__ == "__main__":
+    main()
