@@ -133,3 +133,20 @@ def test_evaluation_workers_use_no_ring(tiny_shards):
     train = make_train_loader(tiny_shards, LoaderConfig(batch_size=4, workers=2), epoch=0, steps=2)
     first = next(iter(train.loader))
     assert first.get(RING_KEY)  # training workers do
+
+
+def test_the_copy_out_of_a_ring_runs_on_one_thread(monkeypatch):
+    """Tensor.clone and copy_ spread a big copy over torch's intra-op threads, which spin while
+    loader workers hold the other cores (7x slower on 2 cores, and the workers slowed too): the
+    copy out of a ring is numpy's, on the calling thread."""
+
+    def parallel_copy(*_args, **_kwargs):
+        raise AssertionError("a torch (intra-op parallel) copy")
+
+    slot = BatchRing(2).take(SHAPES)
+    slot[0].fill_(7)
+    batch = {"inputs": slot[0], "mask": slot[1], RING_KEY: True}
+    monkeypatch.setattr(torch.Tensor, "clone", parallel_copy)
+    monkeypatch.setattr(torch.Tensor, "copy_", parallel_copy)
+    owned = own_batch(batch)
+    assert owned["inputs"].data_ptr() != slot[0].data_ptr() and int(owned["inputs"].max()) == 7

@@ -20,6 +20,7 @@ import math
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -93,7 +94,7 @@ class RingMappings:
         for key, value in batch.items():
             if isinstance(value, Tensor) and not value.is_pinned():
                 self._keep(value.untyped_storage())
-                batch[key] = value.clone()
+                batch[key] = _copy(value)
         return batch
 
     def clear(self) -> None:
@@ -106,6 +107,14 @@ class RingMappings:
         self._storages.move_to_end(key)
         if len(self._storages) > MAPPED_RINGS:
             self._storages.popitem(last=False)
+
+
+def _copy(tensor: Tensor) -> Tensor:
+    """A copy made by numpy, on this thread alone. `Tensor.clone` spreads a big copy over
+    torch's intra-op threads, which, while loader workers keep the other cores busy, wait for
+    each other and spin: measured on the 2-vCPU machine with one worker, 7-8 ms a 5 MB batch
+    against 1 ms on one thread, and the spinning slowed the worker too."""
+    return torch.from_numpy(np.array(tensor.numpy(), copy=True))
 
 
 def own_batch(batch: dict[str, Any]) -> dict[str, Any]:
