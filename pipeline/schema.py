@@ -61,15 +61,12 @@ def member_ext(field: str, ext: str = IMAGE_EXT) -> str:
 SAMPLE_EXTS = (*map(member_ext, FIELDS), META)
 
 
+_FIELD_NAMES = {field: tuple(member_ext(field, ext) for ext in IMAGE_EXTS) for field in FIELDS}
+
+
 def field_names(field: str) -> tuple[str, ...]:
     """Every name a field may have in a sample: `mask` -> (`mask.jpg`, `mask.png`)."""
-    names = _FIELD_NAMES.get(field)
-    if names is None:
-        names = _FIELD_NAMES[field] = tuple(member_ext(field, ext) for ext in IMAGE_EXTS)
-    return names
-
-
-_FIELD_NAMES: dict[str, tuple[str, ...]] = {}  # field_names' answers (the loader asks per sample)
+    return _FIELD_NAMES[field]
 
 
 def find_field(sample: dict, field: str) -> str | None:
@@ -200,7 +197,7 @@ def _check_split(split_data: Any, split: str, path: Path | str) -> None:
     where = f"{path}: splits.{split}"
     if not isinstance(split_data, dict) or not isinstance(split_data.get("shards", []), list):
         raise ValueError(f"{where} must be an object with a 'shards' list")
-    if not _count(split_data.get("samples", 0)):
+    if not is_count(split_data.get("samples", 0)):
         raise ValueError(f"{where}.samples must be a count, got {split_data.get('samples')!r}")
     for index, shard in enumerate(split_data.get("shards", [])):
         check_shard_entry(shard, split, f"{where}.shards[{index}]")
@@ -219,7 +216,7 @@ def check_shard_entry(shard: Any, split: str, where: str) -> None:
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
     for key in ("samples", "bytes"):
-        if not _count(shard[key]):
+        if not is_count(shard[key]):
             raise ValueError(f"{where}: {key} must be a count, got {shard[key]!r}")
     if not (isinstance(shard["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", shard["sha256"])):
         raise ValueError(f"{where}: sha256 must be 64 hex digits, got {shard['sha256']!r}")
@@ -251,5 +248,6 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _count(value: Any) -> bool:
+def is_count(value: Any) -> bool:
+    """A non-negative int (not a bool): a count read from JSON."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -70,18 +70,15 @@ def option_from(
     return click.option(*decls, name, default=default, **kwargs)
 
 
-class _Finite:
-    """Refuses NaN and ±inf: click takes "nan" and "inf" as floats, and either trains to NaN."""
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange, but finite: click takes "nan" and "inf" as floats, NaN compares false
+    with both bounds and would pass, and either trains to NaN."""
 
     def convert(self, value, param, ctx):  # noqa: D102 - click's hook
-        number = super().convert(value, param, ctx)  # type: ignore[misc]
+        number = super().convert(value, param, ctx)
         if not math.isfinite(number):
-            self.fail(f"{value} is not a finite number", param, ctx)  # type: ignore[attr-defined]
+            self.fail(f"{value} is not a finite number", param, ctx)
         return number
-
-
-class FiniteFloatRange(_Finite, click.FloatRange):
-    """click.FloatRange, but finite: NaN compares false with both bounds and would pass."""
 
 
 POSITIVE = FiniteFloatRange(min=0, min_open=True)  # a decay factor

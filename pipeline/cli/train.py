@@ -228,8 +228,10 @@ def train(**options) -> None:
 @option_from(EvaluateConfig, "batch_size", "--batch-size", type=click.IntRange(1))
 @option_from(EvaluateConfig, "workers", "--workers", type=click.IntRange(0))
 @device_option(EvaluateConfig)
-@amp_option("Precision of the forward passes; auto as in train (bf16 where native), off = fp32.",
-            EvaluateConfig)  # fmt: skip
+@amp_option(
+    "Precision of the forward passes; auto as in train (bf16 where native), off = fp32.",
+    source=EvaluateConfig,
+)
 @option_from(
     EvaluateConfig,
     "grid",

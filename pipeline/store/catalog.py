@@ -27,6 +27,7 @@ from pipeline.schema import (
     SIZES,
     SPLITS,
     check_shard_entry,
+    is_count,
     parse_json,
     split_shards,
     wids_index,
@@ -130,17 +131,13 @@ def _check_record_lists(record: dict) -> None:
     if not all(isinstance(s, dict) and _strings(s, *skip_keys) for s in record["skipped"]):
         raise ValueError('skipped must be a list of {"zip", "member", "reason"} strings')
     formats = record["formats"]
-    if not all(ext in IMAGE_EXTS and _is_count(n) for ext, n in formats.items()):
+    if not all(ext in IMAGE_EXTS and is_count(n) for ext, n in formats.items()):
         exts = " and ".join(IMAGE_EXTS)
         raise ValueError(f"formats must count {exts} members, got {formats!r:.60}")
 
 
 def _strings(data: dict, *keys: str) -> bool:
     return all(isinstance(data.get(key), str) for key in keys)
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def discard_batch(out: Path, batch: int) -> None:

@@ -92,9 +92,8 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
         _check_finite(self)
-        for name in ("gamma",):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be above 0, not {getattr(self, name)}")
+        if self.gamma <= 0:
+            raise ValueError(f"gamma must be above 0, not {self.gamma}")
         for name in ("lr", "momentum", "weight_decay", "mask_weight", "depth_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)}")

@@ -20,7 +20,7 @@ from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
 
 from pipeline.images import Decoder, decode_image, decoder_for
-from pipeline.schema import FIELDS, IMAGE_EXTS, INPUTS, find_field
+from pipeline.schema import FIELDS, IMAGE_EXTS, INPUTS, field_names, find_field
 from pipeline.store.tar import read_samples
 from pipeline.train import augment as augmentation
 from pipeline.train.augment import AugmentConfig
@@ -132,6 +132,12 @@ def decode_samples(
     A field is `FIELD.jpg` (decoded by `decoder`) or `FIELD.png` (by `images.decode_png`, the
     faster of cv2 and PIL as measured there): the same arrays either way, one channel for masks
     and depths whatever their colour type."""
+    # The decoding function of each field name (`mask.jpg`, `mask.png`, ...), made once.
+    codecs = {
+        name: functools.partial(decode_image, decoder=decoder_for(name, decoder))
+        for field in FIELDS
+        for name in field_names(field)
+    }
     for sample in samples:
         key, url = sample.get("__key__"), sample.get("__url__")
         try:
@@ -142,7 +148,7 @@ def decode_samples(
                     raise ValueError(f"missing {field}.{'|'.join(IMAGE_EXTS)}")
                 data = sample[ext]
                 depth = channels if field in INPUTS else 1  # masks and depths: one channel
-                codec = functools.partial(decode_image, decoder=decoder_for(ext, decoder))
+                codec = codecs[ext]
                 try:
                     if cache is not None and field == "bg":  # shared by many samples
                         decoded[field] = cache.decode(data, depth, sizes[field], codec)
