@@ -206,9 +206,11 @@ def check_png(data: bytes) -> ImageInfo:
 Decoder = Callable[[bytes, int], np.ndarray]
 
 
-def decode_simplejpeg(data: bytes, channels: int) -> np.ndarray:
-    """Decode with simplejpeg (libjpeg-turbo), strict: recoverable errors raise too."""
-    return simplejpeg.decode_jpeg(data, colorspace="GRAY" if channels == 1 else "RGB", strict=True)
+def decode_simplejpeg(data: bytes, channels: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Decode with simplejpeg (libjpeg-turbo), strict: recoverable errors raise too. With `out`
+    (writable, C-contiguous, big enough: check the header first), into its memory."""
+    colorspace = "GRAY" if channels == 1 else "RGB"
+    return simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=True, buffer=out)
 
 
 def decode_cv2(data: bytes, channels: int) -> np.ndarray:
@@ -278,19 +280,36 @@ def decoder_for(name: str, jpeg_decoder: Decoder | None = None) -> Decoder:
 
 
 def decode_image(
-    data: bytes, channels: int, size: tuple[int, int], decoder: Decoder | None = None
+    data: bytes,
+    channels: int,
+    size: tuple[int, int],
+    decoder: Decoder | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Decode one image with `decoder` (simplejpeg by default) to uint8 (H, W, channels),
-    checking its (width, height) against `size` first, from its header."""
+    checking its (width, height) against `size` first, from its header.
+
+    With `out`, a uint8 (H, W, channels) array, the pixels end in `out`, which is returned:
+    simplejpeg decodes straight into it when it is C-contiguous; other decoders' arrays are
+    copied in."""
     # The header before the pixels: a 1 MB PNG may declare 30000x30000 (900 MB decoded).
     _, (width, height, _) = check_image(data)
     if (width, height) != tuple(size):
         raise ImageError(f"image is {width}x{height}, expected {size[0]}x{size[1]}")
-    image = (decoder or decode_simplejpeg)(data, channels)
+    decoder = decoder or decode_simplejpeg
+    into = out is not None and out.shape == (height, width, channels) and out.flags.c_contiguous
+    if into and decoder is decode_simplejpeg:
+        image = decode_simplejpeg(data, channels, out)
+    else:
+        into, image = False, decoder(data, channels)
     height, width = image.shape[:2]
     if (width, height) != tuple(size):
         raise ValueError(f"image is {width}x{height}, expected {size[0]}x{size[1]}")
-    return image
+    if out is None:
+        return image
+    if not into:  # a decoder that cannot write into `out`, or an `out` it cannot use
+        out[...] = image
+    return out
 
 
 def measure_decoders(

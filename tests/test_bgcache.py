@@ -9,7 +9,13 @@ from conftest import encode
 
 from pipeline.images import decode_image
 from pipeline.train.bgcache import DecodedCache
-from pipeline.train.stages import LogOnce, SkipCounter, collate, decode_samples
+from pipeline.train.stages import (
+    LogOnce,
+    SampleDecoder,
+    SkipCounter,
+    decode_batches,
+    decode_samples,
+)
 
 SIZE = (160, 160)
 
@@ -81,12 +87,14 @@ def test_cached_arrays_are_read_only_and_batches_are_copies():
     samples = raw_samples(6, backgrounds=2)
     cache = DecodedCache(8)
     sizes = {"bg": SIZE, "fg_bg": SIZE, "mask": SIZE, "depth": (80, 80)}
-    decoded = list(decode_samples(samples, 1, sizes, SkipCounter(), LogOnce(), None, cache))
+    decoder = SampleDecoder(1, sizes, None, cache)
+    decoded = list(decode_samples(samples, decoder, SkipCounter(), LogOnce()))
     assert (cache.misses, cache.hits) == (2, 4)
     assert decoded[0]["bg"] is decoded[2]["bg"]  # one array for the shared background
     with pytest.raises(ValueError, match="read-only"):
         decoded[0]["bg"][0, 0, 0] = 1
-    batch = collate(decoded, 0)
+    # The loader's stage: each cached background copied into its place in the batch.
+    batch = next(decode_batches(samples, decoder, 6, SkipCounter(), LogOnce(), True))
     batch["inputs"].add_(1)  # a later stage writing into its batch (e.g. an in-place augmentation)
     again = cache.decode(samples[0]["bg.jpg"], 1, SIZE, fresh)
     assert np.array_equal(again, fresh(samples[0]["bg.jpg"], 1, SIZE))
@@ -97,8 +105,9 @@ def test_cached_arrays_are_read_only_and_batches_are_copies():
 def test_decoding_with_and_without_the_cache_gives_the_same_samples():
     samples = raw_samples(9, backgrounds=3, channels=3)
     sizes = {"bg": SIZE, "fg_bg": SIZE, "mask": SIZE, "depth": (80, 80)}
-    plain = list(decode_samples(samples, 3, sizes, SkipCounter(), LogOnce()))
-    cached = list(decode_samples(samples, 3, sizes, SkipCounter(), LogOnce(), None, DecodedCache()))
+    plain = list(decode_samples(samples, SampleDecoder(3, sizes), SkipCounter(), LogOnce()))
+    decoder = SampleDecoder(3, sizes, None, DecodedCache())
+    cached = list(decode_samples(samples, decoder, SkipCounter(), LogOnce()))
     for a, b in zip(plain, cached, strict=True):
         assert a.keys() == b.keys()
         for field in ("bg", "fg_bg", "mask", "depth"):

@@ -39,8 +39,6 @@ from pipeline.train.sources import (
     train_steps_per_epoch,
 )
 from pipeline.train.stages import (
-    SkipCounter,
-    batch_samples,
     collate,
     read_shards,
     shuffle_samples,
@@ -297,25 +295,6 @@ def test_png_fields_decode_like_jpegs_one_channel_for_masks(tmp_path):
             want = decode_simplejpeg(data, 1)[:, :, 0]
         assert torch.equal(mask[0], torch.from_numpy(want)), key
     assert pngs == 3 and batch["skipped"] == 0
-
-
-def test_trailing_skips_reach_the_last_batch():
-    counter = SkipCounter()
-
-    def samples():
-        for i in range(5):
-            yield {"key": str(i), **_decoded()}
-        counter.skipped += 2  # two bad samples after the last good one
-
-    batches = list(batch_samples(samples(), 2, counter, partial=True))
-    assert [len(b["keys"]) for b in batches] == [2, 2, 1]
-    assert sum(b["skipped"] for b in batches) == 2
-    assert len(list(batch_samples(iter([{"key": "a", **_decoded()}]), 2, counter, False))) == 0
-
-
-def _decoded() -> dict:
-    image = np.zeros((160, 160, 1), np.uint8)
-    return {"bg": image, "fg_bg": image, "mask": image, "depth": np.zeros((80, 80, 1), np.uint8)}
 
 
 def test_augmentation_runs_in_training_only(shards, monkeypatch):

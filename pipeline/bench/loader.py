@@ -37,6 +37,7 @@ from pipeline.train.loader import LoaderConfig, init_worker, make_train_loader
 from pipeline.train.sources import open_manifest, shard_urls
 from pipeline.train.stages import (
     LogOnce,
+    SampleDecoder,
     SkipCounter,
     augment_batches,
     collate,
@@ -120,8 +121,8 @@ def read_decode_floor(urls: list[str], manifest: dict, samples: int) -> float:
 
 
 def _decode_rate(raw: Iterable[dict], manifest: dict, start: float) -> float:
-    channels, sizes, decoder = manifest["channels"], field_sizes(manifest), get_decoder()
-    count = sum(1 for _ in decode_samples(raw, channels, sizes, SkipCounter(), LogOnce(), decoder))
+    decoder = SampleDecoder(manifest["channels"], field_sizes(manifest), get_decoder())
+    count = sum(1 for _ in decode_samples(raw, decoder, SkipCounter(), LogOnce()))
     if count == 0:
         raise ValueError("no sample could be decoded")
     return count / (time.perf_counter() - start)

@@ -42,10 +42,10 @@ from pipeline.train.sources import (
 )
 from pipeline.train.stages import (
     LogOnce,
+    SampleDecoder,
     SkipCounter,
     augment_batches,
-    batch_samples,
-    decode_samples,
+    decode_batches,
     keep_slot,
     read_shards,
     shuffle_samples,
@@ -153,11 +153,10 @@ class ShardStream(IterableDataset):
             urls, by_sample = assign_shards(self.urls, slot, slots)
             samples = read_shards(urls, reraise_exception)  # a missing test shard is fatal
             samples = keep_slot(samples, slot, slots) if by_sample else samples
-        decoder = get_decoder(cfg.decoder)
-        samples = decode_samples(
-            samples, self.channels, self.sizes, counter, handler, decoder, cache
+        decoder = SampleDecoder(self.channels, self.sizes, get_decoder(cfg.decoder), cache)
+        batches = decode_batches(
+            samples, decoder, cfg.batch_size, counter, handler, not self.train, ring
         )
-        batches = batch_samples(samples, cfg.batch_size, counter, not self.train, ring)
         if self.train and cfg.augment is not None:
             generator = torch.Generator().manual_seed(mix_seed(seed, 1))
             batches = augment_batches(batches, cfg.augment, generator)

@@ -1,8 +1,9 @@
 """The loader workers' stages: each takes and returns an iterator of dicts (WebDataset style).
 
 shard urls -> tar samples (raw bytes) -> keep this slot's samples -> shuffle buffer (train) ->
-decode -> batch (the model's "inputs" joined as it is filled) -> augment (train, when the workers
-augment). Each is a plain generator, easy to test alone.
+decode into batches (each image written into its place in the batch, the model's "inputs"
+joined as it is filled) -> augment (train, when the workers augment). Each is a plain
+generator, easy to test alone.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import random
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 from webdataset.gopen import gopen
@@ -116,82 +118,168 @@ def shuffle_samples(samples: Iterable[dict], size: int, rng: random.Random) -> I
     yield from buffer
 
 
-def decode_samples(
-    samples: Iterable[dict],
-    channels: int,
-    sizes: dict[str, tuple[int, int]],
-    counter: SkipCounter,
-    handler: Handler,
-    decoder: Decoder | None = None,
-    cache: DecodedCache | None = None,
-) -> Iterator[dict]:
-    """Raw samples -> {"key", field: uint8 (H, W, C)}; a sample that fails is counted and handed
-    to the handler (with its key and shard named), never half-yielded. With a `cache`, each
-    distinct background is decoded once (its arrays are read-only).
+class SampleDecoder:
+    """Decodes the four fields of raw samples, each checked against its manifest size first.
 
     A field is `FIELD.jpg` (decoded by `decoder`) or `FIELD.png` (by `images.decode_png`, the
     faster of cv2 and PIL as measured there): the same arrays either way, one channel for masks
-    and depths whatever their colour type."""
-    # The decoding function of each field name (`mask.jpg`, `mask.png`, ...), made once.
-    codecs = {
-        name: functools.partial(decode_image, decoder=decoder_for(name, decoder))
-        for field in FIELDS
-        for name in field_names(field)
-    }
-    for sample in samples:
-        key, url = sample.get("__key__"), sample.get("__url__")
+    and depths whatever their colour type. With a `cache`, each distinct background is decoded
+    once (its arrays are read-only). A field that cannot be decoded is a ValueError naming it.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        sizes: dict[str, tuple[int, int]],
+        decoder: Decoder | None = None,
+        cache: DecodedCache | None = None,
+    ) -> None:
+        self.channels, self.sizes, self.cache = channels, sizes, cache
+        # The decoding function of each field name (`mask.jpg`, `mask.png`, ...), made once.
+        self._codecs = {
+            name: functools.partial(decode_image, decoder=decoder_for(name, decoder))
+            for field in FIELDS
+            for name in field_names(field)
+        }
+
+    def field(self, sample: dict, field: str, out: np.ndarray | None = None) -> np.ndarray:
+        """`field` of `sample` as uint8 (H, W, C); written into `out`, of that shape, if given."""
+        ext = find_field(sample, field)
+        if ext is None:
+            raise ValueError(f"missing {field}.{'|'.join(IMAGE_EXTS)}")
+        data, codec = sample[ext], self._codecs[ext]
+        depth = self.channels if field in INPUTS else 1  # masks and depths: one channel
         try:
-            decoded = {"key": key}
-            for field in FIELDS:
-                ext = find_field(sample, field)
-                if ext is None:
-                    raise ValueError(f"missing {field}.{'|'.join(IMAGE_EXTS)}")
-                data = sample[ext]
-                depth = channels if field in INPUTS else 1  # masks and depths: one channel
-                codec = codecs[ext]
-                try:
-                    if cache is not None and field == "bg":  # shared by many samples
-                        decoded[field] = cache.decode(data, depth, sizes[field], codec)
-                    else:
-                        decoded[field] = codec(data, depth, sizes[field])
-                except Exception as exc:  # any decoder's failure skips the sample
-                    raise ValueError(f"{ext}: {exc}") from None
+            if self.cache is not None and field == "bg":  # shared by many samples
+                return self.cache.decode(data, depth, self.sizes[field], codec)
+            return codec(data, depth, self.sizes[field], out=out)
+        except Exception as exc:  # any decoder's failure skips the sample
+            raise ValueError(f"{ext}: {exc}") from None
+
+    def sample(self, sample: dict) -> dict:
+        """{"key", field: uint8 (H, W, C)}: each field in an array of its own."""
+        return {"key": sample.get("__key__"), **{f: self.field(sample, f) for f in FIELDS}}
+
+    def into(self, sample: dict, arrays: dict[str, np.ndarray], index: int) -> None:
+        """Decode `sample` into place `index` of a batch's arrays (collate's layout). A
+        one-channel image is decoded straight into the batch where its decoder can (simplejpeg):
+        no array of its own, no copy; the others are copied in, as collate does."""
+        for field, slot in _slots(arrays, index, self.channels):  # slot: (C, H, W)
+            if slot.shape[0] == 1 and not (self.cache is not None and field == "bg"):
+                self.field(sample, field, out=slot[0][:, :, None])
+            else:
+                slot[...] = self.field(sample, field).transpose(2, 0, 1)
+
+
+def _slots(arrays: dict[str, np.ndarray], index: int, channels: int) -> Iterator[tuple]:
+    """(field, its (C, H, W) view) of place `index` in a batch: the model's inputs (fg_bg
+    channels, then bg) and the targets."""
+    for j, field in enumerate(INPUTS):
+        yield field, arrays["inputs"][index, j * channels : (j + 1) * channels]
+    for field in TARGETS:
+        yield field, arrays[field][index]
+
+
+def _skip(sample: dict, exc: Exception, counter: SkipCounter, handler: Handler) -> bool:
+    """Count a sample that failed and hand it to the handler, its key and shard named: True
+    goes on, False stops the stream."""
+    counter.skipped += 1
+    key, url = sample.get("__key__"), sample.get("__url__")
+    return handler(ValueError(f"sample {key} in {url}: {exc}"))
+
+
+def decode_samples(
+    samples: Iterable[dict], decoder: SampleDecoder, counter: SkipCounter, handler: Handler
+) -> Iterator[dict]:
+    """Raw samples -> {"key", field: uint8 (H, W, C)}; a sample that fails is counted and handed
+    to the handler (with its key and shard named), never half-yielded."""
+    for sample in samples:
+        try:
+            decoded = decoder.sample(sample)
         except ValueError as exc:
-            counter.skipped += 1
-            if handler(ValueError(f"sample {key} in {url}: {exc}")):
+            if _skip(sample, exc, counter, handler):
                 continue
             return
         counter.decoded += 1
         yield decoded
 
 
-def batch_samples(
+def decode_batches(
     samples: Iterable[dict],
+    decoder: SampleDecoder,
     batch_size: int,
     counter: SkipCounter,
-    partial: bool,
+    handler: Handler,
+    finite: bool,
     ring: BatchRing | None = None,
 ) -> Iterator[dict]:
-    """Stack samples into batches; `partial` keeps the last short batch (evaluation).
+    """Raw samples -> batches (see `collate` for their layout), each sample decoded straight
+    into its place in the batch; a sample that fails is counted, handed to the handler and its
+    place reused. With a `ring` (a training worker's), batches are written into its buffers.
 
-    A finished batch is held back until the next is made, so skips after the last batch of a
-    finite stream are still reported (added to that last batch's "skipped"). With a `ring` (a
-    loader worker's), batches are written into its buffers.
+    A `finite` stream (evaluation) keeps its last short batch, and holds each batch back until
+    the next is made, so that skips after its last batch are still reported (added to that
+    batch's "skipped"). An endless one (training) yields each batch once it is full: its worker
+    starts writing batch j + 1 only after handing over batch j, which the ring relies on.
     """
-    held, pending = None, []
-    for sample in samples:
-        pending.append(sample)
-        if len(pending) == batch_size:
-            if held is not None:
-                yield held
-            held, pending = collate(pending, counter.take(), ring), []
-    if pending and partial:
+    if finite and ring is not None:
+        raise ValueError("a finite stream's batches cannot use a ring (see train.ring)")
+    batches = _fill_batches(samples, decoder, batch_size, counter, handler, finite, ring)
+    if not finite:
+        yield from batches
+        return
+    held = None
+    for batch in batches:
         if held is not None:
             yield held
-        held = collate(pending, counter.take(), ring)
+        held = batch
     if held is not None:
         held["skipped"] += counter.take()
         yield held
+
+
+def _fill_batches(samples, decoder, batch_size, counter, handler, partial, ring):
+    """decode_batches' batches as soon as each is full (and the last short one if `partial`)."""
+    shapes = batch_shapes(batch_size, decoder.channels, decoder.sizes)
+    tensors: list[torch.Tensor] = []
+    keys: list[str] = []
+    for sample in samples:
+        if not tensors:  # the first sample of a batch: its buffers now, not before
+            tensors = ring.take(shapes) if ring is not None else [_batch_tensor(s) for s in shapes]
+            arrays = dict(zip(("inputs", *TARGETS), (t.numpy() for t in tensors), strict=True))
+        try:
+            decoder.into(sample, arrays, len(keys))
+        except ValueError as exc:
+            if _skip(sample, exc, counter, handler):
+                continue
+            break
+        counter.decoded += 1
+        keys.append(sample.get("__key__"))
+        if len(keys) == batch_size:
+            yield _batch(tensors, keys, counter.take(), ring is not None)
+            tensors, keys = [], []
+    if keys and partial:
+        yield _batch([t[: len(keys)] for t in tensors], keys, counter.take(), False)
+
+
+def batch_shapes(
+    batch_size: int, channels: int, sizes: dict[str, tuple[int, int]]
+) -> tuple[tuple[int, ...], ...]:
+    """The shapes of a batch's "inputs", "mask" and "depth" (uint8, channels first)."""
+    if sizes["bg"] != sizes["fg_bg"]:
+        bg, fg_bg = sizes["bg"], sizes["fg_bg"]
+        raise ValueError(f"the model needs bg and fg_bg of one size, not {bg} and {fg_bg}")
+    width, height = sizes[INPUTS[0]]
+    shapes = ((batch_size, len(INPUTS) * channels, height, width),)
+    return shapes + tuple((batch_size, 1, sizes[f][1], sizes[f][0]) for f in TARGETS)
+
+
+def _batch(tensors: list[torch.Tensor], keys: list, skipped: int, in_ring: bool) -> dict:
+    batch: dict[str, Any] = dict(zip(("inputs", *TARGETS), tensors, strict=True))
+    batch.update(keys=keys, skipped=skipped)
+    if in_ring:
+        batch[RING_KEY] = True
+    return batch
 
 
 def collate(samples: list[dict], skipped: int, ring: BatchRing | None = None) -> dict[str, Any]:
@@ -201,27 +289,19 @@ def collate(samples: list[dict], skipped: int, ring: BatchRing | None = None) ->
     Each image is copied once, straight into its place in the batch (no stacking, no
     concatenation after it). In a loader worker the batch lies in shared memory from the start
     (in the worker's `ring`, if given: see train.ring), so handing it over copies nothing more.
+    The loader's workers skip even that copy where they can (`decode_batches`).
     """
     # uint8 all the way: a quarter of float32's bytes to move, pin and copy to the GPU.
     first, n = samples[0], len(samples)
     height, width, channels = first[INPUTS[0]].shape
     shapes = ((n, len(INPUTS) * channels, height, width),)
     shapes += tuple((n, 1, *first[field].shape[:2]) for field in TARGETS)
-    batch: dict[str, Any] = {"keys": [s["key"] for s in samples], "skipped": skipped}
-    if ring is not None:
-        tensors, batch[RING_KEY] = ring.take(shapes), True
-    else:
-        tensors = [_batch_tensor(shape) for shape in shapes]
-    arrays = {}
-    for field, tensor in zip(("inputs", *TARGETS), tensors, strict=True):
-        batch[field], arrays[field] = tensor, tensor.numpy()
+    tensors = ring.take(shapes) if ring is not None else [_batch_tensor(s) for s in shapes]
+    arrays = dict(zip(("inputs", *TARGETS), (t.numpy() for t in tensors), strict=True))
     for i, sample in enumerate(samples):
-        for j, field in enumerate(INPUTS):
-            image = sample[field].transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
-            arrays["inputs"][i, j * channels : (j + 1) * channels] = image
-        for field in TARGETS:
-            arrays[field][i, 0] = sample[field][:, :, 0]
-    return batch
+        for field, slot in _slots(arrays, i, channels):
+            slot[...] = sample[field].transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
+    return _batch(tensors, [s["key"] for s in samples], skipped, ring is not None)
 
 
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
