@@ -437,6 +437,9 @@ def test_bench_loader_reports_the_floor_the_loaders_and_the_old_way(shards):
         rates["2_workers"] / rates["1_workers"], abs=0.006
     )
     assert result["samples_per_s"] == rates["2_workers"]
+    by_round = result["ratios_by_round"]
+    assert len(by_round["one_worker_vs_floor"]) == len(by_round["n_workers_vs_one"]) == 1
+    assert by_round["one_worker_vs_floor"][0] == ratios["one_worker_vs_floor"]  # one round: same
     assert result["speedup"] == pytest.approx(
         rates["2_workers_augmenting"] / result["old_samples_per_s"], abs=0.006
     )

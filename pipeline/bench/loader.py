@@ -65,7 +65,8 @@ def bench_loader(
 
     Each measurement runs `rounds` times, interleaved, and keeps its best run: on a shared
     machine other processes slow single runs down at random, and the best run is the least
-    disturbed. `augment_on` is resolved as the trainer would on a GPU (auto = device).
+    disturbed. The main ratios are also given round by round (`ratios_by_round`). `augment_on`
+    is resolved as the trainer would on a GPU (auto = device).
     """
     manifest = open_manifest(location)
     # Everything measures the same samples: as many as a timed run reads (fewer if fewer).
@@ -89,7 +90,16 @@ def bench_loader(
                 loose = old_loader(paths, manifest["mode"], config, batches + 1)
                 rates["old"].append(time_batches(loose, batches))
     best = {name: max(values) for name, values in rates.items() if values}
-    return _report(best, manifest, raw, workers, batch_size, batches, augment, rounds)
+    result = _report(best, manifest, raw, workers, batch_size, batches, augment, rounds)
+    # Each round's own ratios too: measured seconds apart, so the machine's drift between
+    # rounds (30% here) moves both sides of a ratio alike.
+    n = f"{workers}_workers"
+    pairs = {"one_worker_vs_floor": ("1_workers", "floor"), "n_workers_vs_one": (n, "1_workers")}
+    result["ratios_by_round"] = {
+        name: [round(a / b, 2) for a, b in zip(rates[top], rates[bottom], strict=True)]
+        for name, (top, bottom) in pairs.items()
+    }
+    return result
 
 
 def _loader_configs(

@@ -129,7 +129,8 @@ class ShardStream(IterableDataset):
             share = len(range(role, self.steps, workers))
             batches = self._batches(epoch, role, workers, cache, handler, ring)
             for batch in itertools.islice(batches, share):
-                yield {**batch, "epoch": epoch}
+                batch["epoch"] = epoch  # in place: a RingBatch stays one (see train.ring)
+                yield batch
 
     def _batches(
         self,
