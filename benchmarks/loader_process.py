@@ -2,6 +2,11 @@
 
 On the same shards and samples, `--rounds` times interleaved, each row's best round (samples/s):
 - floor: one thread decoding all four fields of each sample, bytes in memory (`bench loader`'s);
+- floor, other core busy: the same while another process copies 8 MB arrays in a loop on the
+  other core, as the training process does while a worker feeds it (it copies each batch out);
+- decode into batches / decode then collate: the worker's decode stage alone (background cache,
+  a ring, bytes in memory), decoding each image straight into its place in the batch as the
+  workers do, or into an array of its own and then copying it in (the way before);
 - in process: the training stages (read, shuffle, decode with the background cache, batch) run in
   this process (`--workers 0`), nothing handed over;
 - 1 worker: the loader as `bench loader` runs it (one worker process, its ring, the copy out);
@@ -21,14 +26,32 @@ import argparse
 import itertools
 import json
 import resource
+import subprocess
+import sys
 import time
 from unittest import mock
 
 from pipeline.bench.loader import decode_floor, time_batches
+from pipeline.schema import field_sizes
+from pipeline.train.bgcache import DecodedCache
 from pipeline.train.loader import LoaderConfig, make_train_loader
-from pipeline.train.ring import RingMappings
+from pipeline.train.ring import BatchRing, RingMappings
 from pipeline.train.sources import open_manifest, shard_urls
-from pipeline.train.stages import read_shards
+from pipeline.train.stages import (
+    LogOnce,
+    SampleDecoder,
+    SkipCounter,
+    collate,
+    decode_batches,
+    decode_samples,
+    read_shards,
+)
+
+# Another process copying 8 MB arrays (a batch's size) for ever.
+COPYING = (
+    "import numpy as np\na = np.ones(1 << 23, np.uint8)\nb = np.empty_like(a)\n"
+    "while True: np.copyto(b, a)"
+)
 
 
 def loader_rate(shards: str, workers: int, batch_size: int, batches: int, copy: bool) -> float:
@@ -50,6 +73,34 @@ def remapped_rate(shards: str, batch_size: int, batches: int) -> float:
         return loader_rate(shards, 1, batch_size, batches, True)
 
 
+def busy_floor(raw: list[dict], manifest: dict) -> float:
+    """The floor while another process keeps the other core copying memory."""
+    other = subprocess.Popen([sys.executable, "-c", COPYING])
+    try:
+        time.sleep(0.3)  # its start-up
+        return decode_floor(raw, manifest)
+    finally:
+        other.kill()
+        other.wait()
+
+
+def stage_rate(raw: list[dict], manifest: dict, batch_size: int, into: bool) -> float:
+    """Samples/s of the decode stage alone into a ring: straight into the batch, or not."""
+    decoder = SampleDecoder(manifest["channels"], field_sizes(manifest), None, DecodedCache())
+    ring, counter, start = BatchRing(6), SkipCounter(), time.perf_counter()
+    if into:
+        batches = decode_batches(raw, decoder, batch_size, counter, LogOnce(), False, ring)
+        count = sum(len(batch["keys"]) for batch in batches)
+    else:
+        count, pending = 0, []
+        for sample in decode_samples(raw, decoder, counter, LogOnce()):
+            pending.append(sample)
+            if len(pending) == batch_size:
+                count += len(collate(pending, 0, ring)["keys"])
+                pending = []
+    return count / (time.perf_counter() - start)
+
+
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)  # this process: its threads, no children
     return usage.ru_utime + usage.ru_stime
@@ -67,6 +118,9 @@ def main() -> None:
     raw = list(itertools.islice(read_shards(shard_urls(args.shards, manifest, "train")), wanted))
     rows = {
         "floor": lambda: decode_floor(raw, manifest),
+        "floor_other_core_busy": lambda: busy_floor(raw, manifest),
+        "decode_into_batches": lambda: stage_rate(raw, manifest, args.batch_size, True),
+        "decode_then_collate": lambda: stage_rate(raw, manifest, args.batch_size, False),
         "in_process": lambda: loader_rate(args.shards, 0, args.batch_size, args.batches, True),
         "1_worker": lambda: loader_rate(args.shards, 1, args.batch_size, args.batches, True),
         "1_worker_no_copy": lambda: loader_rate(
@@ -88,7 +142,7 @@ def main() -> None:
     ratios = {
         f"{name}_vs_floor": round(best[name] / best["floor"], 2) for name in rows if name != "floor"
     }
-    training_cpu = {name: round(min(values), 1) for name, values in cpu.items() if name != "floor"}
+    training_cpu = {name: round(min(values), 1) for name, values in cpu.items() if "worker" in name}
     print(
         json.dumps(
             {
