@@ -14,7 +14,7 @@ On the same shards and samples, `--rounds` times interleaved, each row's best ro
   (not safe for a trainer that keeps batches: only to size the copy's cost);
 - 1 worker, ring remapped: as `1 worker`, but the training process lets each ring go after
   copying a batch out, as it would if nothing held the ring mapped (what the pinning thread did
-  on a GPU before RingBatch passed the ring on): each batch then maps the ring afresh.
+  on a GPU before the batch's RingRef passed the ring on): each batch then maps the ring afresh.
 Each row also gives the training process's CPU time a sample (us), best round.
 
     .venv/bin/python benchmarks/loader_process.py --shards /tmp/i7b/shards --batches 30 --rounds 3

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import collections.abc
+import copy
+
 import pytest
 import torch
 from torch.utils.data._utils.pin_memory import pin_memory  # what the pinning thread calls
 
 from pipeline.train.augment import AugmentConfig
 from pipeline.train.loader import LoaderConfig, make_eval_loader, make_train_loader
-from pipeline.train.ring import RING_KEY, BatchRing, RingBatch, RingMappings, own_batch
+from pipeline.train.ring import RING_KEY, BatchRing, RingMappings, RingRef, own_batch
 
 SHAPES = ((2, 2, 4, 4), (2, 1, 4, 4))
 
@@ -29,9 +32,9 @@ def test_a_ring_cycles_its_slots_in_shared_memory():
 
 def test_own_batch_copies_ring_batches_only():
     slot = BatchRing(2).take(SHAPES)
-    batch = RingBatch(inputs=slot[0], mask=slot[1], keys=["a", "b"])
-    owned = own_batch(batch)
-    assert type(owned) is dict and owned["keys"] == ["a", "b"]
+    batch = {"inputs": slot[0], "mask": slot[1], "keys": ["a", "b"], RING_KEY: RingRef(slot[0])}
+    owned = own_batch(dict(batch))
+    assert RING_KEY not in owned and owned["keys"] == ["a", "b"]
     for key in ("inputs", "mask"):
         assert torch.equal(owned[key], batch[key])
         assert owned[key].data_ptr() != batch[key].data_ptr()  # a copy the ring can't touch
@@ -60,7 +63,7 @@ def test_batches_held_by_the_trainer_survive_the_ring_turning(tiny_shards):
         assert torch.equal(row, want[key]), key
     train = list(make_train_loader(tiny_shards, rings, epoch=0, steps=10))
     assert len({tuple(b["keys"]) for b in train}) == 10  # ten different batches, none overwritten
-    assert not any(isinstance(b, RingBatch) or RING_KEY in b for b in train + held)
+    assert all(RING_KEY not in b for b in train + held)
 
 
 def test_a_persistent_evaluation_left_early_gives_whole_passes_after(tiny_shards):
@@ -125,16 +128,16 @@ def test_a_stream_lets_its_workers_rings_go_when_they_stop(tiny_shards):
         assert 1 <= len(run._rings) <= 2  # persistent workers: the same rings all run long
     assert len(run._rings) == 0
     evaluation = list(make_eval_loader(tiny_shards, "test", config))
-    assert evaluation and not any(isinstance(b, RingBatch) for b in evaluation)
+    assert evaluation and all(RING_KEY not in b for b in evaluation)
 
 
 def test_evaluation_workers_use_no_ring(tiny_shards):
     stream = make_eval_loader(tiny_shards, "test", LoaderConfig(batch_size=4, workers=2))
     raw = list(stream.loader)  # the DataLoader's own batches, before the stream copies any
-    assert raw and not any(isinstance(b, RingBatch) for b in raw)
+    assert raw and not any(RING_KEY in b for b in raw)
     train = make_train_loader(tiny_shards, LoaderConfig(batch_size=4, workers=2), epoch=0, steps=2)
     first = next(iter(train.loader))
-    assert isinstance(first, RingBatch)  # training workers do
+    assert isinstance(first[RING_KEY], RingRef)  # training workers do
 
 
 def test_the_copy_out_of_a_ring_runs_on_one_thread(monkeypatch):
@@ -147,7 +150,7 @@ def test_the_copy_out_of_a_ring_runs_on_one_thread(monkeypatch):
 
     slot = BatchRing(2).take(SHAPES)
     slot[0].fill_(7)
-    batch = RingBatch(inputs=slot[0], mask=slot[1])
+    batch = {"inputs": slot[0], "mask": slot[1], RING_KEY: RingRef(slot[0])}
     monkeypatch.setattr(torch.Tensor, "clone", parallel_copy)
     monkeypatch.setattr(torch.Tensor, "copy_", parallel_copy)
     owned = own_batch(batch)
@@ -159,31 +162,51 @@ def _fake_pin(tensor: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(tensor.numpy().copy())
 
 
-def test_the_pinning_thread_passes_the_ring_on_to_be_kept_mapped(monkeypatch):
+def _pin_mapping_first(data):
+    """torch 2.6's order (pytorch#82185): a Mapping is pinned value by value before any
+    `pin_memory` method of its own is looked at."""
+    if isinstance(data, torch.Tensor):
+        return data.pin_memory()
+    if isinstance(data, (str, bytes)):
+        return data
+    if isinstance(data, collections.abc.Mapping):
+        clone = copy.copy(data)
+        clone.update({key: _pin_mapping_first(value) for key, value in data.items()})
+        return clone
+    if isinstance(data, list):
+        return [_pin_mapping_first(value) for value in data]
+    if hasattr(data, "pin_memory"):
+        return data.pin_memory()
+    return data
+
+
+@pytest.mark.parametrize("pin", [pin_memory, _pin_mapping_first], ids=["installed", "torch-2.6"])
+def test_the_pinning_thread_passes_the_ring_on_to_be_kept_mapped(monkeypatch, pin):
     slot = BatchRing(2).take(SHAPES)
     slot[0].fill_(3)
+    ring_ptr = slot[0].data_ptr()
     monkeypatch.setattr(torch.Tensor, "pin_memory", _fake_pin)
-    pinned = pin_memory(RingBatch(inputs=slot[0], mask=slot[1], keys=["a", "b"], skipped=0))
-    assert type(pinned) is dict and pinned["keys"] == ["a", "b"] and pinned["skipped"] == 0
-    assert pinned["inputs"].data_ptr() != slot[0].data_ptr() and int(pinned["inputs"].max()) == 3
-    assert pinned[RING_KEY].data_ptr() == slot[0].untyped_storage().data_ptr()
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda tensor: tensor.data_ptr() != ring_ptr)
+    batch = {"inputs": slot[0], "mask": slot[1], "keys": ["a", "b"], "skipped": 0}
+    pinned = pin({**batch, RING_KEY: RingRef(slot[0])})
+    assert pinned["keys"] == ["a", "b"] and pinned["skipped"] == 0
+    assert pinned["inputs"].data_ptr() != ring_ptr and int(pinned["inputs"].max()) == 3
+    assert pinned[RING_KEY].tensor.data_ptr() == ring_ptr  # the ring, passed on
     rings = RingMappings()
+    inputs = pinned["inputs"]
     owned = rings.own(pinned)
-    assert RING_KEY not in owned and owned["inputs"] is pinned["inputs"]  # not copied again
-    assert len(rings) == 1  # the ring, held mapped in the training process
+    assert RING_KEY not in owned and owned["inputs"] is inputs  # pinned: not copied again
+    assert len(rings) == 1 and next(iter(rings._storages.values())).data_ptr() == ring_ptr
 
 
-def test_ring_batches_cross_to_the_training_process_as_ring_batches(tiny_shards, monkeypatch):
+def test_a_ring_batch_crosses_to_the_training_process_naming_its_own_tensor(tiny_shards):
     # Through the worker's augmentation (in place), its default_convert and the queue: what the
-    # pinning thread receives on a GPU.
+    # pinning thread receives on a GPU. Pickle sent the named tensor once: the same object.
     config = LoaderConfig(batch_size=4, workers=1, augment=AugmentConfig())
     batches = iter(make_train_loader(tiny_shards, config, epoch=0, steps=3).loader)
     try:
         first = next(batches)
     finally:
         batches._shutdown_workers()
-    assert isinstance(first, RingBatch) and first["epoch"] == 0 and len(first["keys"]) == 4
-    monkeypatch.setattr(torch.Tensor, "pin_memory", _fake_pin)
-    rings = RingMappings()
-    owned = rings.own(pin_memory(first))
-    assert owned["inputs"].shape == (4, 2, 160, 160) and len(rings) == 1
+    assert first["epoch"] == 0 and len(first["keys"]) == 4
+    assert first[RING_KEY].tensor is first["inputs"]

@@ -129,8 +129,7 @@ class ShardStream(IterableDataset):
             share = len(range(role, self.steps, workers))
             batches = self._batches(epoch, role, workers, cache, handler, ring)
             for batch in itertools.islice(batches, share):
-                batch["epoch"] = epoch  # in place: a RingBatch stays one (see train.ring)
-                yield batch
+                yield {**batch, "epoch": epoch}
 
     def _batches(
         self,

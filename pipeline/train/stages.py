@@ -27,7 +27,7 @@ from pipeline.store.tar import read_samples
 from pipeline.train import augment as augmentation
 from pipeline.train.augment import AugmentConfig
 from pipeline.train.bgcache import DecodedCache
-from pipeline.train.ring import BatchRing, RingBatch
+from pipeline.train.ring import RING_KEY, BatchRing, RingRef
 
 log = logging.getLogger(__name__)
 
@@ -275,8 +275,10 @@ def batch_shapes(
 
 
 def _batch(tensors: list[torch.Tensor], keys: list, skipped: int, in_ring: bool) -> dict:
-    batch: dict[str, Any] = RingBatch() if in_ring else {}
-    batch.update(zip(("inputs", *TARGETS), tensors, strict=True), keys=keys, skipped=skipped)
+    batch: dict[str, Any] = dict(zip(("inputs", *TARGETS), tensors, strict=True))
+    batch.update(keys=keys, skipped=skipped)
+    if in_ring:
+        batch[RING_KEY] = RingRef(tensors[0])
     return batch
 
 
