@@ -77,6 +77,7 @@ def test_decoding_into_the_batch_gives_the_collated_batches(channels, cached):
     cache = DecodedCache(8) if cached else None
     got = batches(samples, channels, cache=cache)
     assert [len(b["keys"]) for b in got] == [4, 4, 2]  # the last, short batch kept
+    assert got[-1]["inputs"].untyped_storage().nbytes() == got[-1]["inputs"].nbytes  # its size
     assert_same(got, collated(samples, channels))
     if cached:
         assert (cache.misses, cache.hits) == (2, 8)

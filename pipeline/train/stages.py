@@ -258,8 +258,11 @@ def _fill_batches(samples, decoder, batch_size, counter, handler, partial, ring)
         if len(keys) == batch_size:
             yield _batch(tensors, keys, counter.take(), ring is not None)
             tensors, keys = [], []
-    if keys and partial:
-        yield _batch([t[: len(keys)] for t in tensors], keys, counter.take(), False)
+    if keys and partial:  # into tensors of its size: a view would carry the whole batch's
+        short = [_batch_tensor((len(keys), *t.shape[1:])) for t in tensors]
+        for whole, part in zip(tensors, short, strict=True):
+            part.numpy()[...] = whole.numpy()[: len(keys)]  # numpy's copy: see ring._copy
+        yield _batch(short, keys, counter.take(), False)
 
 
 def batch_shapes(
