@@ -227,12 +227,17 @@ _ZERO_BLOCK = bytes(TAR_BLOCK)
 _REGULAR = (b"0", b"\0", b"7")  # tar types of regular files ("7": contiguous, read like one)
 
 
-def tar_files(stream: BinaryIO, url: str) -> Iterator[dict]:
-    """The regular files of a tar stream as webdataset file dicts {"fname", "data", "__url__"}."""
+def tar_files(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """The regular files of a tar stream as (name, data) pairs, in order."""
     long_name = None  # set by a GNU `L` or pax `x` member, for the member after it
+    read = stream.read
     while True:
-        header = _read_exact(stream, TAR_BLOCK, end_ok=True)
-        if not header or header == _ZERO_BLOCK:  # end of archive (or of a stream without one)
+        header = read(TAR_BLOCK)
+        if len(header) != TAR_BLOCK:  # the end of the stream, or a short read of a pipe
+            if not header:
+                return
+            header += _read_exact(stream, TAR_BLOCK - len(header))
+        if header == _ZERO_BLOCK:  # end of archive
             return
         _check_header(header)
         size, kind = _member_size(header), header[156:157]
@@ -242,34 +247,31 @@ def tar_files(stream: BinaryIO, url: str) -> Iterator[dict]:
                 f"tar member {name!r} declares {size} bytes, over the {MAX_MEMBER_BYTES} bytes "
                 "a sample's file may have (damaged, or not a shard)"
             )
-        data = _read_exact(stream, size)
-        _read_exact(stream, -size % TAR_BLOCK)  # padding to a whole block
-        if kind in (b"L", b"x"):
+        padded = -(-size // TAR_BLOCK) * TAR_BLOCK  # the data and its padding: one read
+        data = read(padded)
+        if len(data) != padded:
+            data += _read_exact(stream, padded - len(data))
+        if padded != size:
+            data = data[:size]
+        if kind in _REGULAR:
+            yield long_name or _ustar_name(header), data
+            long_name = None
+        elif kind in (b"L", b"x"):
             long_name = _long_name(kind, data) or long_name
-        elif kind in _REGULAR:
-            name, long_name = long_name or _ustar_name(header), None
-            yield {"fname": name, "data": data, "__url__": url}
         else:  # directories, links, pax globals: nothing a sample holds
             long_name = None
 
 
-def _read_exact(stream: BinaryIO, size: int, end_ok: bool = False) -> bytes:
-    """`size` bytes, or b"" at the end of the stream if `end_ok`; else short reads raise."""
-    first = stream.read(size)
-    if len(first) == size:  # nearly always: one read, no list (the loader reads 3 a member)
-        return first
-    chunks, left = [first], size - len(first)
+def _read_exact(stream: BinaryIO, size: int) -> bytes:
+    """The rest of a short read: `size` more bytes (a pipe may give fewer a call), or raise."""
+    chunks, left = [], size
     while left:
         chunk = stream.read(left)
         if not chunk:
-            break
+            raise ValueError(f"truncated tar ({size - left} of {size} more bytes)")
         chunks.append(chunk)
         left -= len(chunk)
-    if left == size and end_ok:
-        return b""
-    if left:
-        raise ValueError(f"truncated tar ({size - left} of {size} bytes)")
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return b"".join(chunks)
 
 
 def _check_header(header: bytes) -> None:
@@ -320,28 +322,28 @@ def split_name(name: str) -> tuple[str, str] | tuple[None, None]:
     return name[:dot], name[dot + 1 :].lower()
 
 
-def group_samples(files: Iterable[dict]) -> Iterator[dict]:
+def group_samples(files: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict]:
     """Consecutive files sharing a key -> one sample {"__key__", "__url__", ext: bytes, ...}.
 
     WebDataset's grouping, with one difference: a second file of the same extension in one
     sample is a ValueError naming it (the shard is damaged), never silently dropped.
     """
     sample: dict | None = None
-    for file in files:
-        key, ext = split_name(file["fname"])
+    for name, data in files:
+        key, ext = split_name(name)
         if key is None:
             continue
         if sample is None or key != sample["__key__"]:
             if sample is not None:
                 yield sample
-            sample = {"__key__": key, "__url__": file["__url__"]}
+            sample = {"__key__": key, "__url__": url}
         if ext in sample:
-            raise ValueError(f"{file['fname']}: a second {ext} file for sample {key}")
-        sample[ext] = file["data"]
+            raise ValueError(f"{name}: a second {ext} file for sample {key}")
+        sample[ext] = data
     if sample is not None:
         yield sample
 
 
 def read_samples(stream: BinaryIO, url: str) -> Iterator[dict]:
     """The samples of one tar stream (see `tar_files` and `group_samples`)."""
-    return group_samples(tar_files(stream, url))
+    return group_samples(tar_files(stream), url)
