@@ -297,17 +297,19 @@ def decode_image(
     if (width, height) != tuple(size):
         raise ImageError(f"image is {width}x{height}, expected {size[0]}x{size[1]}")
     decoder = decoder or decode_simplejpeg
-    into = out is not None and out.shape == (height, width, channels) and out.flags.c_contiguous
-    if into and decoder is decode_simplejpeg:
-        image = decode_simplejpeg(data, channels, out)
-    else:
-        into, image = False, decoder(data, channels)
+    direct = (
+        decoder is decode_simplejpeg
+        and out is not None
+        and out.shape == (height, width, channels)
+        and out.flags.c_contiguous
+    )
+    image = decode_simplejpeg(data, channels, out) if direct else decoder(data, channels)
     height, width = image.shape[:2]
     if (width, height) != tuple(size):
         raise ValueError(f"image is {width}x{height}, expected {size[0]}x{size[1]}")
     if out is None:
         return image
-    if not into:  # a decoder that cannot write into `out`, or an `out` it cannot use
+    if not direct:  # a decoder that cannot write into `out`, or an `out` it cannot use
         out[...] = image
     return out
 

@@ -32,6 +32,7 @@ from pipeline.train.ring import RING_KEY, BatchRing, RingRef
 log = logging.getLogger(__name__)
 
 TARGETS = tuple(field for field in FIELDS if field not in INPUTS)  # mask, depth
+BATCH_FIELDS = ("inputs", *TARGETS)  # a batch's tensors, in `batch_shapes`' order
 
 Handler = Callable[[Exception], bool]  # webdataset semantics: True continue, False stop, or raise
 
@@ -150,11 +151,15 @@ class SampleDecoder:
         data, codec = sample[ext], self._codecs[ext]
         depth = self.channels if field in INPUTS else 1  # masks and depths: one channel
         try:
-            if self.cache is not None and field == "bg":  # shared by many samples
-                return self.cache.decode(data, depth, self.sizes[field], codec)
-            return codec(data, depth, self.sizes[field], out=out)
+            if self.cache is None or field != "bg":
+                return codec(data, depth, self.sizes[field], out=out)
+            image = self.cache.decode(data, depth, self.sizes[field], codec)  # shared, read-only
         except Exception as exc:  # any decoder's failure skips the sample
             raise ValueError(f"{ext}: {exc}") from None
+        if out is None:
+            return image
+        out[...] = image
+        return out
 
     def sample(self, sample: dict) -> dict:
         """{"key", field: uint8 (H, W, C)}: each field in an array of its own."""
@@ -165,7 +170,7 @@ class SampleDecoder:
         one-channel image is decoded straight into the batch where its decoder can (simplejpeg):
         no array of its own, no copy; the others are copied in, as collate does."""
         for field, slot in _slots(arrays, index, self.channels):  # slot: (C, H, W)
-            if slot.shape[0] == 1 and not (self.cache is not None and field == "bg"):
+            if slot.shape[0] == 1:  # (1, H, W) is (H, W, 1) in memory
                 self.field(sample, field, out=slot[0][:, :, None])
             else:
                 slot[...] = self.field(sample, field).transpose(2, 0, 1)
@@ -238,15 +243,22 @@ def decode_batches(
         yield held
 
 
-def _fill_batches(samples, decoder, batch_size, counter, handler, partial, ring):
+def _fill_batches(
+    samples: Iterable[dict],
+    decoder: SampleDecoder,
+    batch_size: int,
+    counter: SkipCounter,
+    handler: Handler,
+    partial: bool,
+    ring: BatchRing | None,
+) -> Iterator[dict]:
     """decode_batches' batches as soon as each is full (and the last short one if `partial`)."""
     shapes = batch_shapes(batch_size, decoder.channels, decoder.sizes)
     tensors: list[torch.Tensor] = []
     keys: list[str] = []
     for sample in samples:
         if not tensors:  # the first sample of a batch: its buffers now, not before
-            tensors = ring.take(shapes) if ring is not None else [_batch_tensor(s) for s in shapes]
-            arrays = dict(zip(("inputs", *TARGETS), (t.numpy() for t in tensors), strict=True))
+            tensors, arrays = _new_batch(shapes, ring)
         try:
             decoder.into(sample, arrays, len(keys))
         except ValueError as exc:
@@ -277,8 +289,17 @@ def batch_shapes(
     return shapes + tuple((batch_size, 1, sizes[f][1], sizes[f][0]) for f in TARGETS)
 
 
+def _new_batch(
+    shapes: tuple[tuple[int, ...], ...], ring: BatchRing | None
+) -> tuple[list[torch.Tensor], dict[str, np.ndarray]]:
+    """A batch's uninitialised tensors (the ring's next slot, if a ring) and numpy views of
+    them, by field."""
+    tensors = ring.take(shapes) if ring is not None else [_batch_tensor(s) for s in shapes]
+    return tensors, dict(zip(BATCH_FIELDS, (t.numpy() for t in tensors), strict=True))
+
+
 def _batch(tensors: list[torch.Tensor], keys: list, skipped: int, in_ring: bool) -> dict:
-    batch: dict[str, Any] = dict(zip(("inputs", *TARGETS), tensors, strict=True))
+    batch: dict[str, Any] = dict(zip(BATCH_FIELDS, tensors, strict=True))
     batch.update(keys=keys, skipped=skipped)
     if in_ring:
         batch[RING_KEY] = RingRef(tensors[0])
@@ -295,12 +316,10 @@ def collate(samples: list[dict], skipped: int, ring: BatchRing | None = None) ->
     The loader's workers skip even that copy where they can (`decode_batches`).
     """
     # uint8 all the way: a quarter of float32's bytes to move, pin and copy to the GPU.
-    first, n = samples[0], len(samples)
-    height, width, channels = first[INPUTS[0]].shape
-    shapes = ((n, len(INPUTS) * channels, height, width),)
-    shapes += tuple((n, 1, *first[field].shape[:2]) for field in TARGETS)
-    tensors = ring.take(shapes) if ring is not None else [_batch_tensor(s) for s in shapes]
-    arrays = dict(zip(("inputs", *TARGETS), (t.numpy() for t in tensors), strict=True))
+    first = samples[0]
+    sizes = {field: first[field].shape[1::-1] for field in FIELDS}  # (width, height)
+    channels = first[INPUTS[0]].shape[2]
+    tensors, arrays = _new_batch(batch_shapes(len(samples), channels, sizes), ring)
     for i, sample in enumerate(samples):
         for field, slot in _slots(arrays, i, channels):
             slot[...] = sample[field].transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
@@ -327,7 +346,7 @@ def augment_batches(
         )
         # Back to uint8, into the batch's own (shared) tensors: rounding to 1/255 is what
         # jitter on 8-bit images does anyway, and the trip to the trainer stays a handle.
-        for field, tensor in zip(("inputs", *TARGETS), augmented, strict=True):
+        for field, tensor in zip(BATCH_FIELDS, augmented, strict=True):
             if field == "inputs":
                 tensor = tensor.mul_(255).round_()
             if tensor is not batch[field]:
