@@ -12,10 +12,9 @@ On the same shards and samples, `--rounds` times interleaved, each row's best ro
 - 1 worker: the loader as `bench loader` runs it (one worker process, its ring, the copy out);
 - 1 worker, no copy: the same DataLoader iterated raw, its batches never copied out of the ring
   (not safe for a trainer that keeps batches: only to size the copy's cost);
-- 1 worker, ring remapped: as `1 worker`, but the training process lets each ring go after
-  copying a batch out, as it would if nothing held the ring mapped (what the pinning thread did
-  on a GPU before the batch's RingRef passed the ring on): each batch then maps the ring afresh.
-Each row also gives the training process's CPU time a sample (us), best round.
+Each row also gives the CPU time a sample (us, best round) of the training process and of the
+loader's worker processes (theirs counted when they stop, so with their start, the warm-up batch
+and the batches they made ahead: compare rows, not absolute figures).
 
     .venv/bin/python benchmarks/loader_process.py --shards /tmp/i7b/shards --batches 30 --rounds 3
 """
@@ -29,13 +28,12 @@ import resource
 import subprocess
 import sys
 import time
-from unittest import mock
 
 from pipeline.bench.loader import decode_floor, time_batches
 from pipeline.schema import field_sizes
 from pipeline.train.bgcache import DecodedCache
 from pipeline.train.loader import LoaderConfig, make_train_loader
-from pipeline.train.ring import BatchRing, RingMappings
+from pipeline.train.ring import BatchRing
 from pipeline.train.sources import open_manifest, shard_urls
 from pipeline.train.stages import (
     LogOnce,
@@ -67,12 +65,6 @@ def loader_rate(shards: str, workers: int, batch_size: int, batches: int, copy: 
         raw._shutdown_workers()  # type: ignore[attr-defined]
 
 
-def remapped_rate(shards: str, batch_size: int, batches: int) -> float:
-    """`loader_rate` with 1 worker, no ring held mapped by the training process."""
-    with mock.patch.object(RingMappings, "_keep", lambda self, storage: None):
-        return loader_rate(shards, 1, batch_size, batches, True)
-
-
 def busy_floor(raw: list[dict], manifest: dict) -> float:
     """The floor while another process keeps the other core copying memory."""
     other = subprocess.Popen([sys.executable, "-c", COPYING])
@@ -101,8 +93,9 @@ def stage_rate(raw: list[dict], manifest: dict, batch_size: int, into: bool) -> 
     return count / (time.perf_counter() - start)
 
 
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)  # this process: its threads, no children
+def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
+    """CPU seconds of this process (its threads) or of its children that have ended."""
+    usage = resource.getrusage(who)
     return usage.ru_utime + usage.ru_stime
 
 
@@ -126,23 +119,28 @@ def main() -> None:
         "1_worker_no_copy": lambda: loader_rate(
             args.shards, 1, args.batch_size, args.batches, False
         ),
-        "1_worker_ring_remapped": lambda: remapped_rate(args.shards, args.batch_size, args.batches),
     }
     rates: dict[str, list[float]] = {name: [] for name in rows}
     cpu: dict[str, list[float]] = {name: [] for name in rows}
+    workers_cpu: dict[str, list[float]] = {name: [] for name in rows}
     samples = args.batches * args.batch_size  # timed in each row (the floor: len(raw))
     for _ in range(args.rounds):
         for name, measure in rows.items():
-            before = cpu_seconds()
+            before, children = cpu_seconds(), cpu_seconds(resource.RUSAGE_CHILDREN)
             rates[name].append(measure())
             # Set-up and the warm-up batch included: compare rows, not absolute figures.
             cpu[name].append((cpu_seconds() - before) / samples * 1e6)
+            workers = cpu_seconds(resource.RUSAGE_CHILDREN) - children
+            workers_cpu[name].append(workers / samples * 1e6)
             time.sleep(0.2)
     best = {name: round(max(values)) for name, values in rates.items()}
     ratios = {
         f"{name}_vs_floor": round(best[name] / best["floor"], 2) for name in rows if name != "floor"
     }
     training_cpu = {name: round(min(values), 1) for name, values in cpu.items() if "worker" in name}
+    worker_cpu = {
+        name: round(min(values), 1) for name, values in workers_cpu.items() if "worker" in name
+    }
     print(
         json.dumps(
             {
@@ -150,6 +148,7 @@ def main() -> None:
                 "rates": best,
                 "ratios": ratios,
                 "training_process_cpu_us_per_sample": training_cpu,
+                "worker_processes_cpu_us_per_sample": worker_cpu,
             }
         )
     )

@@ -10,7 +10,7 @@ from conftest import encode, encode_png_mask
 
 from pipeline.images import decode_image, decode_png
 from pipeline.train.bgcache import DecodedCache
-from pipeline.train.ring import RING_KEY, BatchRing, RingRef
+from pipeline.train.ring import RING_KEY, BatchRing, SharedRing
 from pipeline.train.stages import (
     LogOnce,
     SampleDecoder,
@@ -114,7 +114,7 @@ def test_an_endless_stream_hands_each_batch_over_once_full():
     stream = decode_batches(counted(), decoder, 4, SkipCounter(), LogOnce(), False, BatchRing(3))
     first = next(stream)
     assert len(consumed) == 4  # not a sample of batch 2 read yet
-    assert isinstance(first[RING_KEY], RingRef)
+    assert isinstance(first[RING_KEY], SharedRing)  # its ring, for the worker's handover
     second = next(stream)
     assert len(consumed) == 8 and second["inputs"].data_ptr() != first["inputs"].data_ptr()
     assert list(stream) == []  # no short batch in training

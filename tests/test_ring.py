@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections.abc
 import copy
+import pickle
 
 import pytest
 import torch
@@ -11,28 +12,40 @@ from torch.utils.data._utils.pin_memory import pin_memory  # what the pinning th
 
 from pipeline.train.augment import AugmentConfig
 from pipeline.train.loader import LoaderConfig, make_eval_loader, make_train_loader
-from pipeline.train.ring import RING_KEY, BatchRing, RingMappings, RingRef, own_batch
+from pipeline.train.ring import (
+    RECEIVED,
+    RING_KEY,
+    BatchRing,
+    RingBatch,
+    RingMappings,
+    handover,
+    own_batch,
+)
 
 SHAPES = ((2, 2, 4, 4), (2, 1, 4, 4))
 
 
+def _slot(ring: BatchRing, shapes=SHAPES) -> list[torch.Tensor]:
+    return ring.take(shapes)[1]
+
+
 def test_a_ring_cycles_its_slots_in_shared_memory():
     ring = BatchRing(3)
-    first = [ring.take(SHAPES) for _ in range(3)]
+    first = [_slot(ring) for _ in range(3)]
     assert all(t.is_shared() for slot in first for t in slot)
     assert [tuple(t.shape) for t in first[0]] == list(SHAPES)
     pointers = {slot[0].data_ptr() for slot in first}
     assert len(pointers) == 3  # three distinct slots ...
-    assert ring.take(SHAPES)[0].data_ptr() == first[0][0].data_ptr()  # ... then the first again
-    other = ring.take(((1, 2, 4, 4), (1, 1, 4, 4)))  # an evaluation's last, shorter batch
+    assert _slot(ring)[0].data_ptr() == first[0][0].data_ptr()  # ... then the first again
+    other = _slot(ring, ((1, 2, 4, 4), (1, 1, 4, 4)))  # an evaluation's last, shorter batch
     assert other[0].data_ptr() not in pointers
     with pytest.raises(ValueError, match="2 slots"):
         BatchRing(1)
 
 
 def test_own_batch_copies_ring_batches_only():
-    slot = BatchRing(2).take(SHAPES)
-    batch = {"inputs": slot[0], "mask": slot[1], "keys": ["a", "b"], RING_KEY: RingRef(slot[0])}
+    slot = _slot(BatchRing(2))
+    batch = {"inputs": slot[0], "mask": slot[1], "keys": ["a", "b"], RING_KEY: "123-0"}
     owned = own_batch(dict(batch))
     assert RING_KEY not in owned and owned["keys"] == ["a", "b"]
     for key in ("inputs", "mask"):
@@ -137,7 +150,7 @@ def test_evaluation_workers_use_no_ring(tiny_shards):
     assert raw and not any(RING_KEY in b for b in raw)
     train = make_train_loader(tiny_shards, LoaderConfig(batch_size=4, workers=2), epoch=0, steps=2)
     first = next(iter(train.loader))
-    assert isinstance(first[RING_KEY], RingRef)  # training workers do
+    assert isinstance(first[RING_KEY], str)  # training workers do: the ring's name
 
 
 def test_the_copy_out_of_a_ring_runs_on_one_thread(monkeypatch):
@@ -148,9 +161,9 @@ def test_the_copy_out_of_a_ring_runs_on_one_thread(monkeypatch):
     def parallel_copy(*_args, **_kwargs):
         raise AssertionError("a torch (intra-op parallel) copy")
 
-    slot = BatchRing(2).take(SHAPES)
+    slot = _slot(BatchRing(2))
     slot[0].fill_(7)
-    batch = {"inputs": slot[0], "mask": slot[1], RING_KEY: RingRef(slot[0])}
+    batch = {"inputs": slot[0], "mask": slot[1], RING_KEY: "123-0"}
     monkeypatch.setattr(torch.Tensor, "clone", parallel_copy)
     monkeypatch.setattr(torch.Tensor, "copy_", parallel_copy)
     owned = own_batch(batch)
@@ -181,32 +194,109 @@ def _pin_mapping_first(data):
 
 
 @pytest.mark.parametrize("pin", [pin_memory, _pin_mapping_first], ids=["installed", "torch-2.6"])
-def test_the_pinning_thread_passes_the_ring_on_to_be_kept_mapped(monkeypatch, pin):
-    slot = BatchRing(2).take(SHAPES)
+def test_the_pinning_thread_passes_the_ring_name_on(monkeypatch, pin):
+    slot = _slot(BatchRing(2))
     slot[0].fill_(3)
     ring_ptr = slot[0].data_ptr()
     monkeypatch.setattr(torch.Tensor, "pin_memory", _fake_pin)
     monkeypatch.setattr(torch.Tensor, "is_pinned", lambda tensor: tensor.data_ptr() != ring_ptr)
     batch = {"inputs": slot[0], "mask": slot[1], "keys": ["a", "b"], "skipped": 0}
-    pinned = pin({**batch, RING_KEY: RingRef(slot[0])})
+    pinned = pin({**batch, RING_KEY: "123-0"})
     assert pinned["keys"] == ["a", "b"] and pinned["skipped"] == 0
     assert pinned["inputs"].data_ptr() != ring_ptr and int(pinned["inputs"].max()) == 3
-    assert pinned[RING_KEY].tensor.data_ptr() == ring_ptr  # the ring, passed on
+    assert pinned[RING_KEY] == "123-0"  # the ring's name, passed on
     rings = RingMappings()
     inputs = pinned["inputs"]
     owned = rings.own(pinned)
     assert RING_KEY not in owned and owned["inputs"] is inputs  # pinned: not copied again
-    assert len(rings) == 1 and next(iter(rings._storages.values())).data_ptr() == ring_ptr
+    assert len(rings) == 1  # the stream lets the ring go with its workers
 
 
-def test_a_ring_batch_crosses_to_the_training_process_naming_its_own_tensor(tiny_shards):
-    # Through the worker's augmentation (in place), its default_convert and the queue: what the
-    # pinning thread receives on a GPU. Pickle sent the named tensor once: the same object.
-    config = LoaderConfig(batch_size=4, workers=1, augment=AugmentConfig())
-    batches = iter(make_train_loader(tiny_shards, config, epoch=0, steps=3).loader)
+def _ring_batch(ring: BatchRing, fill: int) -> dict:
+    shared, (inputs, mask) = ring.take(SHAPES)
+    inputs.fill_(fill)
+    mask.fill_(fill + 1)
+    return {"inputs": inputs, "mask": mask, "keys": ["a", "b"], "epoch": 2, RING_KEY: shared}
+
+
+def _trip(batch: dict) -> dict:
+    """Through pickle as a worker's queue sends it (torch's reductions: descriptors shared)."""
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers torch's reductions)
+
+    (sent,) = handover([batch])
+    return pickle.loads(ForkingPickler.dumps(sent))
+
+
+def test_a_ring_crosses_once_then_its_batches_by_name(monkeypatch):
+    ring = BatchRing(3)
+    sent: list = []
+    original = RingBatch.__reduce__
+
+    def watched(self):
+        reduced = original(self)
+        sent.append(reduced[1][1])  # the storage, or None
+        return reduced
+
+    monkeypatch.setattr(RingBatch, "__reduce__", watched)
+    got = [_trip(_ring_batch(ring, fill)) for fill in (1, 5, 9, 13)]  # the ring turns over
     try:
-        first = next(batches)
+        assert [s is not None for s in sent] == [True, False, False, False]
+        name = got[0][RING_KEY]
+        assert all(b[RING_KEY] == name for b in got) and name in RECEIVED
+        for batch in got:
+            assert batch["keys"] == ["a", "b"] and batch["epoch"] == 2
+            assert batch["inputs"].shape == SHAPES[0] and batch["mask"].shape == SHAPES[1]
+        # A view of the one storage received: the last batch reused the first's slot.
+        assert got[3]["inputs"].data_ptr() == got[0]["inputs"].data_ptr()
+        assert int(got[3]["inputs"].max()) == 13 and int(got[3]["mask"].min()) == 14
+        assert int(got[2]["inputs"].min()) == 9  # slots of their own until the ring turns
+        rings = RingMappings()
+        owned = rings.own(got[3])
+        assert owned["inputs"].data_ptr() != got[0]["inputs"].data_ptr()  # copied out
+        rings.clear()
+        assert name not in RECEIVED  # let go with the stream's workers
+        with pytest.raises(RuntimeError, match=f"ring {name}, which this process never received"):
+            _trip(_ring_batch(ring, 0))  # its storage went with the first batch
     finally:
-        batches._shutdown_workers()
-    assert first["epoch"] == 0 and len(first["keys"]) == 4
-    assert first[RING_KEY].tensor is first["inputs"]
+        RECEIVED.forget([name])
+
+
+def test_a_ring_batch_leaves_its_worker_only_as_a_ring_batch():
+    batch = _ring_batch(BatchRing(2), 0)
+    with pytest.raises(TypeError, match="as a RingBatch"):
+        pickle.dumps(batch)  # never its ring, tensors and all, by accident
+    shared = batch[RING_KEY]
+    batch["inputs"] = torch.zeros(SHAPES[0], dtype=torch.uint8)  # not a slot of the ring
+    with pytest.raises(ValueError, match=f"'inputs' is not a slot of ring {shared.name}"):
+        RingBatch(batch).__reduce__()
+    plain = {"inputs": torch.zeros(2)}
+    assert list(handover([plain])) == [plain]  # no ring: as it is
+
+
+def test_a_training_stream_receives_each_ring_once(tiny_shards, monkeypatch):
+    # Through the worker's augmentation (in place), its default_convert and the queue: what the
+    # pinning thread receives on a GPU. One worker, one ring: one storage received, 6 batches.
+    from multiprocessing import resource_sharer
+
+    received = []
+    original = resource_sharer.DupFd.detach
+
+    def counted(self):  # in this process: a descriptor fetched from a worker
+        received.append(self)
+        return original(self)
+
+    monkeypatch.setattr(resource_sharer.DupFd, "detach", counted)
+    config = LoaderConfig(batch_size=4, workers=1, augment=AugmentConfig())
+    stream = make_train_loader(tiny_shards, config, epoch=0, steps=6)
+    raw = iter(stream.loader)
+    try:
+        batches = [next(raw) for _ in range(6)]
+    finally:
+        raw._shutdown_workers()
+    assert all(b["epoch"] == 0 and len(b["keys"]) == 4 for b in batches)
+    assert len({b[RING_KEY] for b in batches}) == 1
+    pointers = {b["inputs"].untyped_storage().data_ptr() for b in batches}
+    assert len(received) == 1 and len(pointers) == 1  # before: 3 descriptors a batch
+    RECEIVED.forget([batches[0][RING_KEY]])

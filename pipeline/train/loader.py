@@ -29,7 +29,7 @@ from pipeline.schema import field_sizes, split_samples, split_shards
 from pipeline.train.augment import AugmentConfig
 from pipeline.train.batches import BatchStream, TrainBatches
 from pipeline.train.bgcache import DEFAULT_ENTRIES, DecodedCache
-from pipeline.train.ring import BatchRing
+from pipeline.train.ring import BatchRing, handover
 from pipeline.train.sources import (
     assign_shards,
     mix_seed,
@@ -116,7 +116,7 @@ class ShardStream(IterableDataset):
         ring = BatchRing(self.config.prefetch_factor + 2) if in_worker and self.train else None
         if not self.train:
             return self._batches(self.epoch, worker, workers, cache, LogOnce(), ring)
-        return self._epochs(worker, workers, cache, ring)
+        return handover(self._epochs(worker, workers, cache, ring))
 
     def _epochs(
         self, worker: int, workers: int, cache: DecodedCache, ring: BatchRing | None
@@ -129,7 +129,8 @@ class ShardStream(IterableDataset):
             share = len(range(role, self.steps, workers))
             batches = self._batches(epoch, role, workers, cache, handler, ring)
             for batch in itertools.islice(batches, share):
-                yield {**batch, "epoch": epoch}
+                batch["epoch"] = epoch
+                yield batch
 
     def _batches(
         self,

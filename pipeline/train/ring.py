@@ -5,19 +5,31 @@ memory for every batch costs its page faults, and on the development machine tha
 us a sample in a worker, against 180 us for decoding its three images. So each worker writes its
 batches into a ring of buffers it allocates once, and the training process copies each batch out as
 it receives it (`own_batch`, called by the loader's streams; for a GPU the pinning thread has
-already made that copy: see RingRef). The ring is never ahead of the copies while DataLoader's
-requests go round-robin to workers that all keep running, as training workers do (they are endless):
-a worker gets the request for its batch j + prefetch_factor only when its batch j reaches the
-training process, which copied out batch j - 1 before asking for more, so a ring of prefetch_factor
-+ 2 slots never overwrites a batch that was not copied out. Evaluation workers do finish, one before
-another, and DataLoader then sends the finished workers' requests to those still running, which may
-run further ahead than that: they use no ring.
+already made that copy). The ring is never ahead of the copies while DataLoader's requests go
+round-robin to workers that all keep running, as training workers do (they are endless): a worker
+gets the request for its batch j + prefetch_factor only when its batch j reaches the training
+process, which copied out batch j - 1 before asking for more, so a ring of prefetch_factor + 2 slots
+never overwrites a batch that was not copied out. Evaluation workers do finish, one before another,
+and DataLoader then sends the finished workers' requests to those still running, which may run
+further ahead than that: they use no ring.
+
+The trip itself: torch pickles a shared tensor by passing a file descriptor over a socket of the
+worker's resource-sharer thread, once per tensor and batch (a connection, an authentication and
+the descriptor each time: 0.2-0.3 ms a batch in the training process, 0.4 ms in the worker, with
+3 tensors a batch, measured on the 2-vCPU machine). A ring's storage crosses once instead: a
+worker sends each batch as a `RingBatch`, which pickles as the ring's name and its tensors' places
+in it, the storage itself only with the ring's first batch. The receiving process keeps every ring
+it received (`RECEIVED`), mapped, until the stream that read it lets its workers' rings go.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
+import threading
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -25,6 +37,42 @@ import torch
 from torch import Tensor
 
 MAX_SHAPES = 3  # rings kept: the full batch's shapes, and an evaluation's last, shorter batch
+RING_KEY = "ring"  # a ring batch's entry: its SharedRing in the worker, the ring's name after
+MAPPED_RINGS = 64  # rings a training process keeps mapped at most (a few per worker)
+
+_serials = itertools.count()  # a process's rings, numbered
+
+
+class SharedRing:
+    """`slots` sets of uint8 tensors of the same shapes, views of one shared-memory storage."""
+
+    def __init__(self, shapes: tuple[tuple[int, ...], ...], slots: int) -> None:
+        sizes = [math.prod(shape) for shape in shapes]
+        # Shared as DataLoader's collate makes its batches; named by process and number.
+        self.storage = torch.UntypedStorage._new_shared(slots * sum(sizes))
+        self.name = f"{os.getpid()}-{next(_serials)}"
+        self._sent = False
+        flat = torch.empty(0, dtype=torch.uint8).set_(self.storage)
+        self.slots: list[list[Tensor]] = []
+        start = 0
+        for _ in range(slots):
+            views = []
+            for shape, size in zip(shapes, sizes, strict=True):
+                views.append(flat[start : start + size].view(shape))
+                start += size
+            self.slots.append(views)
+
+    def storage_to_send(self) -> torch.UntypedStorage | None:
+        """The storage with the ring's first batch sent (the receiver keeps it), None after."""
+        if self._sent:
+            return None
+        self._sent = True
+        return self.storage
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"ring {self.name}: a ring batch leaves its worker as a RingBatch (see train.ring)"
+        )
 
 
 class BatchRing:
@@ -34,14 +82,14 @@ class BatchRing:
         if slots < 2:
             raise ValueError(f"a batch ring needs at least 2 slots, not {slots}")
         self.slots = slots
-        self._rings: OrderedDict[tuple, list[list[Tensor]]] = OrderedDict()
+        self._rings: OrderedDict[tuple, SharedRing] = OrderedDict()
         self._turn: dict[tuple, int] = {}
 
-    def take(self, shapes: tuple[tuple[int, ...], ...]) -> list[Tensor]:
-        """Uninitialised uint8 tensors of these shapes: the next slot of their ring."""
+    def take(self, shapes: tuple[tuple[int, ...], ...]) -> tuple[SharedRing, list[Tensor]]:
+        """The ring of these shapes and its next slot: uninitialised uint8 tensors."""
         ring = self._rings.get(shapes)
         if ring is None:
-            ring = self._rings[shapes] = _allocate(shapes, self.slots)
+            ring = self._rings[shapes] = SharedRing(shapes, self.slots)
             self._turn[shapes] = 0
             if len(self._rings) > MAX_SHAPES:  # in flight elsewhere, a dropped ring lives on
                 old, _ = self._rings.popitem(last=False)
@@ -49,87 +97,121 @@ class BatchRing:
         self._rings.move_to_end(shapes)
         turn = self._turn[shapes]
         self._turn[shapes] = turn + 1
-        return ring[turn % self.slots]
+        return ring, ring.slots[turn % self.slots]
 
 
-def _allocate(shapes: tuple[tuple[int, ...], ...], slots: int) -> list[list[Tensor]]:
-    """`slots` sets of tensors of `shapes`, views of one shared-memory storage."""
-    sizes = [math.prod(shape) for shape in shapes]
-    storage = torch.UntypedStorage._new_shared(slots * sum(sizes))  # as DataLoader's collate does
-    flat = torch.empty(0, dtype=torch.uint8).set_(storage)
-    ring, start = [], 0
-    for _ in range(slots):
-        views = []
-        for shape, size in zip(shapes, sizes, strict=True):
-            views.append(flat[start : start + size].view(shape))
-            start += size
-        ring.append(views)
-    return ring
+class RingBatch:
+    """A ring batch on its way out of the worker (`handover`): it pickles as its ring's name, the
+    places of its tensors in the ring, its other entries and, with the ring's first batch only,
+    the ring's storage. Unpickled, it is the batch again, a plain dict whose RING_KEY entry is
+    the ring's name. Not a Mapping, so DataLoader's conversions pass it through untouched."""
+
+    __slots__ = ("batch",)
+
+    def __init__(self, batch: dict[str, Any]) -> None:
+        self.batch = batch
+
+    def __reduce__(self) -> Any:
+        rest = dict(self.batch)
+        ring: SharedRing = rest.pop(RING_KEY)
+        places = {}
+        base = ring.storage.data_ptr()
+        for key, value in self.batch.items():
+            if isinstance(value, Tensor):
+                if value.untyped_storage().data_ptr() != base or not value.is_contiguous():
+                    raise ValueError(f"batch entry {key!r} is not a slot of ring {ring.name}")
+                places[key] = (value.storage_offset(), tuple(value.shape))
+                del rest[key]
+        return _received_batch, (ring.name, ring.storage_to_send(), places, rest)
 
 
-RING_KEY = "ring"  # a ring batch's entry: a RingRef to the ring its tensors lie in
-MAPPED_RINGS = 64  # rings a stream keeps mapped (a few per worker)
+def handover(batches: Iterable[dict[str, Any]]) -> Iterator[Any]:
+    """A worker's batches as they go on its queue: ring batches as RingBatch, others as they are."""
+    for batch in batches:
+        yield RingBatch(batch) if RING_KEY in batch else batch
 
 
-class RingRef:
-    """A ring batch's entry under RING_KEY: one of the batch's own tensors, which lie in its
-    worker's ring. Pickled with the batch, it names a tensor already in it, so pickle sends that
-    tensor once and nothing more is shared.
+class ReceivedRings:
+    """The rings a process received from loader workers, by name: mapped while kept."""
 
-    Without pinning, the training process copies the batch out and holds the ring mapped
-    (`RingMappings.own`). With pinning (a GPU), DataLoader's pinning thread copies the batch's
-    tensors into pinned memory and passes this entry on as it is (`pin_memory` returns it;
-    torch versions differ in the order they check a mapping and a `pin_memory` method, so the
-    batch itself stays a plain dict): the training process still receives the ring, holds it
-    mapped, and the pinning thread finds it mapped for the next batch instead of mapping it and
-    faulting its pages in afresh (measured in the training process without pinning: 44 against
-    38 us a sample, 2 vCPUs, gray batches of 100).
-    """
-
-    def __init__(self, tensor: Tensor) -> None:
-        self.tensor = tensor
-
-    def pin_memory(self, device: str | None = None) -> RingRef:
-        return self
-
-
-class RingMappings:
-    """The rings a stream's batches came from, held in the training process while it reads them.
-
-    torch.multiprocessing maps a received storage once while any reference to it lives; without
-    one, every batch would map its ring afresh and fault its pages in again. A stream holds its
-    own (at most MAPPED_RINGS) and lets them go with its workers (`clear`), so the rings of
-    workers that are gone never pin shared memory.
-    """
-
-    def __init__(self) -> None:
-        self._storages: OrderedDict[int, torch.UntypedStorage] = OrderedDict()
+    def __init__(self, limit: int = MAPPED_RINGS) -> None:
+        self.limit = limit
+        self._storages: OrderedDict[str, torch.UntypedStorage] = OrderedDict()
+        self._lock = threading.Lock()  # the pinning thread receives, the trainer forgets
 
     def __len__(self) -> int:
         return len(self._storages)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._storages
+
+    def storage(self, name: str, sent: torch.UntypedStorage | None) -> torch.UntypedStorage:
+        """Ring `name`'s storage: `sent` (its first batch), kept; or the one kept before."""
+        with self._lock:
+            if sent is not None:
+                self._storages[name] = sent
+            elif name not in self._storages:
+                raise RuntimeError(
+                    f"a batch of loader worker ring {name}, which this process never received "
+                    f"or has let go (more than {self.limit} rings at once?)"
+                )
+            self._storages.move_to_end(name)
+            if len(self._storages) > self.limit:
+                self._storages.popitem(last=False)
+            return self._storages[name]
+
+    def forget(self, names: Iterable[str]) -> None:
+        """Let these rings go (their workers have stopped)."""
+        with self._lock:
+            for name in names:
+                self._storages.pop(name, None)
+
+
+RECEIVED = ReceivedRings()  # this process's
+
+
+def _received_batch(
+    name: str,
+    sent: torch.UntypedStorage | None,
+    places: dict[str, tuple[int, tuple[int, ...]]],
+    rest: dict[str, Any],
+) -> dict[str, Any]:
+    """A RingBatch unpickled: its tensors as views of the ring's storage."""
+    flat = torch.empty(0, dtype=torch.uint8).set_(RECEIVED.storage(name, sent))
+    batch = dict(rest)
+    for key, (offset, shape) in places.items():
+        batch[key] = flat[offset : offset + math.prod(shape)].view(shape)
+    batch[RING_KEY] = name
+    return batch
+
+
+class RingMappings:
+    """The rings a stream's batches came from, in the training process: their batches made its
+    own, and the rings let go with the stream's workers (`clear`), so rings of workers that are
+    gone never pin shared memory."""
+
+    def __init__(self) -> None:
+        self._names: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._names)
+
     def own(self, batch: dict[str, Any]) -> dict[str, Any]:
         """`batch` with tensors of its own: copied out of its worker's ring, unless pinned (the
-        pinning thread's copy already is its own); the ring is held mapped."""
-        ring = batch.pop(RING_KEY, None)
-        if ring is None:
+        pinning thread's copy already is its own)."""
+        name = batch.pop(RING_KEY, None)
+        if name is None:
             return batch
-        self._keep(ring.tensor.untyped_storage())
+        self._names.add(name)
         for key, value in batch.items():
             if isinstance(value, Tensor) and not value.is_pinned():
                 batch[key] = _copy(value)
         return batch
 
     def clear(self) -> None:
-        """Let every held ring go (the stream's workers have stopped)."""
-        self._storages.clear()
-
-    def _keep(self, storage: torch.UntypedStorage) -> None:
-        key = storage.data_ptr()
-        self._storages[key] = storage
-        self._storages.move_to_end(key)
-        if len(self._storages) > MAPPED_RINGS:
-            self._storages.popitem(last=False)
+        """Let every ring of this stream go (its workers have stopped)."""
+        RECEIVED.forget(self._names)
+        self._names.clear()
 
 
 def _copy(tensor: Tensor) -> Tensor:
@@ -141,5 +223,5 @@ def _copy(tensor: Tensor) -> Tensor:
 
 
 def own_batch(batch: dict[str, Any]) -> dict[str, Any]:
-    """`batch` with tensors of its own (see RingMappings.own), holding no ring afterwards."""
+    """`batch` with tensors of its own (see RingMappings.own)."""
     return RingMappings().own(batch)

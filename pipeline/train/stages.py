@@ -27,7 +27,7 @@ from pipeline.store.tar import read_samples
 from pipeline.train import augment as augmentation
 from pipeline.train.augment import AugmentConfig
 from pipeline.train.bgcache import DecodedCache
-from pipeline.train.ring import RING_KEY, BatchRing, RingRef
+from pipeline.train.ring import RING_KEY, BatchRing, SharedRing
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def _fill_batches(
     keys: list[str] = []
     for sample in samples:
         if not tensors:  # the first sample of a batch: its buffers now, not before
-            tensors, arrays = _new_batch(shapes, ring)
+            shared, tensors, arrays = _new_batch(shapes, ring)
         try:
             decoder.into(sample, arrays, len(keys))
         except ValueError as exc:
@@ -268,13 +268,13 @@ def _fill_batches(
         counter.decoded += 1
         keys.append(sample.get("__key__"))
         if len(keys) == batch_size:
-            yield _batch(tensors, keys, counter.take(), ring is not None)
+            yield _batch(tensors, keys, counter.take(), shared)
             tensors, keys = [], []
     if keys and partial:  # into tensors of its size: a view would carry the whole batch's
         short = [_batch_tensor((len(keys), *t.shape[1:])) for t in tensors]
         for whole, part in zip(tensors, short, strict=True):
             part.numpy()[...] = whole.numpy()[: len(keys)]  # numpy's copy: see ring._copy
-        yield _batch(short, keys, counter.take(), False)
+        yield _batch(short, keys, counter.take(), None)
 
 
 def batch_shapes(
@@ -291,18 +291,21 @@ def batch_shapes(
 
 def _new_batch(
     shapes: tuple[tuple[int, ...], ...], ring: BatchRing | None
-) -> tuple[list[torch.Tensor], dict[str, np.ndarray]]:
-    """A batch's uninitialised tensors (the ring's next slot, if a ring) and numpy views of
-    them, by field."""
-    tensors = ring.take(shapes) if ring is not None else [_batch_tensor(s) for s in shapes]
-    return tensors, dict(zip(BATCH_FIELDS, (t.numpy() for t in tensors), strict=True))
+) -> tuple[SharedRing | None, list[torch.Tensor], dict[str, np.ndarray]]:
+    """A batch's uninitialised tensors (the next slot of a ring, if given, and that ring) and
+    numpy views of them, by field."""
+    if ring is None:
+        shared, tensors = None, [_batch_tensor(shape) for shape in shapes]
+    else:
+        shared, tensors = ring.take(shapes)
+    return shared, tensors, dict(zip(BATCH_FIELDS, (t.numpy() for t in tensors), strict=True))
 
 
-def _batch(tensors: list[torch.Tensor], keys: list, skipped: int, in_ring: bool) -> dict:
+def _batch(tensors: list[torch.Tensor], keys: list, skipped: int, ring: SharedRing | None) -> dict:
     batch: dict[str, Any] = dict(zip(BATCH_FIELDS, tensors, strict=True))
     batch.update(keys=keys, skipped=skipped)
-    if in_ring:
-        batch[RING_KEY] = RingRef(tensors[0])
+    if ring is not None:
+        batch[RING_KEY] = ring  # the worker's handover sends it as a RingBatch (train.ring)
     return batch
 
 
@@ -319,11 +322,11 @@ def collate(samples: list[dict], skipped: int, ring: BatchRing | None = None) ->
     first = samples[0]
     sizes = {field: first[field].shape[1::-1] for field in FIELDS}  # (width, height)
     channels = first[INPUTS[0]].shape[2]
-    tensors, arrays = _new_batch(batch_shapes(len(samples), channels, sizes), ring)
+    shared, tensors, arrays = _new_batch(batch_shapes(len(samples), channels, sizes), ring)
     for i, sample in enumerate(samples):
         for field, slot in _slots(arrays, i, channels):
             slot[...] = sample[field].transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
-    return _batch(tensors, [s["key"] for s in samples], skipped, ring is not None)
+    return _batch(tensors, [s["key"] for s in samples], skipped, shared)
 
 
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
