@@ -300,3 +300,19 @@ def test_a_training_stream_receives_each_ring_once(tiny_shards, monkeypatch):
     pointers = {b["inputs"].untyped_storage().data_ptr() for b in batches}
     assert len(received) == 1 and len(pointers) == 1  # before: 3 descriptors a batch
     RECEIVED.forget([batches[0][RING_KEY]])
+
+
+def test_received_rings_are_bounded_and_the_oldest_unused_go_first():
+    from pipeline.train.ring import ReceivedRings
+
+    rings = ReceivedRings(limit=2)
+    storages = [torch.UntypedStorage(4) for _ in range(3)]
+    rings.storage("w-0", storages[0])
+    rings.storage("w-1", storages[1])
+    assert rings.storage("w-0", None) is storages[0]  # w-0 in use again: w-1 is the oldest now
+    rings.storage("w-2", storages[2])
+    assert "w-0" in rings and "w-2" in rings and "w-1" not in rings and len(rings) == 2
+    with pytest.raises(RuntimeError, match="ring w-1"):
+        rings.storage("w-1", None)
+    rings.forget(["w-0", "w-2", "never"])
+    assert len(rings) == 0

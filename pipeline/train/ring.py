@@ -38,7 +38,9 @@ from torch import Tensor
 
 MAX_SHAPES = 3  # rings kept: the full batch's shapes, and an evaluation's last, shorter batch
 RING_KEY = "ring"  # a ring batch's entry: its SharedRing in the worker, the ring's name after
-MAPPED_RINGS = 64  # rings a training process keeps mapped at most (a few per worker)
+# Rings a process keeps mapped at most. A training worker has one, and a stream lets its rings
+# go when its workers stop: the bound only catches streams never closed (the oldest go first).
+MAPPED_RINGS = 1024
 
 _serials = itertools.count()  # a process's rings, numbered
 
@@ -153,7 +155,7 @@ class ReceivedRings:
             elif name not in self._storages:
                 raise RuntimeError(
                     f"a batch of loader worker ring {name}, which this process never received "
-                    f"or has let go (more than {self.limit} rings at once?)"
+                    f"or has let go (over {self.limit} rings received and not let go?)"
                 )
             self._storages.move_to_end(name)
             if len(self._storages) > self.limit:
