@@ -440,11 +440,21 @@ def test_bench_loader_reports_the_floor_the_loaders_and_the_old_way(shards):
     by_round = result["ratios_by_round"]
     assert len(by_round["one_worker_vs_floor"]) == len(by_round["n_workers_vs_one"]) == 1
     assert by_round["one_worker_vs_floor"][0] == ratios["one_worker_vs_floor"]  # one round: same
+    assert result["median_ratios_by_round"] == {k: v[0] for k, v in by_round.items()}
     assert result["speedup"] == pytest.approx(
         rates["2_workers_augmenting"] / result["old_samples_per_s"], abs=0.006
     )
     assert result["decoder"] == "simplejpeg"
     assert set(result["decoders_images_per_s"]) == {"simplejpeg", "cv2", "pil"}
+
+
+def test_bench_loader_ratios_by_round_and_their_medians():
+    from pipeline.bench.loader import ratios_by_round
+
+    rates = {"floor": [100.0, 200.0, 100.0], "1_workers": [90.0, 100.0, 130.0]}
+    by_round, medians = ratios_by_round(rates, {"one": ("1_workers", "floor")})
+    assert by_round == {"one": [0.9, 0.5, 1.3]}
+    assert medians == {"one": 0.9}  # not the best-of ratio (130 / 200 = 0.65), nor the mean
 
 
 def test_bench_loader_rows_augment_where_they_say(shards, monkeypatch):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import statistics
 import tempfile
 import time
 from collections.abc import Iterable
@@ -66,7 +67,8 @@ def bench_loader(
 
     Each measurement runs `rounds` times, interleaved, and keeps its best run: on a shared
     machine other processes slow single runs down at random, and the best run is the least
-    disturbed. The main ratios are also given round by round (`ratios_by_round`). `augment_on`
+    disturbed. The main ratios are also given round by round (`ratios_by_round`) and as those
+    rounds' medians (`median_ratios_by_round`). `augment_on`
     is resolved as the trainer would on a GPU (auto = device).
     """
     manifest = open_manifest(location)
@@ -96,11 +98,26 @@ def bench_loader(
     # rounds (30% here) moves both sides of a ratio alike.
     n = f"{workers}_workers"
     pairs = {"one_worker_vs_floor": ("1_workers", "floor"), "n_workers_vs_one": (n, "1_workers")}
-    result["ratios_by_round"] = {
+    result["ratios_by_round"], result["median_ratios_by_round"] = ratios_by_round(rates, pairs)
+    return result
+
+
+def ratios_by_round(
+    rates: dict[str, list[float]], pairs: dict[str, tuple[str, str]]
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Each round's ratio of each pair (name: (top, bottom) rows), and their medians: the two
+    rows of a round are measured seconds apart, so the median is the steadier summary here."""
+    by_round = {
         name: [round(a / b, 2) for a, b in zip(rates[top], rates[bottom], strict=True)]
         for name, (top, bottom) in pairs.items()
     }
-    return result
+    medians = {
+        name: round(
+            statistics.median(a / b for a, b in zip(rates[top], rates[bottom], strict=True)), 2
+        )
+        for name, (top, bottom) in pairs.items()
+    }
+    return by_round, medians
 
 
 def _loader_configs(
