@@ -481,6 +481,18 @@ def test_a_shard_command_that_fails_on_close_is_skipped_not_fatal(caplog):
     assert "pipe:exit 3" in caplog.text
 
 
+def test_local_shards_are_read_in_big_blocks_and_urls_through_gopen(tmp_path):
+    from pipeline.train.stages import SHARD_BUFFER, open_shard
+
+    path = tmp_path / "big.tar"
+    path.write_bytes(bytes(range(256)) * (SHARD_BUFFER // 64))  # 4 buffers' worth
+    with open_shard(str(path)) as stream:
+        assert stream.read(1) == b"\0"
+        assert stream.raw.tell() == SHARD_BUFFER  # one read of 256 KB, not of 8 KB
+    with open_shard(f"pipe:cat {path}") as stream:  # a URL: gopen's, as before
+        assert stream.read(3) == b"\0\1\2"
+
+
 def _rgb_sample(key: str, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     sample = {"key": key, "mask": rng.integers(0, 256, (160, 160, 1), dtype=np.uint8)}
