@@ -20,7 +20,6 @@ import json
 import resource
 import time
 
-import torch
 import torch.multiprocessing as mp
 
 from pipeline.train.ring import RECEIVED, RING_KEY, BatchRing, handover
