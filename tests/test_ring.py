@@ -267,10 +267,18 @@ def test_a_ring_batch_leaves_its_worker_only_as_a_ring_batch():
     batch = _ring_batch(BatchRing(2), 0)
     with pytest.raises(TypeError, match="as a RingBatch"):
         pickle.dumps(batch)  # never its ring, tensors and all, by accident
-    shared = batch[RING_KEY]
+    shared, slot = batch[RING_KEY], batch["inputs"]
     batch["inputs"] = torch.zeros(SHAPES[0], dtype=torch.uint8)  # not a slot of the ring
+    # Raised in the worker's loop, as the batch is handed over (DataLoader sends the error on
+    # to the trainer); pickling, later, in the queue's thread, could only drop the batch.
     with pytest.raises(ValueError, match=f"'inputs' is not a slot of ring {shared.name}"):
-        RingBatch(batch).__reduce__()
+        list(handover([batch]))
+    batch["inputs"] = slot.flip(-1)  # a copy: not the slot either
+    with pytest.raises(ValueError, match="not a slot"):
+        list(handover([batch]))
+    batch["inputs"] = slot
+    (good,) = handover([batch])
+    assert good.storage is shared.storage  # the failed ones did not use up the first send
     plain = {"inputs": torch.zeros(2)}
     assert list(handover([plain])) == [plain]  # no ring: as it is
 
@@ -316,3 +324,39 @@ def test_received_rings_are_bounded_and_the_oldest_unused_go_first():
         rings.storage("w-1", None)
     rings.forget(["w-0", "w-2", "never"])
     assert len(rings) == 0
+
+
+def test_a_stream_lets_go_of_its_workers_rings_even_those_it_never_took(tiny_shards):
+    # One step of two workers: the second worker's batches arrive (and bring its ring) but the
+    # stream takes none of them. Stopping, it lets go of every ring its workers sent.
+    before = set(RECEIVED._storages)
+    config = LoaderConfig(batch_size=4, workers=2, prefetch_factor=2)
+    for _ in range(2):
+        assert len(list(make_train_loader(tiny_shards, config, epoch=0, steps=1))) == 1
+        assert set(RECEIVED._storages) == before
+
+
+def test_forgetting_a_workers_rings_by_its_process_id():
+    from pipeline.train.ring import ReceivedRings
+
+    rings = ReceivedRings()
+    for name in ("41-0", "41-1", "411-0", "42-0"):
+        rings.storage(name, torch.UntypedStorage(4))
+    rings.forget(["42-0"], workers=[41])
+    assert sorted(rings._storages) == ["411-0"]  # 41's two, and 42-0 by name; not 411's
+
+
+def test_a_forked_worker_keeps_none_of_its_parents_rings():
+    import os
+
+    RECEIVED.storage("parent-0", torch.UntypedStorage(4))
+    try:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report what it holds, and leave at once
+            os.write(write, str(len(RECEIVED)).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert os.read(read, 16) == b"0" and "parent-0" in RECEIVED
+    finally:
+        RECEIVED.forget(["parent-0"])

@@ -64,13 +64,11 @@ class BatchStream:
             # Stop the workers now rather than when the iterator is garbage-collected: endless
             # train workers would otherwise keep decoding into their queues.
             if not self.keep_workers:
-                _shutdown(batches)
-                self._rings.clear()
+                self._rings.clear(_shutdown(batches))
 
     def close(self) -> None:
         """Stop the workers of a persistent loader (a no-op otherwise)."""
-        _shutdown(getattr(self.loader, "_iterator", None))
-        self._rings.clear()
+        self._rings.clear(_shutdown(getattr(self.loader, "_iterator", None)))
 
 
 class TrainBatches:
@@ -111,9 +109,9 @@ class TrainBatches:
 
     def close(self) -> None:
         """Stop the workers."""
-        _shutdown(self._batches)
+        workers = _shutdown(self._batches)
         self._batches = None
-        self._rings.clear()
+        self._rings.clear(workers)
 
     def __enter__(self) -> TrainBatches:
         return self
@@ -152,11 +150,14 @@ def _loader_errors() -> Iterator[None]:
         raise LoaderError(f"the loader failed: {_worker_message(exc)}") from exc
 
 
-def _shutdown(batches: Iterator[dict] | None) -> None:
-    """Stop a DataLoader iterator's worker processes now (nothing for an in-process one)."""
+def _shutdown(batches: Iterator[dict] | None) -> list[int]:
+    """Stop a DataLoader iterator's worker processes now (nothing for an in-process one); the
+    process ids they had."""
+    workers = [w.pid for w in getattr(batches, "_workers", ()) if w.pid is not None]
     shutdown = getattr(batches, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
+    return workers
 
 
 def _worker_message(exc: Exception) -> str:

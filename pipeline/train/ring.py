@@ -103,28 +103,32 @@ class BatchRing:
 
 
 class RingBatch:
-    """A ring batch on its way out of the worker (`handover`): it pickles as its ring's name, the
-    places of its tensors in the ring, its other entries and, with the ring's first batch only,
-    the ring's storage. Unpickled, it is the batch again, a plain dict whose RING_KEY entry is
-    the ring's name. Not a Mapping, so DataLoader's conversions pass it through untouched."""
+    """A ring batch on its way out of the worker (made by `handover`): it pickles as its ring's
+    name, the places of its tensors in the ring, its other entries and, with the ring's first
+    batch only, the ring's storage. Unpickled, it is the batch again, a plain dict whose
+    RING_KEY entry is the ring's name. Not a Mapping, so DataLoader's conversions pass it
+    through untouched. Everything is checked here, in the worker's loop, where an error reaches
+    the trainer: pickling happens later, in the queue's thread, which could only drop it."""
 
-    __slots__ = ("batch",)
+    __slots__ = ("name", "places", "rest", "storage")
 
     def __init__(self, batch: dict[str, Any]) -> None:
-        self.batch = batch
-
-    def __reduce__(self) -> Any:
-        rest = dict(self.batch)
+        rest = dict(batch)
         ring: SharedRing = rest.pop(RING_KEY)
-        places = {}
         base = ring.storage.data_ptr()
-        for key, value in self.batch.items():
+        self.places: dict[str, tuple[int, tuple[int, ...]]] = {}
+        for key, value in batch.items():
             if isinstance(value, Tensor):
                 if value.untyped_storage().data_ptr() != base or not value.is_contiguous():
                     raise ValueError(f"batch entry {key!r} is not a slot of ring {ring.name}")
-                places[key] = (value.storage_offset(), tuple(value.shape))
+                self.places[key] = (value.storage_offset(), tuple(value.shape))
                 del rest[key]
-        return _received_batch, (ring.name, ring.storage_to_send(), places, rest)
+        self.name, self.rest = ring.name, rest
+        # Last, once the batch is known good: batches are pickled in the order they are made.
+        self.storage = ring.storage_to_send()
+
+    def __reduce__(self) -> Any:
+        return _received_batch, (self.name, self.storage, self.places, self.rest)
 
 
 def handover(batches: Iterable[dict[str, Any]]) -> Iterator[Any]:
@@ -162,14 +166,24 @@ class ReceivedRings:
                 self._storages.popitem(last=False)
             return self._storages[name]
 
-    def forget(self, names: Iterable[str]) -> None:
-        """Let these rings go (their workers have stopped)."""
+    def forget(self, names: Iterable[str] = (), workers: Iterable[int] = ()) -> None:
+        """Let these rings go, and every ring of these worker processes (they have stopped):
+        also those of batches received but never taken (read ahead, or held back by DataLoader
+        for their turn) when their stream stopped."""
+        prefixes = tuple(f"{pid}-" for pid in workers)
         with self._lock:
-            for name in names:
+            for name in [*names, *(n for n in self._storages if n.startswith(prefixes))]:
                 self._storages.pop(name, None)
+
+    def _reset(self) -> None:
+        """Empty, with a new lock: a process forked from this one (a loader worker) neither
+        keeps its parent's rings mapped nor inherits the lock held by another thread."""
+        self._storages = OrderedDict()
+        self._lock = threading.Lock()
 
 
 RECEIVED = ReceivedRings()  # this process's
+os.register_at_fork(after_in_child=RECEIVED._reset)
 
 
 def _received_batch(
@@ -210,9 +224,10 @@ class RingMappings:
                 batch[key] = _copy(value)
         return batch
 
-    def clear(self) -> None:
-        """Let every ring of this stream go (its workers have stopped)."""
-        RECEIVED.forget(self._names)
+    def clear(self, workers: Iterable[int] = ()) -> None:
+        """Let every ring of this stream go: those its batches came from and all of these
+        worker processes' (the stream's, which have stopped)."""
+        RECEIVED.forget(self._names, workers)
         self._names.clear()
 
 

@@ -70,7 +70,8 @@ class LogOnce:
         return True
 
 
-SHARD_BUFFER = 1 << 18  # a local shard's read buffer: 13-16% less time than 8 KB (benchmarks/shard_read.py)
+# A local shard's read buffer: 13-16% less reading time than 8 KB (benchmarks/shard_read.py).
+SHARD_BUFFER = 1 << 18
 
 
 def open_shard(url: str) -> BinaryIO:
