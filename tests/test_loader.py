@@ -472,6 +472,57 @@ def test_bench_loader_rows_augment_where_they_say(shards, monkeypatch):
     assert set(seen) == {(1, False), (1, True)}  # as on a GPU (device), and in the workers
 
 
+def test_bench_loader_runs_the_floors_and_one_worker_on_one_cpu(shards, monkeypatch):
+    """The floors' thread and the 1-worker rows' worker on CPU A, the training process's
+    threads on the others once the worker runs; the N-worker rows are left as they are."""
+    from pipeline.bench import loader as bench
+
+    moves: list[tuple[str, set]] = []
+    real_loader = bench.make_train_loader
+    monkeypatch.setattr(bench, "bench_cpus", lambda: ({7}, {8, 9}))
+    monkeypatch.setattr(bench, "move_threads", lambda cpus: moves.append(("move", set(cpus))))
+    monkeypatch.setattr(bench.os, "sched_getaffinity", lambda pid: {7, 8, 9})
+    monkeypatch.setattr(bench, "decode_floor", lambda *a: moves.append(("floor", None)) or 1.0)
+
+    def loader(location, config, **kw):
+        moves.append((f"{config.workers} workers", None))
+        return real_loader(location, config, **kw)
+
+    monkeypatch.setattr(bench, "make_train_loader", loader)
+    result = bench.bench_loader(shards, workers=2, batch_size=5, batches=2, rounds=1, old=False)
+    assert result["pinned"] == {"cpu": 7, "others": [8, 9]}
+    one = [("move", {7}), ("1 workers", None), ("move", {8, 9}), ("move", {7, 8, 9})]
+    assert moves == [
+        ("move", {7}), ("floor", None), ("move", {7, 8, 9}),  # the floors (read floor: real)
+        *one, *one,  # 1 worker, as on a GPU and augmenting
+        ("2 workers", None), ("2 workers", None),  # N workers: unpinned
+    ]  # fmt: skip
+    unpinned = bench.bench_loader(shards, workers=1, batch_size=5, batches=2, rounds=1, old=False,
+                                  pin=False)  # fmt: skip
+    assert unpinned["pinned"] is None
+
+
+def test_pinning_this_process_and_what_it_forks():
+    import multiprocessing
+    import os
+
+    from pipeline.bench.loader import bench_cpus, on_cpus
+
+    before = os.sched_getaffinity(0)
+    first = {min(before)}
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    with on_cpus(first):
+        assert os.sched_getaffinity(0) == first
+        child = context.Process(target=lambda: queue.put(os.sched_getaffinity(0)))
+        child.start()
+        assert queue.get(timeout=30) == first  # a loader worker started here runs there too
+        child.join()
+    assert os.sched_getaffinity(0) == before
+    cpus = bench_cpus()
+    assert cpus is None if len(before) < 2 else cpus == (first, before - first)
+
+
 def test_a_shard_command_that_fails_on_close_is_skipped_not_fatal(caplog):
     # pipe: shards report a failed command only when closed; training must skip, not crash.
     from pipeline.train.stages import LogOnce, read_shards

@@ -13,16 +13,24 @@ All on the same samples, in one run:
 - the same with `--augment-on workers` (the default on CPU);
 - the old workflow: the 4 JPEGs of each sample as loose files, opened and decoded with PIL, with
   the same augmentation (in the workers) and batching, and N workers.
+
+On a machine of 2 or more CPUs the floors and the 1-worker rows run on one CPU (`pin`): the
+floors' thread, and the worker process with all its threads, while the training process's
+threads keep to the others. On a shared VM one vCPU can run 1.5x as fast as another for
+minutes (the host's other load), so a floor on one CPU against a worker on another measures
+the CPUs as much as the loader.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +69,7 @@ def bench_loader(
     augment_on: str = "auto",
     rounds: int = 2,
     old: bool = True,
+    pin: bool = True,
 ) -> dict:
     """Samples/s of the floor, the loader (1 and N workers, augmenting where `augment_on` says
     and in the workers) and the old way, after one warm-up batch each; and their ratios.
@@ -68,8 +77,9 @@ def bench_loader(
     Each measurement runs `rounds` times, interleaved, and keeps its best run: on a shared
     machine other processes slow single runs down at random, and the best run is the least
     disturbed. The main ratios are also given round by round (`ratios_by_round`) and as those
-    rounds' medians (`median_ratios_by_round`). `augment_on`
-    is resolved as the trainer would on a GPU (auto = device).
+    rounds' medians (`median_ratios_by_round`). `augment_on` is resolved as the trainer would
+    on a GPU (auto = device). With `pin`, the floors and the 1-worker rows share one CPU (see
+    the module's docstring; nothing is pinned with fewer than 2 CPUs).
     """
     manifest = open_manifest(location)
     # Everything measures the same samples: as many as a timed run reads (fewer if fewer).
@@ -78,15 +88,20 @@ def bench_loader(
     raw = list(itertools.islice(read_shards(urls), wanted))
     configs = _loader_configs(workers, batch_size, augment, augment_on)
     rates: dict[str, list[float]] = {name: [] for name in ("floor", "read_floor", *configs, "old")}
+    cpus = bench_cpus() if pin else None
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         paths = write_loose_files(raw, Path(tmp)) if old else []
         for _ in range(rounds):
-            rates["floor"].append(decode_floor(raw, manifest))
-            rates["read_floor"].append(read_decode_floor(urls, manifest, len(raw)))
+            with on_cpus(cpus and cpus[0]):
+                rates["floor"].append(decode_floor(raw, manifest))
+                rates["read_floor"].append(read_decode_floor(urls, manifest, len(raw)))
             for name, config in configs.items():
                 log.info("shard loader %s: %d batches of %d", name, batches, batch_size)
-                stream = make_train_loader(location, config, epoch=0, steps=batches + 1)
-                rates[name].append(time_batches(stream, batches))
+                one = cpus is not None and config.workers == 1
+                with on_cpus(cpus[0] if one else None):  # the workers start on it
+                    stream = make_train_loader(location, config, epoch=0, steps=batches + 1)
+                    started = (lambda: move_threads(cpus[1])) if one else None
+                    rates[name].append(time_batches(stream, batches, started))
             if old:
                 log.info("old way: %d samples as loose files, PIL, %d workers", len(paths), workers)
                 config = configs[f"{workers}_workers_augmenting"]
@@ -99,7 +114,41 @@ def bench_loader(
     n = f"{workers}_workers"
     pairs = {"one_worker_vs_floor": ("1_workers", "floor"), "n_workers_vs_one": (n, "1_workers")}
     result["ratios_by_round"], result["median_ratios_by_round"] = ratios_by_round(rates, pairs)
+    result["pinned"] = None if cpus is None else {"cpu": min(cpus[0]), "others": sorted(cpus[1])}
     return result
+
+
+def bench_cpus() -> tuple[set[int], set[int]] | None:
+    """({the CPU of the floors and the 1-worker rows}, {the training process's CPUs}), or None
+    where threads cannot be pinned or fewer than 2 CPUs are available."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        return None
+    return {available[0]}, set(available[1:])
+
+
+@contextlib.contextmanager
+def on_cpus(cpus: set[int] | None) -> Iterator[None]:
+    """Every thread of this process on `cpus` (nothing changes for None); as before, after."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    move_threads(cpus)
+    try:
+        yield
+    finally:
+        move_threads(before)
+
+
+def move_threads(cpus: set[int]) -> None:
+    """Pin every thread of this process (torch's, DataLoader's) to `cpus`; processes it has
+    started keep theirs."""
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
+            os.sched_setaffinity(int(task), cpus)
 
 
 def ratios_by_round(
@@ -189,10 +238,15 @@ def _report(best, manifest, raw, workers, batch_size, batches, augment, rounds) 
     return result
 
 
-def time_batches(stream: Iterable[dict], batches: int) -> float:
-    """Samples/s over `batches` batches that follow a first, untimed warm-up batch."""
+def time_batches(
+    stream: Iterable[dict], batches: int, started: Callable[[], None] | None = None
+) -> float:
+    """Samples/s over `batches` batches that follow a first, untimed warm-up batch (after it,
+    `started` is called: the workers run by then)."""
     iterator = iter(stream)
     next(iterator)  # worker start-up, buffer fill, first imports: not the steady state
+    if started is not None:
+        started()
     samples, start = 0, time.perf_counter()
     for batch in itertools.islice(iterator, batches):
         samples += len(batch["keys"])

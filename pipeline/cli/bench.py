@@ -63,9 +63,17 @@ def bench_convert_cmd(zips, work, synth_samples, as_json) -> None:
 )
 @click.option("--rounds", default=2, show_default=True, type=click.IntRange(1))
 @click.option("--old/--no-old", default=True, show_default=True, help="Also time the old way.")
+@click.option(
+    "--pin/--no-pin",
+    default=True,
+    show_default=True,
+    help="Run the floors and the 1-worker rows on one CPU, the training process on the others "
+    "(with 2 or more CPUs): a shared VM's vCPUs differ in speed, so the ratio then compares "
+    "the loader with the floor, not one CPU with another.",
+)
 @json_flag("End with the figures as one JSON line.")
 def bench_loader_cmd(
-    shards, workers, batch_size, batches, augment, augment_on, rounds, old, as_json
+    shards, workers, batch_size, batches, augment, augment_on, rounds, old, pin, as_json
 ):
     """Samples/s of the training loader alone: against one thread decoding every field (the
     floor), with 1 and N workers, augmenting on the device or in the workers, and beside the old
@@ -82,6 +90,7 @@ def bench_loader_cmd(
             augment_on=augment_on,
             rounds=rounds,
             old=old,
+            pin=pin,
         )
         emit_json(result, indent=None if as_json else 2)
 
