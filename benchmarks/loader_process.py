@@ -12,6 +12,9 @@ On the same shards and samples, `--rounds` times interleaved, each row's best ro
 - 1 worker: the loader as `bench loader` runs it (one worker process, its ring, the copy out);
 - 1 worker, no copy: the same DataLoader iterated raw, its batches never copied out of the ring
   (not safe for a trainer that keeps batches: only to size the copy's cost);
+With 2 or more CPUs, every row runs on one CPU (as `bench loader --pin`): the floors' and the
+stages' thread, the worker process; the training process's threads and the copying process on
+the others.
 Each row also gives the CPU time a sample (us, best round) of the training process and of the
 loader's worker processes (theirs counted when they stop, so with their start, the warm-up batch
 and the batches they made ahead: compare rows, not absolute figures).
@@ -24,12 +27,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
 
-from pipeline.bench.loader import decode_floor, time_batches
+from pipeline.bench.loader import bench_cpus, decode_floor, move_threads, on_cpus, time_batches
 from pipeline.schema import field_sizes
 from pipeline.train.bgcache import DecodedCache
 from pipeline.train.loader import LoaderConfig, make_train_loader
@@ -52,22 +56,28 @@ COPYING = (
 )
 
 
+CPUS = bench_cpus()  # (the floors' and the worker's CPU, the others), as `bench loader` pins
+
+
 def loader_rate(shards: str, workers: int, batch_size: int, batches: int, copy: bool) -> float:
-    """Samples/s of the training loader (no augmentation in the workers, as on a GPU)."""
+    """Samples/s of the training loader (no augmentation in the workers, as on a GPU); its
+    worker on the floors' CPU, the training process's threads moved to the others."""
     config = LoaderConfig(batch_size=batch_size, workers=workers)
     stream = make_train_loader(shards, config, epoch=0, steps=batches + 1)
+    started = (lambda: move_threads(CPUS[1])) if CPUS and workers else None
     if copy:
-        return time_batches(stream, batches)
+        return time_batches(stream, batches, started)
     raw = iter(stream.loader)
     try:
-        return time_batches(raw, batches)
+        return time_batches(raw, batches, started)
     finally:
         raw._shutdown_workers()  # type: ignore[attr-defined]
 
 
 def busy_floor(raw: list[dict], manifest: dict) -> float:
     """The floor while another process keeps the other core copying memory."""
-    other = subprocess.Popen([sys.executable, "-c", COPYING])
+    elsewhere = (lambda: os.sched_setaffinity(0, CPUS[1])) if CPUS else None
+    other = subprocess.Popen([sys.executable, "-c", COPYING], preexec_fn=elsewhere)
     try:
         time.sleep(0.3)  # its start-up
         return decode_floor(raw, manifest)
@@ -127,7 +137,8 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, measure in rows.items():
             before, children = cpu_seconds(), cpu_seconds(resource.RUSAGE_CHILDREN)
-            rates[name].append(measure())
+            with on_cpus(CPUS and CPUS[0]):
+                rates[name].append(measure())
             # Set-up and the warm-up batch included: compare rows, not absolute figures.
             cpu[name].append((cpu_seconds() - before) / samples * 1e6)
             workers = cpu_seconds(resource.RUSAGE_CHILDREN) - children
