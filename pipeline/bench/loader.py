@@ -156,16 +156,12 @@ def ratios_by_round(
 ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Each round's ratio of each pair (name: (top, bottom) rows), and their medians: the two
     rows of a round are measured seconds apart, so the median is the steadier summary here."""
-    by_round = {
-        name: [round(a / b, 2) for a, b in zip(rates[top], rates[bottom], strict=True)]
+    ratios = {
+        name: [a / b for a, b in zip(rates[top], rates[bottom], strict=True)]
         for name, (top, bottom) in pairs.items()
     }
-    medians = {
-        name: round(
-            statistics.median(a / b for a, b in zip(rates[top], rates[bottom], strict=True)), 2
-        )
-        for name, (top, bottom) in pairs.items()
-    }
+    by_round = {name: [round(r, 2) for r in values] for name, values in ratios.items()}
+    medians = {name: round(statistics.median(values), 2) for name, values in ratios.items()}
     return by_round, medians
 
 

@@ -4,8 +4,8 @@ A DataLoader worker hands each batch to the training process through shared memo
 memory for every batch costs its page faults, and on the development machine that measured about 90
 us a sample in a worker, against 180 us for decoding its three images. So each worker writes its
 batches into a ring of buffers it allocates once, and the training process copies each batch out as
-it receives it (`own_batch`, called by the loader's streams; for a GPU the pinning thread has
-already made that copy). The ring is never ahead of the copies while DataLoader's requests go
+it receives it (`RingMappings.own`, called by the loader's streams; for a GPU the pinning thread
+has already made that copy). The ring is never ahead of the copies while DataLoader's requests go
 round-robin to workers that all keep running, as training workers do (they are endless): a worker
 gets the request for its batch j + prefetch_factor only when its batch j reaches the training
 process, which copied out batch j - 1 before asking for more, so a ring of prefetch_factor + 2 slots

@@ -14,7 +14,6 @@ import math
 import random
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from pipeline.train import augment as augmentation
 from pipeline.train.augment import AugmentConfig
 from pipeline.train.bgcache import DecodedCache
 from pipeline.train.ring import RING_KEY, BatchRing, SharedRing
+from pipeline.train.sources import is_url
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ SHARD_BUFFER = 1 << 18
 def open_shard(url: str) -> BinaryIO:
     """A local shard path opened with a 256 KB buffer; anything else (http://, pipe:, file:,
     …) with gopen, whose local files get Python's default 8 KB (or $GOPEN_BUFFER)."""
-    if urlparse(url).scheme == "":
+    if not is_url(url):
         return open(url, "rb", buffering=SHARD_BUFFER)  # closed by read_shards
     return gopen(url)
 
