@@ -65,13 +65,21 @@ def test_two_steps_write_checkpoints_config_and_scalars(tiny_run: Path) -> None:
     assert "test/grid" in acc.Tags()["images"]
 
 
-def test_resume_continues_epochs_and_step_count(tiny_run: Path, tiny_shards: Path, tmp_path):
+def test_resume_continues_epochs_and_step_count(
+    tiny_run: Path, tiny_shards: Path, tmp_path, monkeypatch
+):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     before = load_checkpoint(run / "last.pt")
     config = TrainConfig(**{**before["config"], "out": str(run), "epochs": 2, "resume": True})
     config.shards = str(tiny_shards)
+    reads = []
+    monkeypatch.setattr(
+        "pipeline.train.run.load_checkpoint",
+        lambda path: reads.append(path) or load_checkpoint(path),
+    )
     train(config)
+    assert reads == [run / "last.pt"]  # read once: network, weights, optimizer all from it
     after = load_checkpoint(run / "last.pt")
     assert after["epoch"] == 2
     assert after["step"] == before["step"] + 2

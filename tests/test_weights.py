@@ -284,13 +284,19 @@ def test_evaluate_and_predict_an_imported_checkpoint(imported: Path, tiny_shards
 
 
 def test_train_init_starts_a_new_run_from_the_imported_weights(
-    imported: Path, tiny_shards: Path, tmp_path: Path
+    imported: Path, tiny_shards: Path, tmp_path: Path, monkeypatch
 ):
     from pipeline.train.run import train
 
     out = tmp_path / "finetune"
+    reads = []
+    monkeypatch.setattr(
+        "pipeline.train.run.load_checkpoint",
+        lambda path: reads.append(path) or load_checkpoint(path),
+    )
     # lr 0: the parameters must come out exactly as imported (BatchNorm statistics still move).
     train(smoke_config(tiny_shards, out, init=str(imported), lr=0.0, weight_decay=0.0))
+    assert reads == [imported]  # read once: its network's outputs and its weights
     state = load_checkpoint(out / "last.pt")
     assert state["epoch"] == 1 and state["step"] == 1
     assert state["config"]["init"] == str(imported)

@@ -186,15 +186,18 @@ def _names(names: list[str], shown: int = 3) -> str:
     return ", ".join(_short(n) for n in names[:shown]) + more
 
 
-def init_weights(model: UNet, path: Path, out: Path) -> None:
-    """Load a checkpoint's weights into a new run's network (`train --init`); ValueError naming
-    the problem if the run folder already holds a run or the weights don't fit the network."""
+def refuse_init_over_run(out: Path) -> None:
+    """ValueError if `train --init` would start its new run in a folder that holds one."""
     if (Path(out) / "last.pt").exists():
         raise ValueError(
             f"--init starts a new run, but {out} already holds one (last.pt): choose another "
             "--out, or continue that run with --resume"
         )
-    state = load_checkpoint(path)
+
+
+def init_weights(model: UNet, state: dict[str, Any], path: Path) -> None:
+    """Load the weights of checkpoint `state` (read from `path`, named in errors) into a new
+    run's network (`train --init`); ValueError naming the problem if they don't fit it."""
     have = state["config"].get("model_args", {}).get("image_channels", UNetConfig.image_channels)
     want = model.config.image_channels
     if have != want:

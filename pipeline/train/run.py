@@ -23,7 +23,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model import UNet, UNetConfig
 from pipeline.schema import split_samples
-from pipeline.train.checkpoint import init_weights, load_checkpoint, save_checkpoint
+from pipeline.train.checkpoint import (
+    init_weights,
+    load_checkpoint,
+    refuse_init_over_run,
+    save_checkpoint,
+)
 from pipeline.train.config import TrainConfig
 from pipeline.train.feed import Feed, open_feed
 from pipeline.train.guard import LossWatch, check_weights, claim_run_folder
@@ -103,9 +108,10 @@ def _train(config: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     if dist.is_main:
         warn_if_incomplete(config.shards, manifest)
     config.world_size = dist.world_size
-    config.model_args = _network_args(config, manifest)
+    saved = _saved_checkpoint(config)
+    config.model_args = _network_args(manifest, saved)
     _seed_everything(config.seed + dist.rank)
-    run = _start_run(config, dist, manifest)
+    run = _start_run(config, dist, manifest, saved)
     metrics: dict[str, Any] = {}
     try:
         run.feed = open_feed(
@@ -122,8 +128,11 @@ def _train(config: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     return {"epochs": config.epochs, "step": run.step, "best_iou": run.best_iou, **metrics}
 
 
-def _start_run(config: TrainConfig, dist: DistInfo, manifest: dict) -> Run:
-    """Build the model, optimizer and schedule (or resume them), wrap for DDP, open TensorBoard."""
+def _start_run(
+    config: TrainConfig, dist: DistInfo, manifest: dict, saved: dict[str, Any] | None
+) -> Run:
+    """Build the model, optimizer and schedule (or resume them from `saved`, the checkpoint of
+    --resume, or take --init's weights from it), wrap for DDP, open TensorBoard."""
     device = dist.device
     model, stepper = build_stepper(config, device, config.model_args)
     steps = train_steps_per_epoch(manifest, config.batch_size, dist.world_size)
@@ -135,10 +144,10 @@ def _start_run(config: TrainConfig, dist: DistInfo, manifest: dict) -> Run:
         steps=min(steps, config.steps_per_epoch or steps),
         has_test=split_samples(manifest, "test") > 0,
     )
-    if config.resume:
-        _resume(Path(config.out), run, config, device)
-    elif config.init:
-        init_weights(model, Path(config.init), Path(config.out))
+    if config.resume and saved is not None:
+        _resume(Path(config.out) / "last.pt", saved, run, config)
+    elif config.init and saved is not None:
+        init_weights(model, saved, Path(config.init))
         if dist.is_main:
             log.info("starting from the weights of %s", config.init)
     run.start_epoch = run.epoch
@@ -166,14 +175,27 @@ def _start_run(config: TrainConfig, dist: DistInfo, manifest: dict) -> Run:
     return run
 
 
-def _network_args(config: TrainConfig, manifest: dict) -> dict:
+def _saved_checkpoint(config: TrainConfig) -> dict[str, Any] | None:
+    """The checkpoint the run continues (--resume: OUT/last.pt) or starts from (--init), read
+    once, on the CPU (loading a state moves it to the device); None for a run from scratch."""
+    if config.resume:
+        path = Path(config.out) / "last.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: {path} does not exist (nothing to resume)")
+        return load_checkpoint(path)
+    if config.init:
+        refuse_init_over_run(Path(config.out))  # before reading: the cheap check first
+        return load_checkpoint(Path(config.init))
+    return None
+
+
+def _network_args(manifest: dict, saved: dict[str, Any] | None) -> dict:
     """The run's model_args: the shards' channels, and the depth output of the checkpoint it
     continues (--resume) or starts from (--init), so a published network stays one."""
-    source = Path(config.out) / "last.pt" if config.resume else config.init
     args = {"image_channels": manifest["channels"]}
-    if source and Path(source).is_file():
-        saved = load_checkpoint(source)["config"].get("model_args", {})
-        args["depth_output"] = saved.get("depth_output", UNetConfig.depth_output)
+    if saved is not None:
+        known = saved["config"].get("model_args", {})
+        args["depth_output"] = known.get("depth_output", UNetConfig.depth_output)
     return dataclasses.asdict(UNetConfig(**args))
 
 
@@ -290,15 +312,12 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
 RESUME_MUST_MATCH = ("optimizer", "lr", "step_size", "gamma")  # else the restored state lies
 
 
-def _resume(out: Path, run: Run, config: TrainConfig, device: torch.device) -> None:
-    """Load OUT/last.pt into the run: weights, optimizer, schedule, scaler, epoch and step.
+def _resume(path: Path, state: dict[str, Any], run: Run, config: TrainConfig) -> None:
+    """Load `state` (read from `path`, OUT/last.pt) into the run: weights, optimizer, schedule,
+    scaler, epoch and step.
 
     Every rank reads the file, so under multi-node torchrun OUT must be on a shared disk.
     """
-    path = out / "last.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: {path} does not exist (nothing to resume)")
-    state = load_checkpoint(path, map_location=device)
     changed = [
         f"--{name.replace('_', '-')} {state['config'].get(name)} -> {getattr(config, name)}"
         for name in RESUME_MUST_MATCH
