@@ -233,7 +233,7 @@ def decode_pil(data: bytes, channels: int) -> np.ndarray:
     """Decode a JPEG or PNG with PIL (the published workflow's way)."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:
+    with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as image:
         array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
     return array[:, :, None] if channels == 1 else array
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import math
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from test_guard import error_line
 
 from model import UNet
 from pipeline.cli import cli
+from pipeline.deploy.weights import read_state_dict
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
@@ -85,8 +88,9 @@ def test_train_on_a_full_disk_is_one_line(tiny_shards: Path, tmp_path: Path, mon
         "--steps-per-epoch", "1", "--batch-size", "4", "--eval-batches", "1", "--epochs", "1",
     )  # fmt: skip
     line = error_line(result)
-    assert f"{run / 'last.pt'}: could not write the checkpoint" in line
-    assert not list(run.glob(".*.tmp"))
+    # best.pt goes first: last.pt, unwritten, still says the epoch is to be done
+    assert f"{run / 'best.pt'}: could not write the checkpoint" in line
+    assert not list(run.glob(".*.tmp")) and not (run / "last.pt").exists()
 
 
 # ---------------------------------------------------------------- unreadable checkpoints
@@ -106,7 +110,33 @@ def unreadable_files(tiny_run: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
         out[name] = (tmp / f"{name}.pt", why)
     torch.save(UNet.from_args({}), tmp / "pickled.pt")  # a whole pickled model
     out["pickled"] = (tmp / "pickled.pt", "pickled Python objects (model.unet.UNet)")
+    out["deflated"] = (deflated(tiny_run / "best.pt", tmp / "deflated.pt"), "compressed entries")
     return out
+
+
+def deflated(good: Path, out: Path, extra: dict | None = None) -> Path:
+    """`good` with `extra` config entries, its archive's entries deflated (torch loads that)."""
+    state = torch.load(good, weights_only=True)
+    state["config"].update(extra or {})
+    torch.save(state, out.with_suffix(".stored"))
+    with (
+        zipfile.ZipFile(out.with_suffix(".stored")) as source,
+        zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive,
+    ):
+        for entry in source.infolist():
+            archive.writestr(entry.filename, source.read(entry.filename))
+    return out
+
+
+def test_a_checkpoint_is_never_inflated_beyond_its_file(tiny_run: Path, tmp_path: Path):
+    bomb = deflated(tiny_run / "best.pt", tmp_path / "bomb.pt", {"pad": torch.zeros(50_000_000)})
+    with zipfile.ZipFile(bomb) as archive:  # 200 MB of zeros inside a few MB
+        assert sum(e.file_size for e in archive.infolist()) > 40 * bomb.stat().st_size
+    with pytest.raises(ValueError, match="compressed entries") as raised:
+        load_checkpoint(bomb)
+    assert str(raised.value).startswith(f"{bomb}: not a readable PyTorch checkpoint: ")
+    with pytest.raises(ValueError, match="compressed entries"):
+        read_state_dict(bomb)  # import-weights reads the same way
 
 
 def test_unreadable_checkpoints_say_why_without_torch_advice(tiny_run: Path, tmp_path: Path):
@@ -151,6 +181,18 @@ def broken_states(tiny_run: Path) -> dict[str, tuple[dict, str]]:
         ),
         "model a list": ({"model": [1.0]}, "its model is a list, not a dict of weights"),
         "a weight missing": ({"model": model}, "weights do not fit the network it describes"),
+        "integer weights": (
+            {"model": {k: v.long() for k, v in good["model"].items()}},
+            "of another kind of number (inc.",
+        ),
+        "complex weights": (
+            {"model": {k: v.to(torch.complex64) for k, v in good["model"].items()}},
+            "of another kind of number (inc.",
+        ),
+        "a NaN weight": (
+            {"model": {**good["model"], "mask_head.pointwise.bias": torch.tensor([math.nan])}},
+            "1 holding NaN or inf (mask_head.pointwise.bias)",
+        ),
     }
     return {name: ({**good, **change}, words) for name, (change, words) in cases.items()}
 
@@ -193,3 +235,100 @@ def test_a_resumed_run_still_reads_its_own_checkpoint(tiny_run: Path, tmp_path: 
     state = load_checkpoint(run / "last.pt")  # the checks accept what train writes
     assert model_from_checkpoint(state, "cpu", run / "last.pt").config.image_channels == 1
     assert checkpoint.non_finite(state["model"]) == []
+
+
+# ---------------------------------------------------------------- what --resume continues
+
+
+def resume_cli(run: Path, shards: Path, *more):
+    """`train --resume` of a copy of tiny_run with its settings, one epoch more."""
+    return run_cli(
+        "train", "--shards", shards, "--out", run, "--resume", "--epochs", "2", "--device",
+        "cpu", "--workers", "0", "--batch-size", "8", "--steps-per-epoch", "2",
+        "--eval-batches", "2", *more,
+    )  # fmt: skip
+
+
+def test_a_damaged_last_pt_is_one_line_naming_it(tiny_run: Path, tiny_shards: Path, tmp_path):
+    good = torch.load(tiny_run / "last.pt", weights_only=True)
+    nan_model = {**good["model"], "mask_head.pointwise.bias": torch.tensor([math.nan])}
+    cases = {
+        "no optimizer": ({"optimizer": None}, "has no optimizer: not a run's checkpoint"),
+        "no epoch": ({"epoch": None}, "has no epoch"),
+        "a text epoch": ({"epoch": "one"}, "its epoch is a str, not int"),
+        "a negative step": ({"step": -3}, "its step is -3, below 0"),
+        "a number scheduler": ({"scheduler": 5}, "its scheduler is an int, not dict"),
+        "a text best": ({"best_iou": "x"}, "its best_iou is 'x', not a number"),
+        "another optimizer's state": (
+            {"optimizer": {"state": {}, "param_groups": []}},
+            "its optimizer, schedule or scaler state does not fit this run (",
+        ),
+        "a NaN weight": ({"model": nan_model}, "(1 holding NaN or inf (mask_head.pointwise.bias))"),
+        "all its epochs done": ({"epoch": 10**12}, "nothing is left to train"),
+    }
+    for name, (change, words) in cases.items():
+        run = tmp_path / name.replace(" ", "_")
+        shutil.copytree(tiny_run, run)
+        state = {k: v for k, v in {**good, **change}.items() if v is not None}
+        torch.save(state, run / "last.pt")
+        before = (run / "config.json").read_bytes()
+        line = error_line(resume_cli(run, tiny_shards))
+        assert line.startswith(f"error: --resume: {run / 'last.pt'}"), (name, line)
+        assert words in line, (name, line)
+        assert (run / "config.json").read_bytes() == before, name  # nothing written
+
+
+def test_resume_refuses_settings_its_optimizer_state_would_override(
+    tiny_run: Path, tiny_shards: Path, tmp_path
+):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for option, value, words in (
+        ("--weight-decay", "0.5", "--weight-decay 1e-05 -> 0.5"),
+        ("--momentum", "0.5", "--momentum 0.9 -> 0.5"),
+    ):
+        line = error_line(resume_cli(run, tiny_shards, option, value))
+        assert "was trained with other settings" in line and words in line, line
+
+
+def test_resume_warns_of_settings_that_change_its_course(
+    tiny_run: Path, tiny_shards: Path, tmp_path, caplog
+):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    result = resume_cli(run, tiny_shards, "--seed", "7")
+    assert result.exit_code == 0, result.output
+    assert "--seed 0 -> 7" in caplog.text and "not as it would have gone" in caplog.text
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2
+
+
+def test_a_failed_best_pt_is_written_again_on_resume(
+    tiny_run: Path, tiny_shards: Path, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    state = torch.load(run / "last.pt", weights_only=True)
+    torch.save({**state, "best_iou": -1.0}, run / "last.pt")  # epoch 2 will improve on it
+    saving = checkpoint.save_checkpoint
+
+    def full_for_best(state, path):
+        if Path(path).name == "best.pt":
+            raise OSError(f"{path}: could not write the checkpoint: No space left on device")
+        return saving(state, path)
+
+    monkeypatch.setattr("pipeline.train.run.save_checkpoint", full_for_best)
+    assert "No space left" in error_line(resume_cli(run, tiny_shards))
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1  # epoch 2 is still to be done
+    monkeypatch.setattr("pipeline.train.run.save_checkpoint", saving)
+    assert resume_cli(run, tiny_shards).exit_code == 0
+    assert load_checkpoint(run / "best.pt")["epoch"] == 2
+
+
+def test_ctrl_c_exits_130_not_as_a_failure(tiny_shards: Path, tmp_path, monkeypatch) -> None:
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pipeline.train.run.train", interrupted)
+    result = run_cli("train", "--shards", tiny_shards, "--out", tmp_path / "r", "--workers", "0")
+    assert result.exit_code == 130 and "train interrupted" in result.output
+    assert "Aborted" not in result.output

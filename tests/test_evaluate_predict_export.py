@@ -220,3 +220,20 @@ def test_a_loader_failure_is_one_line_and_keeps_its_traceback_with_v(
     assert "Traceback" not in quiet.stderr
     # With -v the worker's own traceback (where in the tar reader it failed) is kept.
     assert "Original Traceback" in verbose.stderr and "_read_exact" in verbose.stderr
+
+
+def test_export_writes_only_a_checked_file_and_never_over_its_checkpoint(
+    tiny_run: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from pipeline.deploy import export
+
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes((tiny_run / "best.pt").read_bytes())
+    result = run_cli("export", checkpoint, "--onnx", checkpoint, "--no-check")
+    assert result.exit_code == 1 and "is the checkpoint exported" in result.output
+    assert checkpoint.read_bytes() == (tiny_run / "best.pt").read_bytes()
+    monkeypatch.setattr(export, "CHECK_TOLERANCE", -1.0)  # every export now "differs"
+    out = tmp_path / "model.onnx"
+    result = run_cli("export", checkpoint, "--onnx", out)
+    assert result.exit_code == 1 and f"{out}: not written: onnxruntime's outputs" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # nor a temporary file

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 from test_guard import error_line
 
 from pipeline.cli import cli
-from pipeline.deploy.predict import MAX_PIXELS, pair_paths, predict
+from pipeline.deploy.predict import MAX_PIXELS, pair_paths, predict, read_image
 
 REAL = Path(__file__).parent / "fixtures" / "real-sample"
 
@@ -67,3 +69,26 @@ def test_a_folder_named_like_an_image_is_skipped(tiny_run: Path, tmp_path: Path,
     assert f"{bgs / 'only.png'}: a folder" in caplog.text
     written = predict(tiny_run / "best.pt", bgs, fgs, tmp_path / "out", device="cpu")
     assert sorted(p.name for p in written) == ["a_depth.png", "a_depth_plasma.png", "a_mask.png"]
+
+
+def test_postscript_named_jpg_is_refused_unrun(tmp_path: Path, monkeypatch) -> None:
+    """PIL would hand an EPS file, whatever its name, to Ghostscript: predict never opens one."""
+    ran = tmp_path / "gs-ran"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "gs").write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
+    (fake / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    evil = tmp_path / "evil.jpg"
+    evil.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 160 160\nshowpage\n")
+    with pytest.raises(ValueError) as raised:
+        read_image(evil, "L")
+    assert str(raised.value).startswith(f"{evil}: not an image of a format predict reads (JPEG")
+    assert not ran.exists()
+
+
+def test_a_damaged_image_names_its_file(tmp_path: Path) -> None:
+    cut = tmp_path / "cut.png"
+    cut.write_bytes((REAL / "bg_img_51.jpg").read_bytes()[:300])
+    with pytest.raises(ValueError, match=f"^{cut}: not a readable image"):
+        read_image(cut, "L")

@@ -4,6 +4,7 @@ export and train --init accept, giving the published outputs."""
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from pathlib import Path
 
@@ -203,6 +204,12 @@ def test_a_wrong_shape_or_a_missing_or_extra_key_is_named(tmp_path: Path):
     state = published_state()
     state["extra.weight"] = torch.zeros(1)
     cases["extra"] = state
+    state = published_state()
+    state["inc.double_conv.0.depthwise.weight"] = torch.ones(2, 1, 3, 3, dtype=torch.int64)
+    cases["integers"] = state
+    state = published_state()
+    state["outc.conv.pointwise.bias"] = torch.full_like(state["outc.conv.pointwise.bias"], math.nan)
+    cases["nan"] = state
     messages = {}
     for name, state in cases.items():
         torch.save(state, tmp_path / f"{name}.pth")
@@ -217,6 +224,18 @@ def test_a_wrong_shape_or_a_missing_or_extra_key_is_named(tmp_path: Path):
     assert "missing key outd.conv.pointwise.bias (entry 169 of 170)" in messages["missing"]
     assert "entry 168 is outd.conv.pointwise.bias, the published layout has " in messages["order"]
     assert "unexpected key extra.weight (entry 170)" in messages["extra"]
+    assert messages["integers"].endswith(
+        "inc.double_conv.0.depthwise.weight holds torch.int64 numbers, the network needs "
+        "torch.float32"
+    )
+    assert messages["nan"].endswith("1 entries hold NaN or inf (outc.conv.pointwise.bias)")
+
+
+def test_import_never_replaces_its_own_source(seed_file: Path) -> None:
+    before = seed_file.read_bytes()
+    with pytest.raises(ValueError, match="is the weights file imported"):
+        import_weights(seed_file, seed_file)
+    assert seed_file.read_bytes() == before
 
 
 def test_a_pickled_model_and_other_files_are_refused_clearly(tmp_path: Path, imported: Path):

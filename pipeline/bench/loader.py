@@ -282,7 +282,7 @@ class LooseFiles(Dataset):
         sample: dict = {"key": self.paths[index]["fg_bg"].stem}
         for field, path in self.paths[index].items():
             mode = self.mode if field in INPUTS else "L"
-            with Image.open(path) as image:
+            with Image.open(path, formats=("JPEG", "PNG")) as image:
                 array = np.asarray(image.convert(mode))
             sample[field] = array[:, :, None] if array.ndim == 2 else array  # (H, W, C)
         return sample

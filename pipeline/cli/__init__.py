@@ -16,7 +16,22 @@ from pipeline import __version__
 from pipeline.cli import bench, deploy, store, train
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class Commands(click.Group):
+    """pipeline's commands, where Ctrl-C stops any command with exit code 130 (128 + SIGINT, as
+    a shell reports it) and one line, rather than click's "Aborted!" and 1, a failure's code."""
+
+    def invoke(self, ctx: click.Context):  # noqa: D102 - click's hook
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo(f"{ctx.invoked_subcommand or 'pipeline'} interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(
+    cls=Commands,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="pipeline")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages (and tracebacks).")
 def cli(verbose: bool) -> None:

@@ -23,17 +23,29 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 MAX_PIXELS = 8192 * 8192
 
 
+# What predict opens, whatever a file's name: raster formats PIL decodes itself (never EPS, which
+# PIL hands to Ghostscript, a PostScript interpreter, to run).
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF")
+
+
 def read_image(path: Path, mode: str) -> np.ndarray:
     """Read an image as `mode` (L or RGB) at 160x160, resizing (and saying so) when needed."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image file")
     try:
-        with _own_pixel_bound(), Image.open(path) as img:
-            _check_pixels(path, img.size)
-            img = img.convert(mode)
-    except (UnidentifiedImageError, OSError) as exc:
+        with _own_pixel_bound(), Image.open(path, formats=IMAGE_FORMATS) as img:
+            too_big = _too_many_pixels(path, img.size)
+            if not too_big:
+                img = img.convert(mode)
+    except UnidentifiedImageError:
+        raise ValueError(
+            f"{path}: not an image of a format predict reads ({', '.join(IMAGE_FORMATS)})"
+        ) from None
+    except Exception as exc:  # PIL's plugins raise many types for a damaged file
         raise ValueError(f"{path}: not a readable image ({exc})") from None
+    if too_big:
+        raise ValueError(too_big)
     if img.size != IMAGE_SIZE:
         log.info("%s: %dx%d resized to %dx%d", path, *img.size, *IMAGE_SIZE)
         img = img.resize(IMAGE_SIZE, Image.BILINEAR)
@@ -44,7 +56,7 @@ def read_image(path: Path, mode: str) -> np.ndarray:
 @contextlib.contextmanager
 def _own_pixel_bound():
     """PIL's bomb check (a module global) raises without the image's size, or only warns, while
-    opening it: switch it off for the header read, which `_check_pixels` bounds instead."""
+    opening it: switch it off for the header read, which `_too_many_pixels` bounds instead."""
     saved = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None
     try:
@@ -53,13 +65,15 @@ def _own_pixel_bound():
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def _check_pixels(path: Path, size: tuple[int, int]) -> None:
+def _too_many_pixels(path: Path, size: tuple[int, int]) -> str:
+    """Why an image of this size is refused unread ('' if it is not)."""
     width, height = size
-    if width * height > MAX_PIXELS:
-        raise ValueError(
-            f"{path}: a {width}x{height} image ({width * height:,} pixels) is larger than "
-            f"predict reads ({MAX_PIXELS:,} pixels at most): shrink it first"
-        )
+    if width * height <= MAX_PIXELS:
+        return ""
+    return (
+        f"{path}: a {width}x{height} image ({width * height:,} pixels) is larger than "
+        f"predict reads ({MAX_PIXELS:,} pixels at most): shrink it first"
+    )
 
 
 def make_input(bg: np.ndarray, fg_bg: np.ndarray) -> torch.Tensor:

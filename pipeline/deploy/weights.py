@@ -26,7 +26,13 @@ import torch
 
 from model import UNet, UNetConfig
 from pipeline.schema import CHANNELS, MODE_OF
-from pipeline.train.checkpoint import load_tensors, save_checkpoint, unreadable_reason
+from pipeline.train.checkpoint import (
+    load_tensors,
+    non_finite,
+    same_kind,
+    save_checkpoint,
+    unreadable_reason,
+)
 from pipeline.train.config import PUBLISHED_WEIGHTS
 
 log = logging.getLogger(__name__)
@@ -114,6 +120,14 @@ def map_published(
                 f"{path}: {name} has shape {tuple(state[name].shape)}, the network needs "
                 f"{tuple(target.shape)}"
             )
+        if not same_kind(target, state[name]):
+            raise ValueError(
+                f"{path}: {name} holds {state[name].dtype} numbers, the network needs "
+                f"{target.dtype}"
+            )
+    bad = non_finite(state)
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} entries hold NaN or inf ({', '.join(bad[:3])})")
     return {key: state[name] for key, name in zip(ours, wanted, strict=True)}
 
 
@@ -123,6 +137,8 @@ def import_weights(source: Path, out: Path, mode: str | None = None) -> dict:
     `mode` (L or RGB) must agree with the file's first layer; None reads it from there.
     """
     source, out = Path(source), Path(out)
+    if out.exists() and out.resolve() == source.resolve():
+        raise ValueError(f"{out}: is the weights file imported: give --out another path")
     raw = read_state_dict(source)
     state = strip_prefix(raw)
     found = file_mode(state, source)

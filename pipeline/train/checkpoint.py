@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import pickle
 import re
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +71,31 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
 def load_tensors(path: Path, map_location: str | torch.device = "cpu") -> Any:
     """torch.load with weights_only (a file from elsewhere cannot run code: ours hold tensors
-    and data), and without torch's two-line pickle-protocol warning for a plain pickle."""
+    and data), never inflating more than the file holds (`check_archive`), and without torch's
+    two-line pickle-protocol warning for a plain pickle."""
+    check_archive(Path(path))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def check_archive(path: Path) -> None:
+    """ValueError if a torch.save zip archive could inflate beyond its file's size: torch stores
+    its entries uncompressed, but a file from elsewhere may deflate them, and a few MB of zeros
+    inflate to GBs. (A legacy, non-zip file's storages are read from the file as they lie.)"""
+    if not zipfile.is_zipfile(path):
+        return  # legacy, or damaged: torch.load says which
+    with zipfile.ZipFile(path) as archive:
+        entries = archive.infolist()
+    squeezed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    if squeezed:
+        raise ValueError(
+            f"its archive holds {len(squeezed)} compressed entries (torch.save writes none: "
+            "they could inflate far beyond the file's size)"
+        )
+    claimed, size = sum(e.file_size for e in entries), path.stat().st_size
+    if claimed > size:
+        raise ValueError(f"its archive's entries claim {claimed:,} bytes, the file holds {size:,}")
 
 
 def model_from_checkpoint(
@@ -83,7 +106,7 @@ def model_from_checkpoint(
     `source` names the checkpoint in errors (its path, where the caller has one).
     """
     model = UNet.from_args(state["config"].get("model_args", {}))
-    problem = _weights_mismatch(model.state_dict(), state["model"])
+    problem = weights_problem(model.state_dict(), state["model"])
     if problem:
         raise ValueError(f"{source}: its weights do not fit the network it describes: {problem}")
     model.load_state_dict(state["model"])
@@ -111,7 +134,7 @@ def _check_contents(state: dict[str, Any], path: Path) -> None:
         want = type(known[name])
         if known[name] not in (None, dataclasses.MISSING) and type(value) is not want:
             raise ValueError(
-                f"{path}: its model_args {name} is {_short(repr(value))}, not {want.__name__}"
+                f"{path}: its model_args {name} is {short(repr(value))}, not {want.__name__}"
             )
     channels = args.get("image_channels", UNetConfig.image_channels)
     if channels not in CHANNELS.values():
@@ -122,22 +145,59 @@ def _check_contents(state: dict[str, Any], path: Path) -> None:
     depth = args.get("depth_output", UNetConfig.depth_output)
     if depth not in DEPTH_OUTPUTS:
         raise ValueError(
-            f"{path}: its model_args depth_output is {_short(repr(depth))}, not one of "
+            f"{path}: its model_args depth_output is {short(repr(depth))}, not one of "
             f"{', '.join(DEPTH_OUTPUTS)}"
         )
 
 
-def _weights_mismatch(want: dict[str, Any], have: dict[str, Any]) -> str:
-    """What keeps `have` from loading into a network whose state dict is `want` ('' if nothing)."""
+def weights_problem(want: dict[str, Any], have: dict[str, Any]) -> str:
+    """What keeps weights `have` from loading into a network whose state dict is `want` ('' if
+    nothing): entries missing, unexpected, of another shape or kind, or not finite."""
     missing = [k for k in want if k not in have]
     unexpected = [str(k) for k in have if k not in want]
-    wrong = [
-        k
-        for k in want
-        if k in have and (not torch.is_tensor(have[k]) or have[k].shape != want[k].shape)
+    common = [k for k in want if k in have]
+    wrong = [k for k in common if not torch.is_tensor(have[k]) or have[k].shape != want[k].shape]
+    kind = [k for k in common if k not in wrong and not same_kind(want[k], have[k])]
+    found = [
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("of another shape", wrong),
+        ("of another kind of number", kind),
     ]
-    found = (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong))
+    if not any(names for _, names in found):
+        found.append(("holding NaN or inf", non_finite(have)))
     return "; ".join(f"{len(names)} {label} ({_names(names)})" for label, names in found if names)
+
+
+def same_kind(want: torch.Tensor, have: torch.Tensor) -> bool:
+    """Whether `have` can stand for `want`: a real floating-point tensor for one (its precision
+    may differ), an integer one for an integer one (never bool or complex)."""
+    if have.dtype == torch.bool or have.is_complex():
+        return False
+    return want.is_floating_point() == have.is_floating_point()
+
+
+def check_resume_state(state: dict[str, Any], path: Path) -> None:
+    """ValueError naming `path` unless `state` holds what `train --resume` continues: the
+    optimizer's and the schedule's states (dicts) and the epoch and step counts (ints >= 0)."""
+    kinds = {"optimizer": dict, "scheduler": dict, "epoch": int, "step": int}
+    for key, kind in kinds.items():
+        if key not in state:
+            raise ValueError(
+                f"--resume: {path} has no {key}: not a run's checkpoint that training can "
+                "continue (start a new run from its weights with --init)"
+            )
+        value = state[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"--resume: {path}: its {key} is {_kind(value)}, not {kind.__name__}")
+        if kind is int and value < 0:
+            raise ValueError(f"--resume: {path}: its {key} is {value}, below 0")
+    best = state.get("best_iou", 0.0)
+    if not isinstance(best, float | int) or isinstance(best, bool) or math.isnan(best):
+        raise ValueError(f"--resume: {path}: its best_iou is {short(repr(best))}, not a number")
+    scaler = state.get("scaler")
+    if scaler is not None and not isinstance(scaler, dict):
+        raise ValueError(f"--resume: {path}: its scaler is {_kind(scaler)}, not a dict")
 
 
 def unreadable_reason(exc: Exception, advice: str) -> str:
@@ -156,7 +216,7 @@ def unreadable_reason(exc: Exception, advice: str) -> str:
         return "the file is truncated or damaged (its zip archive is incomplete)"
     if isinstance(exc, pickle.UnpicklingError):
         return "it was not written by torch.save"
-    return _short(text.splitlines()[0] if text else type(exc).__name__, 200)
+    return short(text.splitlines()[0] if text else type(exc).__name__, 200)
 
 
 def _write_failure(exc: Exception, folder: Path) -> str:
@@ -173,17 +233,18 @@ def _write_failure(exc: Exception, folder: Path) -> str:
 
 
 def _kind(value: Any) -> str:
-    return f"a {type(value).__name__}"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
-def _short(value: Any, limit: int = 60) -> str:
+def short(value: Any, limit: int = 60) -> str:
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _names(names: list[str], shown: int = 3) -> str:
     more = f", … {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(_short(n) for n in names[:shown]) + more
+    return ", ".join(short(n) for n in names[:shown]) + more
 
 
 def refuse_init_over_run(out: Path) -> None:
@@ -205,7 +266,7 @@ def init_weights(model: UNet, state: dict[str, Any], path: Path) -> None:
             f"--init {path}: its network takes {have}-channel images, the shards hold "
             f"{want}-channel images"
         )
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise ValueError(f"--init {path}: its weights do not fit this network ({exc})") from None
+    problem = weights_problem(model.state_dict(), state["model"])
+    if problem:
+        raise ValueError(f"--init {path}: its weights do not fit this network ({problem})")
+    model.load_state_dict(state["model"])

@@ -24,10 +24,13 @@ from torch.nn.parallel import DistributedDataParallel
 from model import UNet, UNetConfig
 from pipeline.schema import split_samples
 from pipeline.train.checkpoint import (
+    check_resume_state,
     init_weights,
     load_checkpoint,
     refuse_init_over_run,
     save_checkpoint,
+    short,
+    weights_problem,
 )
 from pipeline.train.config import TrainConfig
 from pipeline.train.feed import Feed, open_feed
@@ -258,9 +261,9 @@ def _train_epoch(run: Run, config: TrainConfig, dist: DistInfo, epoch: int) -> d
     if dist.is_main:
         improved = _improves_best(run, metrics, stats, label)
         state = _checkpoint_state(run, config, metrics)
-        save_checkpoint(state, Path(config.out) / "last.pt")
-        if improved:
+        if improved:  # first: if it fails, last.pt still says it is to be done (its best_iou)
             save_checkpoint(state, Path(config.out) / "best.pt")
+        save_checkpoint(state, Path(config.out) / "last.pt")
     return metrics
 
 
@@ -309,38 +312,81 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
     )
 
 
-RESUME_MUST_MATCH = ("optimizer", "lr", "step_size", "gamma")  # else the restored state lies
+# Restored with the optimizer's and schedule's state: a new value would be silently ignored.
+RESUME_MUST_MATCH = ("optimizer", "lr", "momentum", "weight_decay", "step_size", "gamma")
+# A resumed run may change these, but then it no longer goes on as the run would have.
+RESUME_SHOULD_MATCH = (
+    "batch_size",
+    "seed",
+    "workers",
+    "shuffle_buffer",
+    "augment",
+    "hflip",
+    "augment_on",
+    "mask_weight",
+    "depth_weight",
+    "amp",
+)
 
 
 def _resume(path: Path, state: dict[str, Any], run: Run, config: TrainConfig) -> None:
     """Load `state` (read from `path`, OUT/last.pt) into the run: weights, optimizer, schedule,
-    scaler, epoch and step.
+    scaler, epoch and step; ValueError naming the file if it can't be continued as asked.
 
     Every rank reads the file, so under multi-node torchrun OUT must be on a shared disk.
     """
-    changed = [
-        f"--{name.replace('_', '-')} {state['config'].get(name)} -> {getattr(config, name)}"
-        for name in RESUME_MUST_MATCH
-        if state["config"].get(name) != getattr(config, name)
-    ]
+    check_resume_state(state, path)
+    changed = _changed_settings(state["config"], config, RESUME_MUST_MATCH)
     if changed:
         raise ValueError(
-            f"--resume: {path} was trained with other settings ({', '.join(changed)}); "
+            f"--resume: {path} was trained with other settings ({changed}); "
             "resume with the same ones, or train into a new folder"
         )
-    try:
-        run.model.load_state_dict(state["model"])
-    except RuntimeError as exc:
+    if state["epoch"] >= config.epochs:
         raise ValueError(
-            f"--resume: {path} holds another network than these shards need ({exc})"
+            f"--resume: {path} has trained {state['epoch']} epochs already, and --epochs is "
+            f"{config.epochs}: nothing is left to train (give a larger --epochs)"
+        )
+    drifted = _changed_settings(state["config"], config, RESUME_SHOULD_MATCH, unsaved=False)
+    if drifted:
+        log.warning(
+            "--resume: %s was trained with other settings (%s): the run goes on, but not as "
+            "it would have gone",
+            path,
+            drifted,
+        )
+    problem = weights_problem(run.model.state_dict(), state["model"])
+    if problem:
+        raise ValueError(
+            f"--resume: {path} holds another network than these shards need ({problem})"
+        )
+    run.model.load_state_dict(state["model"])
+    try:
+        run.stepper.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") and run.stepper.scaler.is_enabled():
+            run.stepper.scaler.load_state_dict(state["scaler"])
+    except Exception as exc:  # torch raises many types for a state of another run or damaged
+        raise ValueError(
+            f"--resume: {path}: its optimizer, schedule or scaler state does not fit this run "
+            f"({short(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 160)})"
         ) from None
-    run.stepper.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    if state.get("scaler") and run.stepper.scaler.is_enabled():
-        run.stepper.scaler.load_state_dict(state["scaler"])
-    run.epoch, run.step = int(state["epoch"]), int(state["step"])
+    run.epoch, run.step = state["epoch"], state["step"]
     run.best_iou = float(state.get("best_iou", -math.inf))
     log.info("resuming %s after epoch %d (step %d)", path, run.epoch, run.step)
+
+
+def _changed_settings(
+    saved: dict[str, Any], config: TrainConfig, names: tuple[str, ...], *, unsaved: bool = True
+) -> str:
+    """The settings among `names` that differ from a checkpoint's config, as `--name old -> new`
+    ('' if none); one the checkpoint lacks differs if `unsaved` (else it is a setting newer than
+    the checkpoint, taken as it was)."""
+    return ", ".join(
+        f"--{name.replace('_', '-')} {saved.get(name)} -> {getattr(config, name)}"
+        for name in names
+        if (unsaved or name in saved) and saved.get(name) != getattr(config, name)
+    )
 
 
 def _checkpoint_state(run: Run, config: TrainConfig, metrics: dict) -> dict[str, Any]:
