@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 # Field names inside a shard sample: `KEY.bg.jpg`, `KEY.fg_bg.jpg`, `KEY.mask.jpg`, `KEY.depth.jpg`
 # (or `.png`: a field's extension says its format, see IMAGE_EXTS).
@@ -44,6 +44,12 @@ WIDS_VERSION = 1
 # yet bounds what a reader holds per member, whatever a header claims (a deflate bomb or a
 # tar header declaring 10 GB is refused before any byte of it is inflated or read).
 MAX_MEMBER_BYTES = 4 << 20
+# The largest JSON file convert writes (a manifest, a zip's record, a wids index) that is read:
+# a manifest of 400,000 samples every one of them skipped, at 300 bytes an entry, is 120 MB.
+MAX_JSON_BYTES = 128 << 20
+# The largest count (samples, bytes) a manifest or record may hold: exact as a float (2**53),
+# so a count in arithmetic never overflows; a dataset is some 10**6 samples and 10**10 bytes.
+MAX_COUNT = 1 << 53
 
 # A shard's path in a manifest: `SPLIT/NAME.tar`, NAME of letters, digits, `.`, `_`, `-`, not
 # starting with a dot. A manifest is data: its paths are appended to the folder or to the URL
@@ -139,6 +145,22 @@ def parse_json(data: bytes | str) -> Any:
         raise ValueError(f"not valid JSON ({exc})") from None
 
 
+def read_json_file(path: Path) -> Any:
+    """The JSON in a file of at most MAX_JSON_BYTES (read no further); ValueError saying why."""
+    with open(path, "rb") as file:
+        return read_json(file)
+
+
+def read_json(stream: BinaryIO, limit: int | None = None) -> Any:
+    """The JSON in a stream of at most `limit` bytes (MAX_JSON_BYTES if None): only limit + 1
+    are ever read."""
+    limit = MAX_JSON_BYTES if limit is None else limit
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"over {limit:,} bytes: more than any JSON file convert writes")
+    return parse_json(data)
+
+
 def load_manifest(root: Path) -> dict:
     """Load and validate `root/manifest.json`; ValueError if absent or not one of ours."""
     path = Path(root) / MANIFEST_NAME
@@ -150,8 +172,8 @@ def load_manifest(root: Path) -> dict:
             "(run `pipeline convert ... --out` into it, or finish the interrupted one)"
         )
     try:
-        data = parse_json(path.read_bytes())
-    except ValueError as exc:
+        data = read_json_file(path)
+    except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: {exc}") from None
     validate_manifest(data, path)
     return data
@@ -249,5 +271,5 @@ def _positive_int(value: Any) -> bool:
 
 
 def is_count(value: Any) -> bool:
-    """A non-negative int (not a bool): a count read from JSON."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A non-negative int (not a bool) up to MAX_COUNT: a count read from JSON."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT

@@ -783,3 +783,78 @@ def test_two_converts_of_the_same_zips_both_end_complete(tmp_path: Path):
             _, stderr = run.communicate(timeout=120)
             assert run.returncode == 0, stderr
         assert verify(out).ok and manifest_of(out)["failed"] == []
+
+
+# ---------------------------------------------------------------- a review's findings
+
+
+def test_an_oversized_manifest_is_refused_unread(shards: Path, monkeypatch):
+    from pipeline import schema
+    from pipeline.train.sources import open_manifest
+
+    size = (shards / "manifest.json").stat().st_size
+    monkeypatch.setattr(schema, "MAX_JSON_BYTES", size - 1)  # as if it were over 128 MB
+    monkeypatch.chdir(shards)
+    for args in MANIFEST_READERS:
+        line = CliRunner().invoke(cli, args).stderr.strip().splitlines()[-1]
+        assert line == (
+            f"error: manifest.json: over {size - 1:,} bytes: more than any JSON file convert writes"
+        ), args
+    with pytest.raises(ValueError, match="cannot read the manifest .over"):
+        open_manifest(f"file://{shards}")
+
+
+@pytest.mark.parametrize("count", [10**400, 2**53 + 1])
+def test_an_absurd_count_is_refused_not_a_traceback(shards: Path, count: int):
+    def absurd(manifest):
+        manifest["splits"]["test"]["samples"] = count
+        manifest["splits"]["test"]["shards"][0]["samples"] = count
+
+    edit_manifest(shards, absurd)
+    result = CliRunner().invoke(
+        cli, ["train", "--shards", shards, "--out", shards.parent / "run", "--workers", "0"]
+    )
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "samples must be a count" in result.stderr.strip().splitlines()[-1]
+
+
+def test_batch_zero_is_refused_by_name(tmp_path: Path):
+    zero = build_zip(tmp_path / "batch0_images.zip", 2).path
+    with pytest.raises(ValueError, match=f"{zero}: batch number 0: batches are numbered from 1"):
+        convert([zero], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_refused_record_of_this_run_is_reported(tmp_path: Path, monkeypatch):
+    from pipeline.store import runner
+
+    zips = [build_zip(tmp_path / f"batch{n}_images.zip", 2, seed=n).path for n in (1, 2)]
+    real = runner.record_problem
+
+    def refuse_batch2(record, out, test_batches, **options):
+        if isinstance(record, dict) and record["batch"] == 2:
+            return "batch2_images.zip: its record is refused"
+        return real(record, out, test_batches, **options)
+
+    monkeypatch.setattr(runner, "record_problem", refuse_batch2)
+    summary = convert(zips, tmp_path / "out", test_batches=())
+    assert not summary.ok
+    assert [f["zip"] for f in summary.failed] == ["batch2_images.zip"]
+    assert summary.samples["train"] == 2  # batch 1's, and batch 2 is in the report
+
+
+def test_redoing_a_zip_on_a_full_disk_keeps_what_was_there(shards: Path, monkeypatch):
+    from pipeline.store import runner
+
+    before = {p.relative_to(shards): p.read_bytes() for p in shards.rglob("*") if p.is_file()}
+
+    def full(out, batch, zip_name, error):
+        raise OSError(errno.ENOSPC, f"cannot write the failure of batch {batch}")
+
+    monkeypatch.setattr(runner, "write_failure", full)
+    zips = [shards.parent / "batch1_images.zip"]
+    with pytest.raises(OSError, match="cannot write the failure of batch 1"):
+        convert(zips, shards, shard_samples=2, force=True)
+    after = {p.relative_to(shards): p.read_bytes() for p in shards.rglob("*") if p.is_file()}
+    assert after == before  # the record, its shards and the manifest: nothing removed
+    assert verify(shards).ok

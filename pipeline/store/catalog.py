@@ -28,7 +28,7 @@ from pipeline.schema import (
     SPLITS,
     check_shard_entry,
     is_count,
-    parse_json,
+    read_json_file,
     split_shards,
     wids_index,
     wids_index_name,
@@ -87,7 +87,7 @@ def load_records(out: Path) -> dict[int, dict | str]:
             continue  # not a name convert writes (batchNN.json)
         batch = int(named[1])
         try:
-            record = parse_json(path.read_bytes())
+            record = read_json_file(path)
         except (OSError, ValueError) as exc:
             records[batch] = f"{path}: unreadable record ({exc})"
             continue
@@ -291,7 +291,7 @@ def load_failures(out: Path) -> dict[int | str, dict]:
         try:
             if named is None:
                 raise ValueError("not a name convert writes (failed-batchNN.json)")
-            record = parse_json(path.read_bytes())
+            record = read_json_file(path)
             failures[batch] = {"zip": str(record["zip"]), "error": str(record["error"])}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             zip_name = f"batch {batch}" if named else path.name

@@ -72,7 +72,10 @@ def batch_number(zip_path: str | Path) -> int:
         )
     if len(match.group(1)) > MAX_DIGITS:  # a key must fit a tar header; int() has a limit
         raise ValueError(f"{zip_path}: a batch number of over {MAX_DIGITS} digits")
-    return int(match.group(1))
+    number = int(match.group(1))
+    if number < 1:  # the published zips are batch1 … batch10; a shard's batch is 1 or more
+        raise ValueError(f"{zip_path}: batch number {number}: batches are numbered from 1")
+    return number
 
 
 def _parts(name: str) -> list[str]:

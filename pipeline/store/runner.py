@@ -158,12 +158,15 @@ def _convert_locked(jobs: list[ZipJob], config: ConvertConfig, summary: ConvertS
         if job.name in summary.reused:
             clear_failure(out, job.batch)
     if todo:
+        # Each zip is marked unfinished before anything of it or the manifest goes: if a mark
+        # cannot be written (a full disk), nothing is removed, and what was there still stands.
+        for job in todo:
+            write_failure(out, job.batch, job.name, UNFINISHED)  # until it is done
         with locked(out, ["manifest"]):
             (out / MANIFEST_NAME).unlink(missing_ok=True)  # the output is unfinished from here on
         for job in todo:
             discard_batch(out, job.batch)
             records.pop(job.batch, None)
-            write_failure(out, job.batch, job.name, UNFINISHED)  # until it is done
     mode = _reference_mode(records.values())
     for job in todo:
         job.expected_mode = mode
@@ -216,10 +219,15 @@ def _record_failure(out: Path, job: ZipJob, error: str) -> None:
 
 
 def _fail_record(summary, out: Path, batch: int, record: dict | str, problem: str) -> None:
-    """A record from an earlier run (not one of this run's zips) that cannot go in the manifest."""
-    name = record["zip"] if isinstance(record, dict) else f"batch {batch}"
-    summary.failed.append({"zip": name, "error": problem})
+    """A record that cannot go in the manifest, not reported yet: an earlier run's, or one of
+    this run's zips that converted but whose record is refused."""
+    summary.failed.append({"zip": _record_zip(record, batch), "error": problem})
     log.error("%s; re-run convert with that zip, or delete %s", problem, record_path(out, batch))
+
+
+def _record_zip(record: dict | str, batch: int) -> str:
+    """The zip a record names (`batch N` for an unreadable record)."""
+    return Path(str(record["zip"])).name if isinstance(record, dict) else f"batch {batch}"
 
 
 def _select_todo(jobs, records, config: ConvertConfig, summary: ConvertSummary) -> list[ZipJob]:
@@ -338,13 +346,14 @@ def _write_manifest(out: Path, config: ConvertConfig, given: set[int], checked: 
     manifest never lists a shard whose bytes differ from its record.
     """
     good, mode = [], None
+    told = {Path(f["zip"]).name for f in summary.failed}  # this run's failures, reported
     for batch, record in sorted(load_records(out).items()):
         hashes = batch not in checked
         problem = record_problem(record, out, config.test_batches, hashes=hashes)
         if problem is None and mode is not None and record["mode"] != mode:
             problem = f"{record['zip']}: its images are {record['mode']}, the others' {mode}"
         if problem is not None:
-            if batch not in given:  # this run's own failures are reported already
+            if batch not in given or _record_zip(record, batch) not in told:
                 _fail_record(summary, out, batch, record, problem)
             continue
         good.append(record)

@@ -32,6 +32,7 @@ from pipeline.schema import (
     field_names,
     load_manifest,
     parse_json,
+    read_json_file,
     shard_entries,
     split_shards,
     wids_index,
@@ -242,7 +243,7 @@ def check_wids_indexes(root: Path, manifest: dict) -> list[dict]:
             continue
         name = wids_index_name(split)
         try:
-            found = parse_json((root / name).read_bytes())
+            found = read_json_file(root / name)
         except FileNotFoundError:
             problems.append(problem(None, None, f"{name} is missing (re-run convert to write it)"))
             continue

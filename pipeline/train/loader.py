@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import math
 import random
 import sys
 from collections.abc import Iterator
@@ -269,7 +268,7 @@ def make_eval_loader(
     workers = max(1, config.workers)
     per_slot = slot_sample_counts(counts, world_size * workers)
     mine = per_slot[rank * workers : (rank + 1) * workers]
-    length = sum(math.ceil(n / config.batch_size) for n in mine)
+    length = sum(-(-n // config.batch_size) for n in mine)  # ceil, in integers
     plain = dataclasses.replace(config, augment=None)
     dataset = ShardStream(
         urls, manifest, plain, split=split, train=False, rank=rank, world_size=world_size

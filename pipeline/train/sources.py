@@ -21,7 +21,7 @@ from pipeline.schema import (
     MANIFEST_NAME,
     check_shard_path,
     load_manifest,
-    parse_json,
+    read_json,
     split_samples,
     split_shards,
     validate_manifest,
@@ -42,7 +42,7 @@ def open_manifest(location: str | Path) -> dict:
     url = f"{str(location).rstrip('/')}/{MANIFEST_NAME}"
     try:
         with gopen(url) as stream:
-            data = parse_json(stream.read())
+            data = read_json(stream)
     except (OSError, ValueError) as exc:
         raise ValueError(f"{url}: cannot read the manifest ({exc})") from None
     validate_manifest(data, url)
