@@ -24,8 +24,10 @@ from conftest import build_zip
 
 from pipeline.cli import cli
 from pipeline.schema import MAX_MEMBER_BYTES, validate_manifest
+from pipeline.store import convert as convert_module
 from pipeline.store import tar as tar_module
 from pipeline.store.catalog import failure_path
+from pipeline.store.convert import ZipConverter, ZipJob, open_zip
 from pipeline.store.guard import locked
 from pipeline.store.runner import ConvertConfig, convert_zips
 from pipeline.store.tar import read_samples
@@ -438,6 +440,61 @@ def test_convert_skips_bombs_with_their_reason_and_converts_the_rest(tmp_path: P
     assert "declares 8388608 bytes" in reasons["bg_jpg/bg_img_77.jpg"]
     assert "no sample uses it" in reasons["bg_jpg/bg_img_77.jpg"]
     assert verify(out).ok
+
+
+JUNK_JPEG = b"\xff\xd8" + bytes((4 << 20) - 4) + b"\xff\xd9"  # 4 MiB, JPEG ends, no frame
+
+
+def convert_here(path: Path, out: Path) -> tuple[ZipConverter, dict]:
+    """Convert one zip in this process; the converter too, for its counts."""
+    job = ZipJob(path, 1, "train", out, shard_samples=100, seed=0, strict=False)
+    with open_zip(path) as reader:
+        converter = ZipConverter(job, reader, None)
+        return converter, converter.run()
+
+
+def test_many_big_unused_or_broken_backgrounds_cost_no_memory(tmp_path: Path):
+    # A zip bomb by count: 24 backgrounds no sample uses and one that two samples use, each
+    # 4 MiB (the most one member may have; 4 KB in the zip) and no image. Held, they were 100 MiB.
+    z = build_zip(tmp_path / "batch1_images.zip", 6)  # samples 1 and 4 use background 2
+    names = list(z.samples.values())
+    with zipfile.ZipFile(z.path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    members[names[1]["bg"]] = JUNK_JPEG
+    with zipfile.ZipFile(z.path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+        for i in range(24):
+            zf.writestr(f"bg_jpg/bg_img_{1000 + i}.jpg", JUNK_JPEG)
+    assert z.path.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        converter, record = convert_here(z.path, tmp_path / "shards")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20  # one 4 MiB member read at a time, never all of them
+    good = sum(len(members[n["bg"]]) for n in names if n["bg"] != names[1]["bg"]) // 2
+    assert converter.bg_bytes_held == good and converter.bg_rereads == 0
+    # Every sample is in a shard or the skip report; the unused backgrounds are not samples.
+    assert record["samples"] == 4
+    skipped = {s["member"]: s["reason"] for s in record["skipped"]}
+    assert sorted(skipped) == sorted(names[i]["fg_bg"] for i in (1, 4))
+    assert all(r.startswith(f"bg member {names[1]['bg']}: ") for r in skipped.values())
+
+
+def test_backgrounds_past_the_budget_are_read_again_with_the_same_bytes(tmp_path, monkeypatch):
+    z = build_zip(tmp_path / "batch1_images.zip", 9)  # 3 backgrounds, 3 samples each
+    converter, _ = convert_here(z.path, tmp_path / "all")
+    assert converter.bg_rereads == 0  # a published zip's backgrounds are all held: read once
+    bg_sizes = {len(z.members[n["bg"]]) for n in z.samples.values()}
+    assert converter.bg_bytes_held == sum(sorted(bg_sizes))
+    monkeypatch.setattr(convert_module, "BG_BYTES_HELD", max(bg_sizes))  # room for one
+    converter, record = convert_here(z.path, tmp_path / "budget")
+    assert converter.bg_bytes_held <= max(bg_sizes) and converter.bg_rereads >= 3
+    assert record["samples"] == 9 and not record["skipped"]
+    tar = "train/batch01-000000.tar"
+    assert (tmp_path / "budget" / tar).read_bytes() == (tmp_path / "all" / tar).read_bytes()
 
 
 def set_encrypted(path: Path, name: str) -> None:

@@ -2,8 +2,9 @@
 
 One process reads the central directory, pairs each fg_bg member with its bg, mask and depth
 members, and writes the samples in a seeded random order into tar shards (see `store.tar`),
-reading every member once. Memory holds the central directory, the ~100 backgrounds (shared by all
-samples) and one sample, whatever the zip's size. The shards are written under temp names and
+reading every member once. Memory holds the central directory, the backgrounds its samples use (the
+~100 shared by all samples, up to `BG_BYTES_HELD`; past that one is read again for each sample on
+it) and one sample, whatever the zip's size or holds. The shards are written under temp names and
 renamed at the end; the result is the zip's record (see `store.catalog`). Many zips, the pool and
 the manifest are `store.runner`'s.
 """
@@ -42,8 +43,15 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY = 200  # samples between progress messages: a queue put per sample would cost more
 SAMPLE_JSON = '{"batch": %d, "fg_bg": %s, "bg": %s, "mask": %s, "depth": %s}'
 READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError)
+# Background bytes kept in memory for the samples to come. A published zip's ~100 backgrounds of
+# 5-20 KB fit ~30 times over (each is read once); a zip of many big ones can't make convert hold
+# more: the backgrounds past the budget are read again for each sample that uses them.
+BG_BYTES_HELD = 64 << 20
 
 Reporter = Callable[[str, int], None]  # ("total" | "done", count)
+# A background a sample uses: its bytes (None: read again when needed), its frame header or why
+# it is unusable, its field name.
+_Background = tuple[bytes | None, ImageInfo | str, str]
 
 
 class ConvertError(Exception):
@@ -166,7 +174,10 @@ class ZipConverter:
         self.mode = job.expected_mode
         self.skipped: list[dict] = []
         self.written = 0
-        self._bgs: dict[int, tuple[bytes, ImageInfo | str, str]] = {}  # data, header, field
+        self._bgs: dict[int, _Background] = {}  # by background number
+        self.bg_budget = BG_BYTES_HELD
+        self.bg_bytes_held = 0  # background bytes in self._bgs, at most bg_budget
+        self.bg_rereads = 0  # backgrounds read again (past the budget): none for a published zip
         self._accepted: dict[str, frozenset[ImageInfo]] = {}
         self.formats: Counter[str] = Counter()  # image members written, by extension
 
@@ -180,8 +191,9 @@ class ZipConverter:
         if self.report:
             self.report("total", len(pairs))
         self._strict_check()
-        self._read_backgrounds(found.bgs, found.bg_problems)
-        self._report_unused_backgrounds(pairs, found.bgs)
+        used = {pair.sample.bg for pair in pairs}
+        self._read_backgrounds(found, used)
+        self._report_unused_backgrounds(found, used)
         self._decide_mode()
         random.Random(f"{self.job.seed}:{self.job.batch}").shuffle(pairs)
         writer = ShardWriter(self.job.out, self.job.split, self.job.batch, self.job.shard_samples)
@@ -234,31 +246,44 @@ class ZipConverter:
                 f"{self.job.path}: --strict: sample {first['member']} skipped: {first['reason']}"
             )
 
-    def _read_backgrounds(self, bg_members: dict[int, Member], problems: dict[int, str]) -> None:
-        # Read once: ~100 backgrounds are shared by all samples of a zip.
-        for number, member in bg_members.items():
-            if number in problems:
-                self._bgs[number] = (b"", problems[number], "")
-                continue
-            try:
-                data = self.reader.read(member.name)
-            except READ_ERRORS as exc:
-                self._bgs[number] = (b"", f"bg member {member.name}: cannot read it ({exc})", "")
-                continue
-            try:
-                found, info = check_image(data)
-            except ImageError as exc:
-                self._bgs[number] = (data, f"bg member {member.name}: {exc}", "")
-            else:
-                self._bgs[number] = (data, info, member_ext("bg", FORMAT_EXTS[found]))
+    def _read_backgrounds(self, found: Pairings, used: set[int]) -> None:
+        """Check each background a sample uses, once; keep the bytes of good ones (budgeted)."""
+        for number, member in found.bgs.items():
+            if number in used:
+                self._bgs[number] = self._read_background(member, found.bg_problems.get(number))
 
-    def _report_unused_backgrounds(self, pairs: list[_Pairing], bgs: dict[int, Member]) -> None:
-        """A broken background that no sample uses is reported too (a bomb, damage, a twin)."""
-        used = {pair.sample.bg for pair in pairs}
-        for number, (_, info, _) in sorted(self._bgs.items()):
-            if number not in used and isinstance(info, str):
-                reason = f"{info} (no sample uses it)"
-                self.skipped.append(_skip(self.job.name, bgs[number].name, reason))
+    def _read_background(self, member: Member, problem: str | None) -> _Background:
+        if problem:
+            return None, problem, ""
+        try:
+            data = self.reader.read(member.name)
+        except READ_ERRORS as exc:
+            return None, f"bg member {member.name}: cannot read it ({exc})", ""
+        try:
+            found, info = check_image(data)
+        except ImageError as exc:
+            return None, f"bg member {member.name}: {exc}", ""  # the reason, not the bytes
+        field = member_ext("bg", FORMAT_EXTS[found])
+        if self.bg_bytes_held + len(data) > self.bg_budget:
+            return None, info, field  # read again for each sample on it
+        self.bg_bytes_held += len(data)
+        return data, info, field
+
+    def _report_unused_backgrounds(self, found: Pairings, used: set[int]) -> None:
+        """A background no sample uses is not read, but one its entry refuses (a bomb, a twin, an
+        odd name or version) is reported: the zip may not be what it seems."""
+        for number, member in sorted(found.bgs.items()):
+            if number in used:
+                continue
+            reason = found.bg_problems.get(number)
+            if reason is None:
+                try:
+                    self.reader.check(member.name)
+                except READ_ERRORS as exc:
+                    reason = f"bg member {member.name}: cannot read it ({exc})"
+            if reason:
+                reason = f"{reason} (no sample uses it)"
+                self.skipped.append(_skip(self.job.name, member.name, reason))
         self._strict_check()
 
     def _decide_mode(self) -> None:
@@ -293,6 +318,8 @@ class ZipConverter:
         bg_data, bg_info, bg_field = self._bgs[pair.sample.bg]
         if isinstance(bg_info, str):
             raise SkipSample(bg_info)
+        if bg_data is None:  # past the budget: read again (its CRC checked again)
+            bg_data = self._reread_background(bg.name)
         if bg_info not in self._accepted["bg"]:  # first: the mode comes from the backgrounds
             self._check_info("bg", bg.name, bg_info)
         images = [(bg_field, bg_data)] + [
@@ -301,6 +328,13 @@ class ZipConverter:
         ]
         meta = sample_json(self.job.batch, pair.fg_bg.name, bg.name, mask.name, depth.name)
         return {**dict(images), META: meta}
+
+    def _reread_background(self, name: str) -> bytes:
+        self.bg_rereads += 1
+        try:
+            return self.reader.read(name)
+        except READ_ERRORS as exc:
+            raise SkipSample(f"bg member {name}: cannot read it again ({exc})") from None
 
     def _read_checked(self, kind: str, name: str) -> tuple[str, bytes]:
         """(field name, bytes) of a checked member: `mask.png` for PNG bytes, whatever its name."""

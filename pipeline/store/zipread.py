@@ -221,6 +221,11 @@ class MemberReader:
             raise zipfile.BadZipFile("bad CRC-32 or size (damaged member)")
         return data
 
+    def check(self, name: str) -> None:
+        """MemberRefused if `read` would refuse the member from its directory entry alone."""
+        _, _, method, flags, size, file_size, _ = self._by_name[name]
+        self._check_member(method, flags, size, file_size)
+
     def _check_member(self, method: int, flags: int, size: int, file_size: int) -> None:
         if flags & 1:
             raise MemberRefused("encrypted member (no password to read it)")
