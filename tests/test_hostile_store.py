@@ -520,6 +520,77 @@ def test_an_encrypted_member_skips_its_sample_only(tmp_path: Path):
     assert f"mask member {mask}: cannot read it (encrypted member" in skip["reason"]
 
 
+def spoil_name(path: Path, name: str) -> str:
+    """Make a member's directory entry name invalid UTF-8 (its UTF-8 flag stays set): its "é"
+    becomes bytes ff fe. Returns the name as the reader lists it."""
+    data = bytearray(path.read_bytes())
+    at = data.rindex(name.encode()) + name.encode().index("é".encode())
+    data[at : at + 2] = b"\xff\xfe"
+    path.write_bytes(bytes(data))
+    return name.replace("é", "\udcff\udcfe")
+
+
+def test_a_name_that_is_not_utf8_refuses_that_member_only(tmp_path: Path):
+    z = build_zip(tmp_path / "batch1_images.zip", 4)
+    first = list(z.samples.values())[0]
+    with zipfile.ZipFile(z.path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    mask = "dé/" + first["mask"]  # a top-level folder with a non-ASCII name
+    members[mask] = members.pop(first["mask"])
+    members["fg_jpg/café.jpg"] = b"x"  # ignored, as fg_jpg/ is
+    with zipfile.ZipFile(z.path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    spoil_name(z.path, "fg_jpg/café.jpg")
+    listed = spoil_name(z.path, mask)
+    with MemberReader(z.path) as reader:
+        assert listed in {e.filename for e in reader.infos}  # listed by the fast reader
+        with pytest.raises(MemberRefused, match="name is not valid UTF-8"):
+            reader.read(listed)
+    out = tmp_path / "shards"
+    summary = convert([z.path], out)
+    assert summary.ok and summary.samples["train"] == 3
+    (skip,) = manifest_of(out)["skipped"]  # the junk is ignored, the sample is reported
+    assert skip["member"] == first["fg_bg"]
+    assert skip["reason"] == (
+        f"mask member {listed}: cannot read it (its name is not valid UTF-8 though its entry "
+        "says it is)"
+    )
+    assert verify(out).ok
+
+
+def set_version(path: Path, name: str, version: int) -> None:
+    """Set the "version needed to extract" of one member's directory entry."""
+    data = bytearray(path.read_bytes())
+    data[data.rfind(b"PK\x01\x02", 0, data.rindex(name.encode())) + 6] = version
+    path.write_bytes(bytes(data))
+
+
+def test_a_member_of_a_later_zip_version_is_refused_alone(tmp_path: Path):
+    z = build_zip(tmp_path / "batch1_images.zip", 4)
+    second = list(z.samples.values())[1]
+    set_version(z.path, second["depth"], 83)  # zipfile refuses the whole zip for it
+    set_version(z.path, "fg_jpg/fg_1.jpg", 83)  # ignored
+    out = tmp_path / "shards"
+    summary = convert([z.path], out)
+    assert summary.ok and summary.samples["train"] == 3
+    (skip,) = manifest_of(out)["skipped"]
+    assert skip["member"] == second["fg_bg"]
+    assert skip["reason"].endswith(
+        "cannot read it (needs zip version 8.3 to extract: versions up to 6.3 are read)"
+    )
+    # A zip that zipfile lists (it has a comment) fails alone, with a clear error.
+    (tmp_path / "c").mkdir()
+    commented = build_zip(tmp_path / "c" / "batch2_images.zip", 4)
+    with zipfile.ZipFile(commented.path, "a") as zf:
+        zf.comment = b"made by hand"
+    set_version(commented.path, "fg_jpg/fg_1.jpg", 83)
+    summary = convert([commented.path, z.path], out)
+    assert summary.samples["train"] == 3 and [f["error"] for f in summary.failed] == [
+        f"{commented.path}: cannot open it as a zip (zip file version 8.3)"
+    ]
+
+
 def absurd_tar(size: int) -> bytes:
     """A tar whose only member's header declares `size` bytes (GNU base-256 above 8 GiB)."""
     info = tarfile.TarInfo("b01_1_1_0_1.fg_bg.jpg")

@@ -107,7 +107,8 @@ def open_zip(path: Path) -> MemberReader:
     """Open a zip for reading; ConvertError naming it if it is missing or not a zip."""
     try:
         return MemberReader(path)
-    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as exc:
+        # zipfile lists an unusual zip (a comment, ...) and refuses it whole for one odd entry.
         raise ConvertError(f"{path}: cannot open it as a zip ({exc})") from None
 
 

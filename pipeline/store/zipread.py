@@ -3,8 +3,10 @@
 zipfile builds a ZipInfo per member and a file object per read (~40 us a member together); a
 published zip has ~120,000 members. This reads the same fields and bytes with one struct call and
 one pread + inflate each, checks CRCs and sizes as zipfile does, and hands an unusual listing
-(ZIP64 fields on a member, a comment, damage) to zipfile. Encrypted members and compression
-methods other than stored and deflate are refused. No torch here.
+(ZIP64 fields on a member, a comment, damage) to zipfile. Encrypted members, compression
+methods other than stored and deflate, a member needing a later zip version than 6.3 and one whose
+name is not the UTF-8 its entry claims are refused, each alone: zipfile would refuse the whole
+zip for one such entry. No torch here.
 """
 
 from __future__ import annotations
@@ -35,10 +37,12 @@ END64_RECORD = struct.Struct("<4sQ2H2L4Q")  # ZIP64 end of central directory rec
 END64_MAGIC = b"PK\x06\x06"
 ZIP_STORED, ZIP_DEFLATED = zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED
 DEFLATE_SLACK = 1 << 16  # deflate may grow incompressible data a little: 5 bytes per 16 KB
+MAX_EXTRACT_VERSION = 63  # the newest "version needed to extract" zipfile reads (6.3)
 
 
 class MemberRefused(zipfile.BadZipFile):
-    """A member this reader will not read: encrypted, an unusual method, or a bomb.
+    """A member this reader will not read: encrypted, an unusual method or version, a bomb, or
+    a name that is not the UTF-8 its entry claims.
 
     A BadZipFile, so every caller that skips an unreadable member skips this one with its reason.
     """
@@ -54,6 +58,7 @@ class ZipEntry(NamedTuple):
     compress_size: int
     file_size: int
     CRC: int
+    extract_version: int  # "version needed to extract": over 6.3, the member is refused
 
 
 def read_central_directory(f) -> list[ZipEntry] | None:
@@ -62,7 +67,9 @@ def read_central_directory(f) -> list[ZipEntry] | None:
     zipfile builds a ZipInfo per member (~5 us each, a fifth of a second for a published zip);
     this reads the same fields with one struct call each. Anything unusual (a comment, bytes
     before the zip, ZIP64 fields in a member, a Unicode-path field, damage) gives None: zipfile
-    lists that zip instead.
+    lists that zip instead. An entry zipfile would refuse the whole zip for (a name that is not
+    valid UTF-8 though its flag says so, a version over 6.3) is listed: `MemberReader.read`
+    refuses that member alone.
     """
     fd = f.fileno()
     size = os.fstat(fd).st_size
@@ -114,7 +121,7 @@ def _parse_directory(directory: bytes) -> list[ZipEntry] | None:
         pos += CENTRAL_FIELDS.size
         name = directory[pos : pos + name_len]
         pos += name_len + extra_len + comment_len
-        if magic != CENTRAL_MAGIC or pos > end or version > 63 or b"\0" in name:
+        if magic != CENTRAL_MAGIC or pos > end or b"\0" in name:
             return None  # zipfile rejects these, or (a NUL) reads them its own way
         if 0xFFFFFFFF in (csize, usize, offset):
             return None  # the real values are in a ZIP64 extra field
@@ -123,11 +130,10 @@ def _parse_directory(directory: bytes) -> list[ZipEntry] | None:
         try:
             filename = name.decode("ascii")  # what cp437 and utf-8 give too, only faster
         except UnicodeDecodeError:
-            try:
-                filename = name.decode("utf-8" if flags & 0x800 else "cp437")
-            except UnicodeDecodeError:
-                return None
-        entries.append(ZipEntry(filename, offset, method, flags, csize, usize, crc))
+            # Invalid UTF-8 keeps its bytes as lone surrogates (distinct names stay distinct);
+            # reading such a member is refused (`bad_name`), the rest of the zip is not.
+            filename = name.decode("utf-8" if flags & 0x800 else "cp437", "surrogateescape")
+        entries.append(ZipEntry(filename, offset, method, flags, csize, usize, crc, version))
     return entries
 
 
@@ -194,11 +200,12 @@ class MemberReader:
 
         Memory is bounded whatever the zip claims: an encrypted member, one compressed with
         another method than stored or deflate, or one whose header declares more than
-        `max_member` bytes, is refused before any byte is read (MemberRefused); one that
-        inflates past its declared size is stopped there.
+        `max_member` bytes, is refused before any byte is read (MemberRefused), as is one
+        needing a zip version over 6.3 or whose name is not valid UTF-8; one that inflates past
+        its declared size is stopped there.
         """
-        _, offset, method, flags, size, file_size, crc = self._by_name[name]
-        self._check_member(method, flags, size, file_size)
+        _, offset, method, flags, size, file_size, crc, version = self._by_name[name]
+        self._check_member(name, method, flags, size, file_size, version)
         if self._fd is None:
             return self._zipfile().read(name)  # zipfile inflates deflate in bounded steps
         # One pread for the local header and the data, guessing the header's name and extra
@@ -223,10 +230,19 @@ class MemberReader:
 
     def check(self, name: str) -> None:
         """MemberRefused if `read` would refuse the member from its directory entry alone."""
-        _, _, method, flags, size, file_size, _ = self._by_name[name]
-        self._check_member(method, flags, size, file_size)
+        _, _, method, flags, size, file_size, _, version = self._by_name[name]
+        self._check_member(name, method, flags, size, file_size, version)
 
-    def _check_member(self, method: int, flags: int, size: int, file_size: int) -> None:
+    def _check_member(
+        self, name: str, method: int, flags: int, size: int, file_size: int, version: int
+    ) -> None:
+        if not name.isascii() and bad_name(name):
+            raise MemberRefused("its name is not valid UTF-8 though its entry says it is")
+        if version > MAX_EXTRACT_VERSION:
+            raise MemberRefused(
+                f"needs zip version {version / 10:.1f} to extract: versions up to "
+                f"{MAX_EXTRACT_VERSION / 10:.1f} are read"
+            )
         if flags & 1:
             raise MemberRefused("encrypted member (no password to read it)")
         if method not in (ZIP_STORED, ZIP_DEFLATED):
@@ -241,6 +257,15 @@ class MemberReader:
                 f"declares {max(size, file_size)} bytes, over the {self.max_member} bytes "
                 "one image may have: a deflate bomb, or not an image"
             )
+
+
+def bad_name(name: str) -> bool:
+    """True for a name listed from bytes that are not valid UTF-8 (kept as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _inflate(raw: memoryview, file_size: int) -> bytes:
