@@ -552,10 +552,14 @@ def test_a_name_that_is_not_utf8_refuses_that_member_only(tmp_path: Path):
     assert summary.ok and summary.samples["train"] == 3
     (skip,) = manifest_of(out)["skipped"]  # the junk is ignored, the sample is reported
     assert skip["member"] == first["fg_bg"]
+    shown = listed.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    assert "\\x" in shown and shown != listed  # its odd bytes as text, no lone surrogate
     assert skip["reason"] == (
-        f"mask member {listed}: cannot read it (its name is not valid UTF-8 though its entry "
+        f"mask member {shown}: cannot read it (its name is not valid UTF-8 though its entry "
         "says it is)"
     )
+    (out / "manifest.json").read_text(encoding="utf-8").encode("utf-8")  # strict UTF-8 text
+    assert "\\ud" not in (out / "manifest.json").read_text()
     assert verify(out).ok
 
 

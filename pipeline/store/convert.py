@@ -164,7 +164,13 @@ def sample_json(batch: int, fg_bg: str, bg: str, mask: str, depth: str) -> bytes
 
 
 def _skip(zip_name: str, member: str, reason: str) -> dict:
-    return {"zip": zip_name, "member": member, "reason": reason}
+    """A skip report entry; a name's bytes that are not UTF-8 as `\\xff` (valid text for
+    every JSON reader, where a lone surrogate is not)."""
+    return {"zip": zip_name, "member": _text(member), "reason": _text(reason)}
+
+
+def _text(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class ZipConverter:
