@@ -990,3 +990,14 @@ def test_redoing_a_zip_on_a_full_disk_keeps_what_was_there(shards: Path, monkeyp
     after = {p.relative_to(shards): p.read_bytes() for p in shards.rglob("*") if p.is_file()}
     assert after == before  # the record, its shards and the manifest: nothing removed
     assert verify(shards).ok
+
+
+def test_a_converted_zip_replaced_by_garbage_of_its_size_fails_alone(tmp_path: Path):
+    zips = [build_zip(tmp_path / f"batch{n}_images.zip", 2, seed=n).path for n in (1, 2)]
+    out = tmp_path / "out"
+    assert convert(zips, out).ok
+    zips[0].write_bytes(b"\0" * zips[0].stat().st_size)  # same size: its fingerprint is read
+    summary = convert(zips, out)
+    (failed,) = summary.failed
+    assert failed["zip"] == str(zips[0]) and "cannot open it as a zip" in failed["error"]
+    assert summary.reused == ["batch2_images.zip"]

@@ -28,7 +28,7 @@ from pipeline.store.catalog import (
     write_json_atomic,
     write_wids_indexes,
 )
-from pipeline.store.convert import ConvertError, ZipJob
+from pipeline.store.convert import READ_ERRORS, ConvertError, ZipJob
 from pipeline.store.guard import is_locked, locked
 from pipeline.store.names import batch_number
 from pipeline.store.pool import run_jobs
@@ -277,7 +277,7 @@ def reuse_problem(
 def _fingerprint(path: Path) -> str:
     try:
         return fingerprint_zip(path)
-    except (OSError, ValueError) as exc:
+    except (*READ_ERRORS, ValueError) as exc:  # zipfile's refusals too: a changed zip
         raise ValueError(f"{path}: cannot open it as a zip ({exc})") from None
 
 
