@@ -622,6 +622,43 @@ def test_training_skips_an_absurd_shard_and_verify_reports_it(shards: Path, capl
     assert len(lines) == 1 and lines[0].startswith(bad)
 
 
+def one_key_tar(path: Path, files: int, size: int) -> None:
+    """A tar of one sample key with `files` distinct extensions of `size` bytes each."""
+    with open(path, "wb") as f:
+        for i in range(files):
+            f.write(tar_module.tar_member(f"b01_1_1_0_1.e{i}", bytes(size)))
+        f.write(bytes(1024))
+
+
+def test_a_sample_of_too_many_files_or_bytes_is_refused_while_read(tmp_path: Path):
+    many, big = tmp_path / "many.tar", tmp_path / "big.tar"
+    one_key_tar(many, 200, 1000)  # 200 small files under one key: never gathered whole
+    with open(many, "rb") as f:
+        read = iter(read_samples(f, str(many)))
+        with pytest.raises(ValueError, match="sample b01_1_1_0_1 has over 8 files"):
+            next(read)
+        assert f.tell() < 20 * 1536  # stopped at the 9th file, not at the 200th
+    one_key_tar(big, 6, MAX_MEMBER_BYTES)  # six files, each at the member cap: 24 MiB
+    with open(big, "rb") as f:
+        with pytest.raises(ValueError, match=f"or {20971520} bytes"):
+            list(read_samples(f, str(big)))
+
+
+def test_training_and_verify_call_a_sample_of_too_many_files_a_damaged_shard(shards: Path, caplog):
+    from pipeline.train.stages import LogOnce, read_shards
+
+    manifest = manifest_of(shards)
+    bad, good = (s["path"] for s in manifest["splits"]["train"]["shards"])
+    one_key_tar(shards / bad, 200, 1000)
+    samples = list(read_shards([str(shards / bad), str(shards / good)], LogOnce()))
+    assert len(samples) == 2  # the good shard's, after one warning for the bad one
+    warned = [r.message for r in caplog.records if "has over 8 files" in r.message]
+    assert len(warned) == 1 and bad in warned[0]
+    lines = [line for line in verify(shards).problem_lines() if "has over 8 files" in line]
+    assert len(lines) == 1 and lines[0].startswith(bad) and "b01_1_1_0_1" in lines[0]
+    assert "e199" not in lines[0] and len(lines[0]) < 300  # short: no list of 200 extensions
+
+
 # ---------------------------------------------------------------- 3. a full disk
 
 

@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
-from pipeline.schema import MAX_MEMBER_BYTES, shard_name
+from pipeline.schema import MAX_MEMBER_BYTES, SAMPLE_EXTS, shard_name
 
 # Tar members get fixed metadata so the same zip and seed give byte-identical shards.
 TAR_BLOCK = 512
@@ -225,6 +225,12 @@ class ShardWriter:
 # ---------------------------------------------------------------- reading
 
 _ZERO_BLOCK = bytes(TAR_BLOCK)
+# What one sample may hold, whatever its headers say: the reader keeps a sample's files until its
+# key changes, so a shard of one key with a thousand extensions would otherwise be held whole.
+# A shard sample has the four fields and the json; three more files leave room for a stray field
+# (verify then names it), and the bytes are what five files at the member cap come to.
+MAX_SAMPLE_FILES = len(SAMPLE_EXTS) + 3
+MAX_SAMPLE_BYTES = len(SAMPLE_EXTS) * MAX_MEMBER_BYTES
 _REGULAR = (b"0", b"\0", b"7")  # tar types of regular files ("7": contiguous, read like one)
 
 
@@ -326,8 +332,9 @@ def split_name(name: str) -> tuple[str, str] | tuple[None, None]:
 def group_samples(files: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict]:
     """Consecutive files sharing a key -> one sample {"__key__", "__url__", ext: bytes, ...}.
 
-    WebDataset's grouping, with one difference: a second file of the same extension in one
-    sample is a ValueError naming it (the shard is damaged), never silently dropped.
+    WebDataset's grouping, with two differences: a second file of the same extension in one
+    sample is a ValueError naming it (the shard is damaged), never silently dropped; and so is
+    a sample of over MAX_SAMPLE_FILES files or MAX_SAMPLE_BYTES bytes, never held whole.
     """
     sample: dict | None = None
     for name, data in files:
@@ -341,8 +348,26 @@ def group_samples(files: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict
         if ext in sample:
             raise ValueError(f"{name}: a second {ext} file for sample {key}")
         sample[ext] = data
+        if len(sample) > _USUAL_SIZE:  # only then can it pass either bound (see _check_size)
+            _check_size(sample)
     if sample is not None:
         yield sample
+
+
+# A sample as convert writes it, with __key__ and __url__. Up to this many files of at most
+# MAX_MEMBER_BYTES each (tar_files refuses bigger), a sample is within both bounds.
+_USUAL_SIZE = len(SAMPLE_EXTS) + 2
+
+
+def _check_size(sample: dict) -> None:
+    """Raise if a sample being gathered has over MAX_SAMPLE_FILES files or MAX_SAMPLE_BYTES."""
+    files = len(sample) - 2  # less __key__ and __url__
+    held = sum(len(data) for ext, data in sample.items() if ext not in ("__key__", "__url__"))
+    if files > MAX_SAMPLE_FILES or held > MAX_SAMPLE_BYTES:
+        raise ValueError(
+            f"sample {sample['__key__']} has over {MAX_SAMPLE_FILES} files or "
+            f"{MAX_SAMPLE_BYTES} bytes, more than a shard sample holds (damaged, or not a shard)"
+        )
 
 
 def read_samples(stream: BinaryIO, url: str) -> Iterator[dict]:
