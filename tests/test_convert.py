@@ -517,6 +517,36 @@ def test_top_folder_and_junk_are_tolerated(make_zip, tmp_path: Path):
     )
 
 
+def test_upper_case_folders_convert_and_odd_fg_bg_members_are_reported(make_zip, tmp_path: Path):
+    z = make_zip(samples=4, junk=True)
+    fg_bg, mask, depth = encode(160, 160, 1), encode(160, 160, 2), encode(80, 80, 3)
+    extra = {}
+    for top, s in (("", "7_1_0_9"), ("batch1/", "8_1_0_9")):  # upper-case sample folders
+        extra[f"{top}FG_BG_JPG/fg_bg_{s}.jpg"] = fg_bg
+        extra[f"{top}MASK_BLACK_JPG/bg_mask_{s}.jpg"] = mask
+        extra[f"{top}Depth_Fg_Bg_Jpg/depth_fg_bg_{s}.jpg"] = depth
+    odd = {  # each claims to be a sample; none may vanish without a word
+        "fg_bg_jpg/sub/fg_bg_1_1_0_1.jpg": "in a folder inside fg_bg_jpg/",
+        "batch1/FG_BG_JPG/deeper/fg_bg_9_1_0_9.jpg": "in a folder inside fg_bg_jpg/",
+        "fg_bg_jpg/fg_bg_9_1_2_9.jpg": "flip 2 in its name is not 0 or 1",
+        "fg_bg_jpg/fg_bg_9_1_0_9.png": "not a sample name",
+    }
+    extra.update(dict.fromkeys(odd, fg_bg))
+    extra.update({"fg_bg_jpg/sub/": b"", "fg_bg_jpg/Thumbs.db": b"x", "mask_jpg/other.png": b"x"})
+    with zipfile.ZipFile(z.path, "a") as zf:
+        for name, data in extra.items():
+            zf.writestr(name, data)
+    out = tmp_path / "shards"
+    summary = convert([z.path], out)
+    assert summary.ok and summary.samples["train"] == 6  # 4 + both upper-case samples
+    keys = set(read_back(out))
+    assert {sample_key(1, SampleId(7, 1, 0, 9)), sample_key(1, SampleId(8, 1, 0, 9))} <= keys
+    reasons = {s["member"]: s["reason"] for s in manifest_of(out)["skipped"]}
+    assert set(reasons) == set(odd)  # junk, directories and other folders stay ignored
+    for name, reason in odd.items():
+        assert reason in reasons[name], name
+
+
 def test_article_naming_style(make_zip, tmp_path: Path):
     z = make_zip(samples=4, article=True)
     assert any("/bg_1.jpg" in n for n in z.members) and any("/depth_1_" in n for n in z.members)

@@ -36,8 +36,8 @@ _FILE_PATTERNS = {
     MASK_DIR: ("mask", re.compile(rf"bg_mask_{_IDS}\.jpe?g$", re.IGNORECASE)),
     DEPTH_DIR: ("depth", re.compile(rf"depth_(?:fg_bg_)?{_IDS}\.jpe?g$", re.IGNORECASE)),
 }
-# A sample member's name with numbers of any length: what classify refuses of it is reported.
-_ANY_FG_BG = re.compile(rf"{FG_BG_DIR}/fg_bg_\d+_\d+_[01]_\d+\.jpe?g$", re.IGNORECASE)
+# A sample member's file name with numbers of any length: to say why classify refused it.
+_ANY_FG_BG = re.compile(r"fg_bg_(\d+)_(\d+)_(\d+)_(\d+)\.jpe?g$", re.IGNORECASE)
 
 
 class SampleId(NamedTuple):
@@ -98,7 +98,7 @@ def strip_top_folder(name: str) -> str:
     parts = _parts(name)
     known = (BG_DIR, FG_BG_DIR, MASK_DIR, DEPTH_DIR, *IGNORED_DIRS)
     for i, part in enumerate(parts[:-1]):
-        if part in known:
+        if part.lower() in known:  # as the member patterns: `batch3/FG_BG_JPG/` is a sample folder
             return "/".join(parts[i:])
     return name
 
@@ -134,11 +134,22 @@ def classify(name: str) -> Member | None:
 
 
 def refused_sample(name: str) -> str | None:
-    """Why a member that classify did not recognise is still named as a sample (fg_bg) and so
-    must be reported, not ignored: a number of over MAX_DIGITS digits. None for other names."""
-    if is_junk(name) or not _ANY_FG_BG.match(strip_top_folder(name)):
+    """Why a member that classify did not recognise must still be reported: every file under a
+    fg_bg_jpg/ folder (any case, any depth) claims to be a sample. None for junk, other names."""
+    if is_junk(name):
         return None
-    return f"a number in its name has over {MAX_DIGITS} digits: not a sample name"
+    *folders, file = _parts(name)
+    folders = [folder.lower() for folder in folders]
+    if FG_BG_DIR not in folders:
+        return None
+    if folders[-1] != FG_BG_DIR:
+        return f"in a folder inside {FG_BG_DIR}/: a sample's member is directly in {FG_BG_DIR}/"
+    match = _ANY_FG_BG.match(file)
+    if match and any(len(number) > MAX_DIGITS for number in match.groups()):
+        return f"a number in its name has over {MAX_DIGITS} digits: not a sample name"
+    if match and match.group(3) not in ("0", "1"):
+        return f"flip {match.group(3)} in its name is not 0 or 1: not a sample name"
+    return f"not a sample name (a {FG_BG_DIR}/ member is fg_bg_{{fg}}_{{bg}}_{{flip}}_{{seq}}.jpg)"
 
 
 def member_names(sample: SampleId, prefix: str = "") -> dict[str, str]:
