@@ -544,6 +544,33 @@ def test_local_shards_are_read_in_big_blocks_and_urls_through_gopen(tmp_path):
         assert stream.read(3) == b"\0\1\2"
 
 
+def test_a_shard_that_is_not_a_regular_file_is_refused_not_waited_on(tmp_path, caplog):
+    # A FIFO with no writer blocks open() and read() forever: training must skip it instead.
+    import os
+
+    from pipeline.train.stages import LogOnce
+
+    write_test_shards(tmp_path, n_train=4, n_test=4, shard_samples=4)
+    good = tmp_path / "train" / "batch01-000000.tar"
+    fifo, folder = tmp_path / "train" / "fifo.tar", tmp_path / "train" / "folder.tar"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    got: list = []
+    reader = threading.Thread(
+        target=lambda: got.extend(read_shards([str(fifo), str(folder), str(good)], LogOnce())),
+        daemon=True,  # if it hangs, the test fails rather than waits
+    )
+    with caplog.at_level("WARNING"):
+        reader.start()
+        reader.join(30)
+    assert not reader.is_alive(), "blocked on the FIFO"
+    assert len(got) == 4  # the good shard's samples, after a warning for each of the others
+    for path in (fifo, folder):
+        assert f"{path}: cannot open the shard (not a regular file)" in caplog.text
+    with pytest.raises(ValueError, match="fifo.tar: cannot open the shard .not a regular file"):
+        list(read_shards([str(fifo)]))  # evaluation's handler: an error
+
+
 def _rgb_sample(key: str, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     sample = {"key": key, "mask": rng.integers(0, 256, (160, 160, 1), dtype=np.uint8)}

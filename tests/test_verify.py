@@ -112,6 +112,15 @@ def test_deleted_shard_is_found(shards: Path):
     assert problems_of(report) == [("test/batch10-000000.tar", None, "shard file is missing")]
 
 
+def test_a_shard_that_is_a_fifo_is_not_a_regular_file(shards: Path):
+    import os
+
+    (shards / TRAIN0).unlink()
+    os.mkfifo(shards / TRAIN0)  # opened, it would wait for a writer forever
+    report = verify(shards)
+    assert problems_of(report) == [(TRAIN0, None, "not a regular file")]
+
+
 def test_truncated_tar_is_found(shards: Path):
     path = shards / TRAIN0
     data = path.read_bytes()

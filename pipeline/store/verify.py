@@ -177,8 +177,9 @@ def verify_shard(root: Path, split: str, entry: dict, manifest: dict) -> ShardCh
     rel = check_shard_path(split, entry["path"])  # never a file outside the folder
     result = ShardCheck(rel, split)
     path = Path(root) / rel
-    if not path.is_file():
-        result.problems.append(problem(rel, None, "shard file is missing"))
+    if not path.is_file():  # a FIFO or a device is never opened: it could block or never end
+        text = "not a regular file" if path.exists() else "shard file is missing"
+        result.problems.append(problem(rel, None, text))
         return result
     size = path.stat().st_size
     if size != entry["bytes"]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import random
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
@@ -76,10 +78,21 @@ SHARD_BUFFER = 1 << 18
 
 def open_shard(url: str) -> BinaryIO:
     """A local shard path opened with a 256 KB buffer; anything else (http://, pipe:, file:,
-    …) with gopen, whose local files get Python's default 8 KB (or $GOPEN_BUFFER)."""
-    if not is_url(url):
-        return open(url, "rb", buffering=SHARD_BUFFER)  # closed by read_shards
-    return gopen(url)
+    …) with gopen, whose local files get Python's default 8 KB (or $GOPEN_BUFFER).
+
+    A local path must be a regular file: a FIFO or a device is a ValueError, never read (a
+    FIFO with no writer would block the worker forever, in open() or in read())."""
+    if is_url(url):
+        return gopen(url)
+    fd = os.open(url, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open() returns at once
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return open(fd, "rb", buffering=SHARD_BUFFER)  # closed by read_shards
 
 
 def read_shards(urls: Iterable[str], handler: Handler = reraise_exception) -> Iterator[dict]:
