@@ -943,6 +943,29 @@ def test_a_second_convert_of_the_same_batch_waits_or_refuses(tmp_path: Path):
     assert verify(out).ok and manifest_of(out)["splits"]["train"]["samples"] == 6
 
 
+def test_a_lock_file_that_is_a_symlink_or_a_fifo_is_refused_never_written(tmp_path: Path):
+    from pipeline.store.guard import is_locked
+
+    zips = [build_zip(tmp_path / f"batch{b}_images.zip", 2, seed=b).path for b in (1, 2)]
+    out, victim = tmp_path / "shards", tmp_path / "victim.txt"
+    victim.write_text("precious data\n")
+    (out / ".parts").mkdir(parents=True)
+    for batch in ("batch01", "batch02"):  # both at one file: following them would deadlock
+        (out / ".parts" / f"{batch}.lock").symlink_to(victim)
+    with pytest.raises(
+        ValueError, match=r"batch01\.lock: a lock file must be a regular file, not a sym"
+    ):
+        convert(zips, out)
+    with pytest.raises(ValueError, match=r"batch02\.lock: .* not a symlink"):
+        is_locked(out, "batch02")
+    assert victim.read_text() == "precious data\n" and not is_locked(out, "batch03")
+    for batch in ("batch01", "batch02"):
+        (out / ".parts" / f"{batch}.lock").unlink()
+    os.mkfifo(out / ".parts" / "batch01.lock")
+    with pytest.raises(ValueError, match=r"batch01\.lock: .* not a FIFO"):
+        convert(zips, out)
+
+
 def test_two_converts_of_the_same_zips_both_end_complete(tmp_path: Path):
     zips = [build_zip(tmp_path / f"batch{b}_images.zip", 60, seed=b).path for b in (1, 2, 10)]
     for attempt in range(3):  # without the lock, most attempts end with shards missing

@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -56,9 +57,10 @@ def locked(out: Path, names: Iterable[str], wait: bool = True) -> Iterator[None]
 def is_locked(out: Path, name: str) -> bool:
     """True when another process holds the lock of `name` (this one does not take it)."""
     path = lock_path(out, name)
-    if not path.exists():
+    try:
+        fd = _open_lock(path, os.O_RDWR)  # writable: NFS maps flock to POSIX write locks
+    except FileNotFoundError:
         return False
-    fd = os.open(path, os.O_RDWR)  # writable: NFS maps flock to POSIX write locks
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -72,7 +74,7 @@ def is_locked(out: Path, name: str) -> bool:
 def _one_lock(out: Path, name: str, wait: bool) -> Iterator[None]:
     path = lock_path(out, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = _open_lock(path, os.O_RDWR | os.O_CREAT)
     try:
         _acquire(fd, path, name, wait)
         _HELD.add(fd)
@@ -85,6 +87,33 @@ def _one_lock(out: Path, name: str, wait: bool) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)  # drops it even where a forked child shares the fd
     finally:
         os.close(fd)
+
+
+def _open_lock(path: Path, flags: int) -> int:
+    """A lock file's descriptor; ValueError naming it if it is a symlink or not a regular file.
+
+    A lock is truncated and written, so a symlink planted at its name would overwrite the file
+    it points to, and two locks linked to one file would deadlock a convert: never follow one.
+    """
+    try:  # O_NONBLOCK: a FIFO at the name is refused below instead of waited on
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as exc:
+        if not os.path.islink(path):  # ELOOP (EMLINK on BSD) is what O_NOFOLLOW gives
+            raise
+        raise ValueError(f"{path}: {_NOT_A_LOCK % 'a symlink'}") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+            raise ValueError(f"{path}: {_NOT_A_LOCK % kind}")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+_NOT_A_LOCK = "a lock file must be a regular file, not %s: remove it (convert makes its own)"
 
 
 def _acquire(fd: int, path: Path, name: str, wait: bool) -> None:
