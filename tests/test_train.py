@@ -75,7 +75,7 @@ def test_resume_continues_epochs_and_step_count(
     config.shards = str(tiny_shards)
     reads = []
     monkeypatch.setattr(
-        "pipeline.train.run.load_checkpoint",
+        "pipeline.train.resume.load_checkpoint",
         lambda path: reads.append(path) or load_checkpoint(path),
     )
     train(config)

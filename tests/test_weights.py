@@ -310,7 +310,7 @@ def test_train_init_starts_a_new_run_from_the_imported_weights(
     out = tmp_path / "finetune"
     reads = []
     monkeypatch.setattr(
-        "pipeline.train.run.load_checkpoint",
+        "pipeline.train.resume.load_checkpoint",
         lambda path: reads.append(path) or load_checkpoint(path),
     )
     # lr 0: the parameters must come out exactly as imported (BatchNorm statistics still move).

@@ -21,17 +21,9 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from model import UNet, UNetConfig
+from model import UNet
 from pipeline.schema import split_samples
-from pipeline.train.checkpoint import (
-    check_resume_state,
-    init_weights,
-    load_checkpoint,
-    refuse_init_over_run,
-    save_checkpoint,
-    short,
-    weights_problem,
-)
+from pipeline.train.checkpoint import init_weights, save_checkpoint
 from pipeline.train.config import TrainConfig
 from pipeline.train.feed import Feed, open_feed
 from pipeline.train.guard import LossWatch, check_weights, claim_run_folder
@@ -44,6 +36,7 @@ from pipeline.train.report import (
     open_writer,
     torch_profiler,
 )
+from pipeline.train.resume import network_args, resume, saved_checkpoint
 from pipeline.train.runtime import (
     DistInfo,
     barrier,
@@ -111,8 +104,8 @@ def _train(config: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     if dist.is_main:
         warn_if_incomplete(config.shards, manifest)
     config.world_size = dist.world_size
-    saved = _saved_checkpoint(config)
-    config.model_args = _network_args(manifest, saved)
+    saved = saved_checkpoint(config)
+    config.model_args = network_args(manifest, saved)
     _seed_everything(config.seed + dist.rank)
     run = _start_run(config, dist, manifest, saved)
     metrics: dict[str, Any] = {}
@@ -148,7 +141,7 @@ def _start_run(
         has_test=split_samples(manifest, "test") > 0,
     )
     if config.resume and saved is not None:
-        _resume(Path(config.out) / "last.pt", saved, run, config)
+        resume(Path(config.out) / "last.pt", saved, run, config)
     elif config.init and saved is not None:
         init_weights(model, saved, Path(config.init))
         if dist.is_main:
@@ -176,30 +169,6 @@ def _start_run(
             config.batch_size,
         )
     return run
-
-
-def _saved_checkpoint(config: TrainConfig) -> dict[str, Any] | None:
-    """The checkpoint the run continues (--resume: OUT/last.pt) or starts from (--init), read
-    once, on the CPU (loading a state moves it to the device); None for a run from scratch."""
-    if config.resume:
-        path = Path(config.out) / "last.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume: {path} does not exist (nothing to resume)")
-        return load_checkpoint(path)
-    if config.init:
-        refuse_init_over_run(Path(config.out))  # before reading: the cheap check first
-        return load_checkpoint(Path(config.init))
-    return None
-
-
-def _network_args(manifest: dict, saved: dict[str, Any] | None) -> dict:
-    """The run's model_args: the shards' channels, and the depth output of the checkpoint it
-    continues (--resume) or starts from (--init), so a published network stays one."""
-    args = {"image_channels": manifest["channels"]}
-    if saved is not None:
-        known = saved["config"].get("model_args", {})
-        args["depth_output"] = known.get("depth_output", UNetConfig.depth_output)
-    return dataclasses.asdict(UNetConfig(**args))
 
 
 def build_stepper(
@@ -309,83 +278,6 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
         lr=config.lr,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
-    )
-
-
-# Restored with the optimizer's and schedule's state: a new value would be silently ignored.
-RESUME_MUST_MATCH = ("optimizer", "lr", "momentum", "weight_decay", "step_size", "gamma")
-# A resumed run may change these, but then it no longer goes on as the run would have.
-RESUME_SHOULD_MATCH = (
-    "batch_size",
-    "seed",
-    "workers",
-    "shuffle_buffer",
-    "augment",
-    "hflip",
-    "augment_on",
-    "mask_weight",
-    "depth_weight",
-    "amp",
-)
-
-
-def _resume(path: Path, state: dict[str, Any], run: Run, config: TrainConfig) -> None:
-    """Load `state` (read from `path`, OUT/last.pt) into the run: weights, optimizer, schedule,
-    scaler, epoch and step; ValueError naming the file if it can't be continued as asked.
-
-    Every rank reads the file, so under multi-node torchrun OUT must be on a shared disk.
-    """
-    check_resume_state(state, path)
-    changed = _changed_settings(state["config"], config, RESUME_MUST_MATCH)
-    if changed:
-        raise ValueError(
-            f"--resume: {path} was trained with other settings ({changed}); "
-            "resume with the same ones, or train into a new folder"
-        )
-    if state["epoch"] >= config.epochs:
-        raise ValueError(
-            f"--resume: {path} has trained {state['epoch']} epochs already, and --epochs is "
-            f"{config.epochs}: nothing is left to train (give a larger --epochs)"
-        )
-    drifted = _changed_settings(state["config"], config, RESUME_SHOULD_MATCH, unsaved=False)
-    if drifted:
-        log.warning(
-            "--resume: %s was trained with other settings (%s): the run goes on, but not as "
-            "it would have gone",
-            path,
-            drifted,
-        )
-    problem = weights_problem(run.model.state_dict(), state["model"])
-    if problem:
-        raise ValueError(
-            f"--resume: {path} holds another network than these shards need ({problem})"
-        )
-    run.model.load_state_dict(state["model"])
-    try:
-        run.stepper.optimizer.load_state_dict(state["optimizer"])
-        run.scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler") and run.stepper.scaler.is_enabled():
-            run.stepper.scaler.load_state_dict(state["scaler"])
-    except Exception as exc:  # torch raises many types for a state of another run or damaged
-        raise ValueError(
-            f"--resume: {path}: its optimizer, schedule or scaler state does not fit this run "
-            f"({short(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 160)})"
-        ) from None
-    run.epoch, run.step = state["epoch"], state["step"]
-    run.best_iou = float(state.get("best_iou", -math.inf))
-    log.info("resuming %s after epoch %d (step %d)", path, run.epoch, run.step)
-
-
-def _changed_settings(
-    saved: dict[str, Any], config: TrainConfig, names: tuple[str, ...], *, unsaved: bool = True
-) -> str:
-    """The settings among `names` that differ from a checkpoint's config, as `--name old -> new`
-    ('' if none); one the checkpoint lacks differs if `unsaved` (else it is a setting newer than
-    the checkpoint, taken as it was)."""
-    return ", ".join(
-        f"--{name.replace('_', '-')} {saved.get(name)} -> {getattr(config, name)}"
-        for name in names
-        if (unsaved or name in saved) and saved.get(name) != getattr(config, name)
     )
 
 

@@ -1,0 +1,126 @@
+"""Where a run starts: the checkpoint it continues (`--resume`, OUT/last.pt) or takes its
+network from (`--init`), read once, and checked before the run writes anything."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from model import UNetConfig
+from pipeline.train.checkpoint import (
+    check_resume_state,
+    load_checkpoint,
+    refuse_init_over_run,
+    short,
+    weights_problem,
+)
+from pipeline.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from pipeline.train.run import Run
+
+log = logging.getLogger(__name__)
+
+
+def saved_checkpoint(config: TrainConfig) -> dict[str, Any] | None:
+    """The checkpoint the run continues (--resume: OUT/last.pt) or starts from (--init), read
+    once, on the CPU (loading a state moves it to the device); None for a run from scratch."""
+    if config.resume:
+        path = Path(config.out) / "last.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: {path} does not exist (nothing to resume)")
+        return load_checkpoint(path)
+    if config.init:
+        refuse_init_over_run(Path(config.out))  # before reading: the cheap check first
+        return load_checkpoint(Path(config.init))
+    return None
+
+
+def network_args(manifest: dict, saved: dict[str, Any] | None) -> dict:
+    """The run's model_args: the shards' channels, and the depth output of the checkpoint it
+    continues (--resume) or starts from (--init), so a published network stays one."""
+    args = {"image_channels": manifest["channels"]}
+    if saved is not None:
+        known = saved["config"].get("model_args", {})
+        args["depth_output"] = known.get("depth_output", UNetConfig.depth_output)
+    return dataclasses.asdict(UNetConfig(**args))
+
+
+# Restored with the optimizer's and schedule's state: a new value would be silently ignored.
+RESUME_MUST_MATCH = ("optimizer", "lr", "momentum", "weight_decay", "step_size", "gamma")
+# A resumed run may change these, but then it no longer goes on as the run would have.
+RESUME_SHOULD_MATCH = (
+    "batch_size",
+    "seed",
+    "workers",
+    "shuffle_buffer",
+    "augment",
+    "hflip",
+    "augment_on",
+    "mask_weight",
+    "depth_weight",
+    "amp",
+)
+
+
+def resume(path: Path, state: dict[str, Any], run: Run, config: TrainConfig) -> None:
+    """Load `state` (read from `path`, OUT/last.pt) into the run: weights, optimizer, schedule,
+    scaler, epoch and step; ValueError naming the file if it can't be continued as asked.
+
+    Every rank reads the file, so under multi-node torchrun OUT must be on a shared disk.
+    """
+    check_resume_state(state, path)
+    changed = _changed_settings(state["config"], config, RESUME_MUST_MATCH)
+    if changed:
+        raise ValueError(
+            f"--resume: {path} was trained with other settings ({changed}); "
+            "resume with the same ones, or train into a new folder"
+        )
+    if state["epoch"] >= config.epochs:
+        raise ValueError(
+            f"--resume: {path} has trained {state['epoch']} epochs already, and --epochs is "
+            f"{config.epochs}: nothing is left to train (give a larger --epochs)"
+        )
+    drifted = _changed_settings(state["config"], config, RESUME_SHOULD_MATCH, unsaved=False)
+    if drifted:
+        log.warning(
+            "--resume: %s was trained with other settings (%s): the run goes on, but not as "
+            "it would have gone",
+            path,
+            drifted,
+        )
+    problem = weights_problem(run.model.state_dict(), state["model"])
+    if problem:
+        raise ValueError(
+            f"--resume: {path} holds another network than these shards need ({problem})"
+        )
+    run.model.load_state_dict(state["model"])
+    try:
+        run.stepper.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") and run.stepper.scaler.is_enabled():
+            run.stepper.scaler.load_state_dict(state["scaler"])
+    except Exception as exc:  # torch raises many types for a state of another run or damaged
+        raise ValueError(
+            f"--resume: {path}: its optimizer, schedule or scaler state does not fit this run "
+            f"({short(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 160)})"
+        ) from None
+    run.epoch, run.step = state["epoch"], state["step"]
+    run.best_iou = float(state.get("best_iou", -math.inf))
+    log.info("resuming %s after epoch %d (step %d)", path, run.epoch, run.step)
+
+
+def _changed_settings(
+    saved: dict[str, Any], config: TrainConfig, names: tuple[str, ...], *, unsaved: bool = True
+) -> str:
+    """The settings among `names` that differ from a checkpoint's config, as `--name old -> new`
+    ('' if none); one the checkpoint lacks differs if `unsaved` (else it is a setting newer than
+    the checkpoint, taken as it was)."""
+    return ", ".join(
+        f"--{name.replace('_', '-')} {saved.get(name)} -> {getattr(config, name)}"
+        for name in names
+        if (unsaved or name in saved) and saved.get(name) != getattr(config, name)
+    )
