@@ -101,6 +101,7 @@ def unreadable_files(tiny_run: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
     good = (tiny_run / "best.pt").read_bytes()
     files = {
         "garbage": (b"not a checkpoint at all", "not written by torch.save"),
+        "text": (b"hello\n", "not written by torch.save"),  # torch: KeyError(101)
         "truncated": (good[: len(good) // 2], "truncated or damaged"),
         "empty": (b"", "empty or cut short"),
     }

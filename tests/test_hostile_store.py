@@ -1061,3 +1061,22 @@ def test_a_converted_zip_replaced_by_garbage_of_its_size_fails_alone(tmp_path: P
     (failed,) = summary.failed
     assert failed["zip"] == str(zips[0]) and "cannot open it as a zip" in failed["error"]
     assert summary.reused == ["batch2_images.zip"]
+
+
+def test_forget_failed_also_forgets_unusable_records_of_zips_not_given(tmp_path: Path):
+    zips = [build_zip(tmp_path / f"batch{n}_images.zip", 2, seed=n).path for n in (1, 2, 3)]
+    out = tmp_path / "out"
+    assert convert(zips, out, test_batches=(3,)).ok
+    (out / ".parts" / "batch02.json").write_text('{"shards": 5}')  # damaged
+    # batch 3 was converted into test; with --test-batches 1 it belongs to train
+    summary = convert(zips[:1], out, test_batches=(1,))
+    assert sorted(Path(f["zip"]).name for f in summary.failed) == [
+        "batch 2",
+        "batch3_images.zip",
+    ]
+    assert not verify(out).ok
+    summary = convert(zips[:1], out, test_batches=(1,), forget_failed=True)
+    assert summary.ok and summary.samples == {"train": 0, "test": 2}
+    assert verify(out).ok
+    assert not (out / ".parts" / "batch02.json").exists()
+    assert not list(out.glob("*/batch03-*.tar"))

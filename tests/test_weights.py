@@ -233,7 +233,7 @@ def test_a_wrong_shape_or_a_missing_or_extra_key_is_named(tmp_path: Path):
 
 def test_import_never_replaces_its_own_source(seed_file: Path) -> None:
     before = seed_file.read_bytes()
-    with pytest.raises(ValueError, match="is the weights file imported"):
+    with pytest.raises(ValueError, match="is the weights file being imported"):
         import_weights(seed_file, seed_file)
     assert seed_file.read_bytes() == before
 

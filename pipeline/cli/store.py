@@ -55,9 +55,10 @@ def synth(
 ) -> None:
     """Write synthetic batchN_images.zip files in the published layout.
 
-    The scenes are learnable: textured backgrounds, shapes pasted at random places (some
-    flipped), their exact masks, and depth maps where the shape is nearer than the floor.
-    Every member is a JPEG unless --png-masks.
+    The scenes are learnable: a room with a wall and a tiled floor, person-like figures
+    standing on the floor (some mirrored, flip=1), their exact masks, and depth maps where the
+    floor nears towards the bottom and a figure is nearer than the floor behind it. Every
+    member is a JPEG unless --png-masks.
     """
     with user_errors():
         paths = synth_zips(

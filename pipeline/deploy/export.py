@@ -44,7 +44,9 @@ def export_onnx(checkpoint: Path, onnx_path: Path, check: bool, batch: int = 4) 
     require_export_extra(check)
     checkpoint, onnx_path = Path(checkpoint), Path(onnx_path)
     if onnx_path.exists() and onnx_path.resolve() == checkpoint.resolve():
-        raise ValueError(f"{onnx_path}: is the checkpoint exported: give --onnx another path")
+        raise ValueError(
+            f"--onnx {onnx_path} is the checkpoint being exported: give the ONNX file another path"
+        )
     model = model_from_checkpoint(load_checkpoint(checkpoint), "cpu", checkpoint)
     channels = 2 * model.config.image_channels
     width, height = IMAGE_SIZE

@@ -138,7 +138,9 @@ def import_weights(source: Path, out: Path, mode: str | None = None) -> dict:
     """
     source, out = Path(source), Path(out)
     if out.exists() and out.resolve() == source.resolve():
-        raise ValueError(f"{out}: is the weights file imported: give --out another path")
+        raise ValueError(
+            f"--out {out} is the weights file being imported: give the checkpoint another path"
+        )
     raw = read_state_dict(source)
     state = strip_prefix(raw)
     found = file_mode(state, source)
@@ -164,7 +166,7 @@ def import_weights(source: Path, out: Path, mode: str | None = None) -> dict:
     }
     save_checkpoint(checkpoint, out)
     params = sum(p.numel() for p in model.parameters())
-    log.info("%s: %d entries, %s, %s parameters -> %s", source, len(state), found, params, out)
+    log.debug("%s: %d entries, %s, %s parameters -> %s", source, len(state), found, params, out)
     return {
         "checkpoint": str(out),
         "source": str(source),

@@ -203,12 +203,18 @@ def _interrupted(out: Path, todo: list[ZipJob], summary: ConvertSummary) -> None
 
 
 def _forget_failures(out: Path, given: set[int]) -> None:
-    """--forget-failed: drop failure records of zips not given (unless another convert runs)."""
+    """--forget-failed: drop failure records of zips not given (unless another convert runs);
+    their records that cannot be used (damaged, or of the other split) go in _write_manifest."""
     for batch, failure in load_failures(out).items():
-        if isinstance(batch, int) and (batch in given or is_locked(out, _batch_lock(batch))):
+        if isinstance(batch, int) and (batch in given or _converting(out, batch)):
             continue
         clear_failure(out, batch)
         log.warning("%s: forgotten (--forget-failed): %s", failure["zip"], failure["error"])
+
+
+def _converting(out: Path, batch: int) -> bool:
+    """Whether another convert is writing this batch into `out` now."""
+    return is_locked(out, _batch_lock(batch))
 
 
 def _record_failure(out: Path, job: ZipJob, error: str) -> None:
@@ -227,7 +233,8 @@ def _fail_record(summary, out: Path, batch: int, record: dict | str, problem: st
 
 def _record_zip(record: dict | str, batch: int) -> str:
     """The zip a record names (`batch N` for an unreadable record)."""
-    return Path(str(record["zip"])).name if isinstance(record, dict) else f"batch {batch}"
+    named = record.get("zip") if isinstance(record, dict) else None
+    return Path(named).name if isinstance(named, str) and named else f"batch {batch}"
 
 
 def _select_todo(jobs, records, config: ConvertConfig, summary: ConvertSummary) -> list[ZipJob]:
@@ -353,7 +360,12 @@ def _write_manifest(out: Path, config: ConvertConfig, given: set[int], checked: 
         if problem is None and mode is not None and record["mode"] != mode:
             problem = f"{record['zip']}: its images are {record['mode']}, the others' {mode}"
         if problem is not None:
-            if batch not in given or _record_zip(record, batch) not in told:
+            if config.forget_failed and batch not in given and not _converting(out, batch):
+                discard_batch(out, batch)  # asked to go on without it: its record and shards
+                log.warning(
+                    "%s: forgotten (--forget-failed): %s", _record_zip(record, batch), problem
+                )
+            elif batch not in given or _record_zip(record, batch) not in told:
                 _fail_record(summary, out, batch, record, problem)
             continue
         good.append(record)

@@ -214,7 +214,7 @@ def unreadable_reason(exc: Exception, advice: str) -> str:
         return "the file is empty or cut short"
     if "PytorchStreamReader" in text or "central directory" in text:
         return "the file is truncated or damaged (its zip archive is incomplete)"
-    if isinstance(exc, pickle.UnpicklingError):
+    if isinstance(exc, pickle.UnpicklingError | KeyError):  # KeyError: its first byte's opcode
         return "it was not written by torch.save"
     return short(text.splitlines()[0] if text else type(exc).__name__, 200)
 
