@@ -260,6 +260,7 @@ def test_a_damaged_last_pt_is_one_line_naming_it(tiny_run: Path, tiny_shards: Pa
         "a negative step": ({"step": -3}, "its step is -3, below 0"),
         "a number scheduler": ({"scheduler": 5}, "its scheduler is an int, not dict"),
         "a text best": ({"best_iou": "x"}, "its best_iou is 'x', not a number"),
+        "a huge best": ({"best_iou": 10**400}, "its best_iou is 1000"),
         "another optimizer's state": (
             {"optimizer": {"state": {}, "param_groups": []}},
             "its optimizer, schedule or scaler state does not fit this run (",
@@ -333,3 +334,11 @@ def test_ctrl_c_exits_130_not_as_a_failure(tiny_shards: Path, tmp_path, monkeypa
     result = run_cli("train", "--shards", tiny_shards, "--out", tmp_path / "r", "--workers", "0")
     assert result.exit_code == 130 and "train interrupted" in result.output
     assert "Aborted" not in result.output
+
+
+def test_a_legacy_checkpoint_ending_like_a_zip_still_loads(tiny_run: Path, tmp_path: Path):
+    state = torch.load(tiny_run / "best.pt", weights_only=True)
+    path = tmp_path / "legacy.pt"
+    torch.save(state, path, _use_new_zipfile_serialization=False)  # torch before 1.6 wrote this
+    path.write_bytes(path.read_bytes() + b"PK\x05\x06" + b"\xff" * 10)  # a stray zip trailer
+    assert load_checkpoint(path)["epoch"] == state["epoch"]

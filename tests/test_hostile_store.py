@@ -1063,7 +1063,7 @@ def test_a_converted_zip_replaced_by_garbage_of_its_size_fails_alone(tmp_path: P
     assert summary.reused == ["batch2_images.zip"]
 
 
-def test_forget_failed_also_forgets_unusable_records_of_zips_not_given(tmp_path: Path):
+def test_forget_failed_forgets_damaged_records_never_good_shards(tmp_path: Path):
     zips = [build_zip(tmp_path / f"batch{n}_images.zip", 2, seed=n).path for n in (1, 2, 3)]
     out = tmp_path / "out"
     assert convert(zips, out, test_batches=(3,)).ok
@@ -1076,7 +1076,32 @@ def test_forget_failed_also_forgets_unusable_records_of_zips_not_given(tmp_path:
     ]
     assert not verify(out).ok
     summary = convert(zips[:1], out, test_batches=(1,), forget_failed=True)
-    assert summary.ok and summary.samples == {"train": 0, "test": 2}
+    assert not (out / ".parts" / "batch02.json").exists()  # damaged: forgotten
+    # Batch 3's shards are good, in the split of the --test-batches it was converted with: a
+    # forgotten option must not delete them, so it stays reported.
+    assert [Path(f["zip"]).name for f in summary.failed] == ["batch3_images.zip"]
+    assert len(list(out.glob("test/batch03-*.tar"))) == 1
+    summary = convert(zips[:1], out, test_batches=(1, 3), forget_failed=True)
+    assert summary.ok and summary.samples == {"train": 0, "test": 4}
     assert verify(out).ok
-    assert not (out / ".parts" / "batch02.json").exists()
-    assert not list(out.glob("*/batch03-*.tar"))
+
+
+def test_a_mark_that_cannot_be_written_takes_back_the_others(shards: Path, monkeypatch):
+    from pipeline.store import catalog, runner
+
+    zips = [shards.parent / "batch1_images.zip", shards.parent / "batch10_images.zip"]
+    writing = catalog.write_failure
+
+    def full_for_batch10(out, batch, zip_name, error):
+        if batch == 10:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        writing(out, batch, zip_name, error)
+
+    monkeypatch.setattr(runner, "write_failure", full_for_batch10)
+    with pytest.raises(OSError):
+        convert(zips, shards, shard_samples=2, force=True)
+    assert not list((shards / ".parts").glob("failed-*.json"))  # batch 1's mark taken back
+    monkeypatch.setattr(runner, "write_failure", writing)
+    assert verify(shards).ok
+    more = build_zip(shards.parent / "batch2_images.zip", 2, seed=5).path
+    assert convert([more], shards, shard_samples=2).ok and verify(shards).ok

@@ -14,7 +14,7 @@ DEPTH_DIR = "depth_fg_bg_jpg"
 # Raw foregrounds and their masks: in the zips, never part of a sample.
 IGNORED_DIRS = ("fg_jpg", "mask_jpg")
 JUNK_PARTS = ("__MACOSX",)
-JUNK_NAMES = (".DS_Store", "Thumbs.db")
+JUNK_NAMES = (".DS_Store", "Thumbs.db", "desktop.ini")
 
 # The published numbers have 1-4 digits. A bound keeps every key far inside a tar header's name
 # field and every int small (5,000 digits exceed Python's int conversion limit).

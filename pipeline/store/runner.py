@@ -160,8 +160,7 @@ def _convert_locked(jobs: list[ZipJob], config: ConvertConfig, summary: ConvertS
     if todo:
         # Each zip is marked unfinished before anything of it or the manifest goes: if a mark
         # cannot be written (a full disk), nothing is removed, and what was there still stands.
-        for job in todo:
-            write_failure(out, job.batch, job.name, UNFINISHED)  # until it is done
+        _mark_unfinished(out, todo)
         with locked(out, ["manifest"]):
             (out / MANIFEST_NAME).unlink(missing_ok=True)  # the output is unfinished from here on
         for job in todo:
@@ -184,6 +183,20 @@ def _convert_locked(jobs: list[ZipJob], config: ConvertConfig, summary: ConvertS
     checked = {job.batch for job in jobs if job.name in done}
     with locked(out, ["manifest"]):
         _write_manifest(out, config, {job.batch for job in jobs}, checked, summary)
+
+
+def _mark_unfinished(out: Path, todo: list[ZipJob]) -> None:
+    """Mark each zip to convert as not done (until it is); if a mark cannot be written (a full
+    disk), take back the marks this wrote where there was none, so the folder is as it was."""
+    marked = set(load_failures(out))
+    try:
+        for job in todo:
+            write_failure(out, job.batch, job.name, UNFINISHED)
+    except OSError:
+        for job in todo:
+            if job.batch not in marked:
+                clear_failure(out, job.batch)
+        raise
 
 
 def _interrupted(out: Path, todo: list[ZipJob], summary: ConvertSummary) -> None:
@@ -210,6 +223,15 @@ def _forget_failures(out: Path, given: set[int]) -> None:
             continue
         clear_failure(out, batch)
         log.warning("%s: forgotten (--forget-failed): %s", failure["zip"], failure["error"])
+
+
+def _other_split(record: dict | str, test_batches: Iterable[int]) -> bool:
+    """Whether a record's only fault is its split: good shards, converted with other
+    --test-batches (never forgotten: a forgotten option must not delete a good batch)."""
+    if not isinstance(record, dict):
+        return False
+    split = "test" if record["batch"] in set(test_batches) else "train"
+    return record["split"] != split
 
 
 def _converting(out: Path, batch: int) -> bool:
@@ -360,7 +382,8 @@ def _write_manifest(out: Path, config: ConvertConfig, given: set[int], checked: 
         if problem is None and mode is not None and record["mode"] != mode:
             problem = f"{record['zip']}: its images are {record['mode']}, the others' {mode}"
         if problem is not None:
-            if config.forget_failed and batch not in given and not _converting(out, batch):
+            forget = config.forget_failed and batch not in given and not _converting(out, batch)
+            if forget and not _other_split(record, config.test_batches):
                 discard_batch(out, batch)  # asked to go on without it: its record and shards
                 log.warning(
                     "%s: forgotten (--forget-failed): %s", _record_zip(record, batch), problem

@@ -83,10 +83,11 @@ def check_archive(path: Path) -> None:
     """ValueError if a torch.save zip archive could inflate beyond its file's size: torch stores
     its entries uncompressed, but a file from elsewhere may deflate them, and a few MB of zeros
     inflate to GBs. (A legacy, non-zip file's storages are read from the file as they lie.)"""
-    if not zipfile.is_zipfile(path):
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except zipfile.BadZipFile:
         return  # legacy, or damaged: torch.load says which
-    with zipfile.ZipFile(path) as archive:
-        entries = archive.infolist()
     squeezed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
     if squeezed:
         raise ValueError(
@@ -193,7 +194,11 @@ def check_resume_state(state: dict[str, Any], path: Path) -> None:
         if kind is int and value < 0:
             raise ValueError(f"--resume: {path}: its {key} is {value}, below 0")
     best = state.get("best_iou", 0.0)
-    if not isinstance(best, float | int) or isinstance(best, bool) or math.isnan(best):
+    try:
+        number = float(best) if type(best) in (float, int) else math.nan  # not a bool
+    except OverflowError:  # an int of 400 digits
+        number = math.nan
+    if math.isnan(number):
         raise ValueError(f"--resume: {path}: its best_iou is {short(repr(best))}, not a number")
     scaler = state.get("scaler")
     if scaler is not None and not isinstance(scaler, dict):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from pipeline.train.checkpoint import non_finite
-from pipeline.train.runtime import DistInfo, all_reduce_min, count_ranks
+from pipeline.train.runtime import DistInfo, all_reduce_min, barrier, count_ranks
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ def claim_run_folder(out: Path, resume: bool, overwrite: bool, dist: DistInfo) -
         log.warning("--overwrite: removing the earlier run in %s (%s)", out, _describe(found))
         for path in found:
             path.unlink(missing_ok=True)
+    barrier()  # no rank looks at the folder (--init's check) before rank 0 has emptied it
 
 
 def _describe(files: list[Path]) -> str:

@@ -51,6 +51,7 @@ def network_args(manifest: dict, saved: dict[str, Any] | None) -> dict:
 
 # Restored with the optimizer's and schedule's state: a new value would be silently ignored.
 RESUME_MUST_MATCH = ("optimizer", "lr", "momentum", "weight_decay", "step_size", "gamma")
+SGD_ONLY_EXCLUDED = tuple(n for n in RESUME_MUST_MATCH if n != "momentum")  # AdamW ignores it
 # A resumed run may change these, but then it no longer goes on as the run would have.
 RESUME_SHOULD_MATCH = (
     "batch_size",
@@ -66,14 +67,18 @@ RESUME_SHOULD_MATCH = (
 )
 
 
-def resume(path: Path, state: dict[str, Any], run: Run, config: TrainConfig) -> None:
+def resume(
+    path: Path, state: dict[str, Any], run: Run, config: TrainConfig, main: bool = True
+) -> None:
     """Load `state` (read from `path`, OUT/last.pt) into the run: weights, optimizer, schedule,
     scaler, epoch and step; ValueError naming the file if it can't be continued as asked.
+    `main`: this is rank 0, which alone logs.
 
     Every rank reads the file, so under multi-node torchrun OUT must be on a shared disk.
     """
     check_resume_state(state, path)
-    changed = _changed_settings(state["config"], config, RESUME_MUST_MATCH)
+    must = RESUME_MUST_MATCH if config.optimizer == "sgd" else SGD_ONLY_EXCLUDED
+    changed = _changed_settings(state["config"], config, must)
     if changed:
         raise ValueError(
             f"--resume: {path} was trained with other settings ({changed}); "
@@ -85,7 +90,7 @@ def resume(path: Path, state: dict[str, Any], run: Run, config: TrainConfig) -> 
             f"{config.epochs}: nothing is left to train (give a larger --epochs)"
         )
     drifted = _changed_settings(state["config"], config, RESUME_SHOULD_MATCH, unsaved=False)
-    if drifted:
+    if drifted and main:
         log.warning(
             "--resume: %s was trained with other settings (%s): the run goes on, but not as "
             "it would have gone",
@@ -110,7 +115,8 @@ def resume(path: Path, state: dict[str, Any], run: Run, config: TrainConfig) -> 
         ) from None
     run.epoch, run.step = state["epoch"], state["step"]
     run.best_iou = float(state.get("best_iou", -math.inf))
-    log.info("resuming %s after epoch %d (step %d)", path, run.epoch, run.step)
+    if main:
+        log.info("resuming %s after epoch %d (step %d)", path, run.epoch, run.step)
 
 
 def _changed_settings(

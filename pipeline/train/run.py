@@ -108,6 +108,7 @@ def _train(config: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     config.model_args = network_args(manifest, saved)
     _seed_everything(config.seed + dist.rank)
     run = _start_run(config, dist, manifest, saved)
+    del saved  # its weights and optimizer state are in the run now: don't hold a second copy
     metrics: dict[str, Any] = {}
     try:
         run.feed = open_feed(
@@ -141,7 +142,7 @@ def _start_run(
         has_test=split_samples(manifest, "test") > 0,
     )
     if config.resume and saved is not None:
-        resume(Path(config.out) / "last.pt", saved, run, config)
+        resume(Path(config.out) / "last.pt", saved, run, config, dist.is_main)
     elif config.init and saved is not None:
         init_weights(model, saved, Path(config.init))
         if dist.is_main:
