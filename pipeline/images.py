@@ -273,6 +273,11 @@ def check_field(name: str, data: bytes) -> ImageInfo:
     return check_png(data) if field_is_png(name) else check_jpeg(data)
 
 
+def named_format(name: str) -> str:
+    """The format a shard field's name says it holds: PNG for `.png`, else JPEG."""
+    return "PNG" if field_is_png(name) else "JPEG"
+
+
 def decoder_for(name: str, jpeg_decoder: Decoder | None = None) -> Decoder:
     """The decoder of a shard field by its name: PNG's for `.png`, else `jpeg_decoder`
     (simplejpeg by default)."""
@@ -285,15 +290,19 @@ def decode_image(
     size: tuple[int, int],
     decoder: Decoder | None = None,
     out: np.ndarray | None = None,
+    expect: str | None = None,
 ) -> np.ndarray:
     """Decode one image with `decoder` (simplejpeg by default) to uint8 (H, W, channels),
-    checking its (width, height) against `size` first, from its header.
+    checking its (width, height) against `size` first, from its header, and with `expect`
+    ("JPEG" or "PNG": what its name says) that its bytes are that format.
 
     With `out`, a uint8 (H, W, channels) array, the pixels end in `out`, which is returned:
     simplejpeg decodes straight into it when it is C-contiguous; other decoders' arrays are
     copied in."""
     # The header before the pixels: a 1 MB PNG may declare 30000x30000 (900 MB decoded).
-    _, (width, height, _) = check_image(data)
+    found, (width, height, _) = check_image(data)
+    if expect is not None and found != expect:
+        raise ImageError(f"holds {found} bytes, not the {expect} its name says")
     if (width, height) != tuple(size):
         raise ImageError(f"image is {width}x{height}, expected {size[0]}x{size[1]}")
     decoder = decoder or decode_simplejpeg

@@ -99,8 +99,9 @@ def field_sizes(manifest: dict) -> dict[str, tuple[int, int]]:
 
 
 def split_samples(manifest: dict, split: str) -> int:
-    """Samples the manifest lists for a split (0 for a split it lacks)."""
-    return manifest["splits"].get(split, {}).get("samples", 0)
+    """Samples the manifest's shards of a split hold (0 for a split it lacks): the sum of their
+    counts, which reading checks shard by shard, not the split's total, which verify checks."""
+    return sum(shard["samples"] for shard in split_shards(manifest, split))
 
 
 def split_shards(manifest: dict, split: str) -> list[dict]:
@@ -221,8 +222,12 @@ def _check_split(split_data: Any, split: str, path: Path | str) -> None:
         raise ValueError(f"{where} must be an object with a 'shards' list")
     if not is_count(split_data.get("samples", 0)):
         raise ValueError(f"{where}.samples must be a count, got {split_data.get('samples')!r}")
+    seen: set[str] = set()
     for index, shard in enumerate(split_data.get("shards", [])):
         check_shard_entry(shard, split, f"{where}.shards[{index}]")
+        if shard["path"] in seen:
+            raise ValueError(f"{where}.shards[{index}]: {shard['path']} is listed twice")
+        seen.add(shard["path"])
 
 
 def check_shard_entry(shard: Any, split: str, where: str) -> None:
@@ -264,6 +269,9 @@ def _check_sizes(sizes: Any, path: Path | str) -> None:
         size = sizes.get(field)
         if not (isinstance(size, list) and len(size) == 2 and all(_positive_int(v) for v in size)):
             raise ValueError(f"{path}: sizes.{field} must be [width, height], got {size!r}")
+        if tuple(size) != SIZES[field]:  # what convert writes and the network takes
+            want = "x".join(map(str, SIZES[field]))
+            raise ValueError(f"{path}: sizes.{field} is {size!r}: {field} images are {want}")
 
 
 def _positive_int(value: Any) -> bool:

@@ -145,6 +145,14 @@ def test_verify_refuses_a_path_outside_the_folder(shards: Path, path: str):
         (lambda m: m.update(mode=["L"]), "unknown image mode"),
         (lambda m: m.update(channels=True), "'channels' is True"),
         (lambda m: m.update(failed="none"), "'failed' must be a list"),
+        (
+            lambda m: m["sizes"].update(bg=[400000, 400000]),
+            "sizes.bg is [400000, 400000]: bg images are 160x160",
+        ),
+        (
+            lambda m: m["splits"]["train"]["shards"].append(first_train_shard(m)),
+            "splits.train.shards[2]: train/batch01-000000.tar is listed twice",
+        ),
     ],
 )
 def test_a_manifest_of_wrong_types_is_one_line_naming_the_fault(shards: Path, change, fault):
@@ -1105,3 +1113,12 @@ def test_a_mark_that_cannot_be_written_takes_back_the_others(shards: Path, monke
     assert verify(shards).ok
     more = build_zip(shards.parent / "batch2_images.zip", 2, seed=5).path
     assert convert([more], shards, shard_samples=2).ok and verify(shards).ok
+
+
+def test_the_loader_trusts_the_shards_counts_not_the_splits_total(shards: Path):
+    from pipeline.train.sources import open_manifest, train_steps_per_epoch
+
+    edit_manifest(shards, lambda m: m["splits"]["train"].update(samples=2**53))
+    manifest = open_manifest(shards)
+    assert train_steps_per_epoch(manifest, batch_size=2, world_size=1) == 2  # 4 samples
+    assert not verify(shards).ok  # verify names the total that lies

@@ -24,6 +24,7 @@ from pipeline.store import tar as shardreader
 from pipeline.store.names import sample_key
 from pipeline.train import augment as augmentation
 from pipeline.train.augment import AugmentConfig
+from pipeline.train.batches import LoaderError
 from pipeline.train.loader import (
     LoaderConfig,
     make_eval_loader,
@@ -68,7 +69,7 @@ def _images(mode: str) -> dict[str, bytes]:
     }
 
 
-def _write_shard(path: Path, keys: list[str], mode: str, bad_keys) -> dict:
+def _write_shard(path: Path, keys: list[str], mode: str, bad_keys, twice_keys=()) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for key in keys:
@@ -76,7 +77,10 @@ def _write_shard(path: Path, keys: list[str], mode: str, bad_keys) -> dict:
             if key in bad_keys:
                 files["fg_bg.jpg"] = b"this is not a JPEG"
             files["json"] = json.dumps({"batch": int(key[1:3])}).encode()
-            for suffix, payload in files.items():
+            members = list(files.items())
+            if key in twice_keys:  # a second mask file, as a damaged or hand-made shard may hold
+                members.append(("mask.jpg", files["mask.jpg"]))
+            for suffix, payload in members:
                 info = tarfile.TarInfo(f"{key}.{suffix}")
                 info.size, info.mode = len(payload), 0o444
                 tar.addfile(info, io.BytesIO(payload))
@@ -91,7 +95,13 @@ def _write_shard(path: Path, keys: list[str], mode: str, bad_keys) -> dict:
 
 
 def write_test_shards(
-    root: Path, n_train: int, n_test: int, shard_samples: int, mode: str = "L", bad_keys=()
+    root: Path,
+    n_train: int,
+    n_test: int,
+    shard_samples: int,
+    mode: str = "L",
+    bad_keys=(),
+    twice_keys=(),
 ) -> dict:
     """Shards per docs/FORMAT.md (train: batch 1, test: batch 10) plus manifest.json; returns it."""
     splits = {}
@@ -103,6 +113,7 @@ def write_test_shards(
                 keys[start : start + shard_samples],
                 mode,
                 set(bad_keys),
+                set(twice_keys),
             )
             for n, start in enumerate(range(0, count, shard_samples))
         ]
@@ -263,6 +274,12 @@ def test_undecodable_sample_is_skipped_warned_and_counted(tmp_path, caplog):
     assert sorted(keys) == sorted({f"b10_{i}_{i % 100 + 1}_0_0" for i in range(20)} - set(bad))
     warned = [r.getMessage() for r in caplog.records if "b10_3_4_0_0" in r.getMessage()]
     assert len(warned) == 1 and "batch10-000000.tar" in warned[0] and "fg_bg.jpg" in warned[0]
+    # A pass per epoch by the same loader (the trainer's): still once, not once a pass.
+    again = make_eval_loader(tmp_path, "test", LoaderConfig(batch_size=6, workers=0))
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.stages"):
+        caplog.clear()
+        assert len(_keys(again)) == len(_keys(again)) == 18 and again.skipped == 2
+    assert sum("b10_3_4_0_0" in r.getMessage() for r in caplog.records) == 1
     # Across worker processes too, and in an endless training stream.
     workers = LoaderConfig(batch_size=6, workers=2, prefetch_factor=2)
     assert make_eval_loader(tmp_path, "test", workers).skipped == 0  # counted while iterating
@@ -271,7 +288,51 @@ def test_undecodable_sample_is_skipped_warned_and_counted(tmp_path, caplog):
     # Without shuffling, 4 batches of 5 hold the first pass's 19 good samples: the skip is in.
     config = LoaderConfig(batch_size=5, workers=0, shuffle_buffer=1)
     train = make_train_loader(tmp_path, config, epoch=0, steps=4)
-    assert "b01_5_6_0_0" not in _keys(train) and train.skipped >= 1  # once per cycle
+    assert "b01_5_6_0_0" not in _keys(train) and train.skipped == 1
+    # Read again in each cycle of an epoch (12 batches of 5: three passes), counted once.
+    train = make_train_loader(tmp_path, config, epoch=0, steps=12)
+    assert "b01_5_6_0_0" not in _keys(train) and train.skipped == 1
+
+
+def test_a_file_twice_refuses_its_sample_alone_not_the_rest_of_its_shard(tmp_path, caplog):
+    from pipeline.store.verify import verify_shard
+
+    twice = "b10_3_4_0_0"
+    manifest = write_test_shards(tmp_path, 10, 20, shard_samples=10, twice_keys=[twice])
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.stages"):
+        stream = make_eval_loader(tmp_path, "test", LoaderConfig(batch_size=6, workers=0))
+        keys = _keys(stream)
+    assert stream.skipped == 1
+    assert sorted(keys) == sorted({f"b10_{i}_{i % 100 + 1}_0_0" for i in range(20)} - {twice})
+    assert f"a second mask.jpg file for sample {twice}" in caplog.text
+    check = verify_shard(tmp_path, "test", manifest["splits"]["test"]["shards"][0], manifest)
+    assert check.samples == 10  # every sample read: the count matches the manifest's
+    assert [(p["sample"], p["problem"]) for p in check.problems] == [
+        (twice, f"{twice}.mask.jpg: a second mask.jpg file for sample {twice}")
+    ]
+
+
+def test_a_shard_with_fewer_samples_than_its_manifest_says_is_named(tmp_path, caplog):
+    write_test_shards(tmp_path, n_train=20, n_test=20, shard_samples=10)
+    for split, batch in (("test", TEST_BATCH), ("train", 1)):  # rewritten with 6 of its 10
+        keys = [f"b{batch:02d}_{i}_{i % 100 + 1}_0_0" for i in range(6)]
+        _write_shard(tmp_path / split / f"batch{batch:02d}-000000.tar", keys, "L", set())
+    with pytest.raises(LoaderError, match="batch10-000000.tar: holds 6 samples, the manifest"):
+        _keys(make_eval_loader(tmp_path, "test", LoaderConfig(batch_size=4, workers=0)))
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.stages"):
+        config = LoaderConfig(batch_size=4, workers=0, shuffle_buffer=1)
+        assert len(_keys(make_train_loader(tmp_path, config, epoch=0, steps=4))) == 16
+    assert "batch01-000000.tar: holds 6 samples, the manifest says 10" in caplog.text
+
+
+def test_skips_of_a_worker_that_made_no_batch_are_counted(tmp_path):
+    # One shard, dealt to 2 workers by sample: worker 1 gets the odd samples, all undecodable.
+    bad = [f"b10_{i}_{i % 100 + 1}_0_0" for i in range(1, 20, 2)]
+    write_test_shards(tmp_path, n_train=4, n_test=20, shard_samples=20, bad_keys=bad)
+    for workers in (0, 2):
+        stream = make_eval_loader(tmp_path, "test", LoaderConfig(batch_size=4, workers=workers))
+        keys = _keys(stream)
+        assert len(keys) == 10 and stream.skipped == 10, workers
 
 
 def test_png_fields_decode_like_jpegs_one_channel_for_masks(tmp_path):
@@ -295,6 +356,27 @@ def test_png_fields_decode_like_jpegs_one_channel_for_masks(tmp_path):
             want = decode_simplejpeg(data, 1)[:, :, 0]
         assert torch.equal(mask[0], torch.from_numpy(want)), key
     assert pngs == 3 and batch["skipped"] == 0
+
+
+def test_a_field_whose_bytes_are_not_its_names_format_is_named(tmp_path, caplog):
+    from pipeline.store.synth import encode_png
+
+    write_test_shards(tmp_path, n_train=4, n_test=4, shard_samples=4)
+    path = tmp_path / "test" / f"batch{TEST_BATCH:02d}-000000.tar"
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    first = members[0][0].name.split(".")[0]
+    png = encode_png(np.zeros((160, 160), np.uint8))
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, data in members:
+            if info.name == f"{first}.mask.jpg":  # PNG bytes under the JPEG's name
+                data, info.size = png, len(png)
+            tar.addfile(info, io.BytesIO(data))
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.stages"):
+        stream = make_eval_loader(tmp_path, "test", LoaderConfig(batch_size=4, workers=0))
+        assert len(_keys(stream)) == 3 and stream.skipped == 1
+    assert f"{first} in " in caplog.text
+    assert "mask.jpg: holds PNG bytes, not the JPEG its name says" in caplog.text
 
 
 def test_augmentation_runs_in_training_only(shards, monkeypatch):

@@ -329,12 +329,19 @@ def split_name(name: str) -> tuple[str, str] | tuple[None, None]:
     return name[:dot], name[dot + 1 :].lower()
 
 
+# A sample's entry saying why its readers must refuse it (a file twice): the sample is damaged,
+# not the shard. A member named as one of the reader's own entries (`KEY.__key__`) is refused so.
+REFUSED = "__refused__"
+
+
 def group_samples(files: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict]:
     """Consecutive files sharing a key -> one sample {"__key__", "__url__", ext: bytes, ...}.
 
     WebDataset's grouping, with two differences: a second file of the same extension in one
-    sample is a ValueError naming it (the shard is damaged), never silently dropped; and so is
-    a sample of over MAX_SAMPLE_FILES files or MAX_SAMPLE_BYTES bytes, never held whole.
+    sample is never silently dropped: the sample carries `REFUSED` (why), and its readers
+    refuse that sample alone (the tar itself is intact, and the samples after it are read); and
+    a sample of over MAX_SAMPLE_FILES files or MAX_SAMPLE_BYTES bytes is a ValueError, never
+    held whole.
     """
     sample: dict | None = None
     for name, data in files:
@@ -345,8 +352,9 @@ def group_samples(files: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict
             if sample is not None:
                 yield sample
             sample = {"__key__": key, "__url__": url}
-        if ext in sample:
-            raise ValueError(f"{name}: a second {ext} file for sample {key}")
+        if ext in sample or ext == REFUSED:  # __key__ and __url__ are in it from the start
+            sample.setdefault(REFUSED, f"{name}: a second {ext} file for sample {key}")
+            continue  # the first is kept; the sample is refused where it is used
         sample[ext] = data
         if len(sample) > _USUAL_SIZE:  # only then can it pass either bound (see _check_size)
             _check_size(sample)

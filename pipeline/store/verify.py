@@ -38,7 +38,7 @@ from pipeline.schema import (
     wids_index,
     wids_index_name,
 )
-from pipeline.store.tar import read_samples
+from pipeline.store.tar import REFUSED, read_samples
 
 READ_CHUNK = 1 << 20
 
@@ -147,7 +147,7 @@ def check_image(name: str, data: bytes, size: list[int], channels: int | None) -
 def check_sample(sample: dict, manifest: dict, batch: int | None) -> list[str]:
     """Every problem of one sample as the loader reads it (missing fields, bad images, bad json)."""
     fields = {k for k in sample if not k.startswith("__")}
-    problems = []
+    problems = [sample[REFUSED]] if REFUSED in sample else []
     present = {kind: [n for n in field_names(kind) if n in fields] for kind in FIELDS}
     missing = [f"{kind}.{'|'.join(IMAGE_EXTS)}" for kind, names in present.items() if not names]
     missing += [META] if META not in fields else []

@@ -59,7 +59,8 @@ class BatchStream:
                         raise RuntimeError(f"a batch of epoch {batch['epoch']} in {self.epoch}")
                     batch = self._rings.own(batch)  # before asking for the next: train.ring
                     self.skipped += batch["skipped"]
-                    yield batch
+                    if batch["keys"]:  # else only a worker's skips (stages.decode_batches)
+                        yield batch
         finally:
             # Stop the workers now rather than when the iterator is garbage-collected: endless
             # train workers would otherwise keep decoding into their queues.

@@ -99,7 +99,9 @@ class ShardStream(IterableDataset):
         self.urls, self.config, self.train = urls, config, train
         self.epoch, self.rank, self.world_size = epoch, rank, world_size
         self.steps = steps  # training: batches per epoch on this rank
-        self.samples = sum(shard["samples"] for shard in split_shards(manifest, split))
+        shards = split_shards(manifest, split)
+        self.samples = sum(shard["samples"] for shard in shards)
+        self.expected = {url: s["samples"] for url, s in zip(urls, shards, strict=True)}
         self.channels = manifest["channels"]
         self.sizes = field_sizes(manifest)
 
@@ -113,8 +115,9 @@ class ShardStream(IterableDataset):
         # trainer than any fixed ring has slots (see train.ring); each batch gets its own.
         in_worker = get_worker_info() is not None
         ring = BatchRing(self.config.prefetch_factor + 2) if in_worker and self.train else None
-        if not self.train:
-            return self._batches(self.epoch, worker, workers, cache, LogOnce(), ring)
+        if not self.train:  # a bad sample is reported once a worker, not once a pass
+            warned = self.__dict__.setdefault("_warned", LogOnce())  # kept by persistent workers
+            return self._batches(self.epoch, worker, workers, cache, warned, ring)
         return handover(self._epochs(worker, workers, cache, ring))
 
     def _epochs(
@@ -151,7 +154,7 @@ class ShardStream(IterableDataset):
             samples = shuffle_samples(samples, size, random.Random(seed))
         else:
             urls, by_sample = assign_shards(self.urls, slot, slots)
-            samples = read_shards(urls, reraise_exception)  # a missing test shard is fatal
+            samples = read_shards(urls, reraise_exception, self.expected)  # a bad one: fatal
             samples = keep_slot(samples, slot, slots) if by_sample else samples
         decoder = SampleDecoder(self.channels, self.sizes, get_decoder(cfg.decoder), cache)
         batches = decode_batches(
@@ -170,7 +173,7 @@ class ShardStream(IterableDataset):
         for cycle in itertools.count():
             order = shard_order(self.urls, self.config.seed, epoch, cycle)
             urls, by_sample = assign_shards(order, slot, slots)
-            samples = read_shards(urls, handler)
+            samples = read_shards(urls, handler, self.expected)
             before = seen
             for sample in keep_slot(samples, slot, slots) if by_sample else samples:
                 seen += 1

@@ -129,7 +129,10 @@ class MetricAccumulator:
         s = dict(zip(_SUMS, sums.tolist(), strict=True))
         n = s["samples"]
         if n == 0:
-            raise ValueError("no batches were accumulated: cannot compute metrics of nothing")
+            raise ValueError(
+                "no sample to compute metrics of: the split holds none, or none of its samples "
+                "could be decoded (the warnings name them)"
+            )
         valid = s["depth_valid"]
         out = {
             "iou": s["iou"] / n,

@@ -23,9 +23,9 @@ from torch.utils.data import get_worker_info
 from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
 
-from pipeline.images import Decoder, decode_image, decoder_for
+from pipeline.images import Decoder, decode_image, decoder_for, named_format
 from pipeline.schema import FIELDS, IMAGE_EXTS, INPUTS, field_names, find_field
-from pipeline.store.tar import read_samples
+from pipeline.store.tar import REFUSED, read_samples
 from pipeline.train import augment as augmentation
 from pipeline.train.augment import AugmentConfig
 from pipeline.train.bgcache import DecodedCache
@@ -41,12 +41,21 @@ Handler = Callable[[Exception], bool]  # webdataset semantics: True continue, Fa
 
 
 class SkipCounter:
-    """Per-worker tally shared by the decode and batch stages (one process, plain ints)."""
+    """Per-worker tally shared by the decode and batch stages (one process, plain ints), of
+    one epoch or pass: an endless training stream that reads a bad sample again in a later
+    cycle of the same epoch counts it once."""
 
     def __init__(self) -> None:
-        self.skipped = 0  # samples that failed to decode, in total
+        self.skipped = 0  # distinct samples that failed to decode, in total
         self.decoded = 0
         self._reported = 0
+        self._failed: set[tuple] = set()  # (shard, key) of each: at most the worker's share
+
+    def failed(self, url: Any, key: Any) -> None:
+        """Count a sample that failed, once."""
+        if (url, key) not in self._failed:
+            self._failed.add((url, key))
+            self.skipped += 1
 
     def take(self) -> int:
         """Skips since the previous call: what the next batch reports."""
@@ -95,8 +104,17 @@ def open_shard(url: str) -> BinaryIO:
     return open(fd, "rb", buffering=SHARD_BUFFER)  # closed by read_shards
 
 
-def read_shards(urls: Iterable[str], handler: Handler = reraise_exception) -> Iterator[dict]:
-    """Open each shard (`open_shard`: a path, http://, pipe:, …) and yield its raw samples."""
+def read_shards(
+    urls: Iterable[str],
+    handler: Handler = reraise_exception,
+    expected: dict[str, int] | None = None,
+) -> Iterator[dict]:
+    """Open each shard (`open_shard`: a path, http://, pipe:, …) and yield its raw samples.
+
+    `expected`: the samples each shard holds by the manifest; a shard that ends with another
+    count (cut short at a member's boundary, or replaced since convert) goes to the handler once
+    its samples are read: a warning in training, an error in evaluation, whose metrics over part
+    of a split would mislead."""
     for url in urls:
         try:
             stream = open_shard(url)
@@ -104,15 +122,29 @@ def read_shards(urls: Iterable[str], handler: Handler = reraise_exception) -> It
             if handler(ValueError(f"{url}: cannot open the shard ({exn})")):
                 continue
             return
+        count = 0
         try:
-            yield from read_samples(stream, url)
+            for sample in read_samples(stream, url):
+                count += 1
+                yield sample
         except (OSError, ValueError) as exn:
             if not handler(ValueError(f"{url}: cannot read the shard ({exn})")):
                 return
+            continue
         finally:
             failed = _close(stream, url)  # a pipe: or http shard reports its errors on close
         if failed is not None and not handler(failed):
             return
+        want = expected.get(url) if expected else None
+        if want is not None and count != want and not handler(_miscounted(url, count, want)):
+            return
+
+
+def _miscounted(url: str, count: int, want: int) -> ValueError:
+    return ValueError(
+        f"{url}: holds {count} samples, the manifest says {want} (cut short or changed since "
+        "convert: `pipeline verify` the folder)"
+    )
 
 
 def _close(stream: BinaryIO, url: str) -> ValueError | None:
@@ -164,7 +196,9 @@ class SampleDecoder:
         self.channels, self.sizes, self.cache = channels, sizes, cache
         # The decoding function of each field name (`mask.jpg`, `mask.png`, ...), made once.
         self._codecs = {
-            name: functools.partial(decode_image, decoder=decoder_for(name, decoder))
+            name: functools.partial(
+                decode_image, decoder=decoder_for(name, decoder), expect=named_format(name)
+            )
             for field in FIELDS
             for name in field_names(field)
         }
@@ -189,12 +223,16 @@ class SampleDecoder:
 
     def sample(self, sample: dict) -> dict:
         """{"key", field: uint8 (H, W, C)}: each field in an array of its own."""
+        if REFUSED in sample:
+            raise ValueError(sample[REFUSED])
         return {"key": sample.get("__key__"), **{f: self.field(sample, f) for f in FIELDS}}
 
     def into(self, sample: dict, arrays: dict[str, np.ndarray], index: int) -> None:
         """Decode `sample` into place `index` of a batch's arrays (collate's layout). A
         one-channel image is decoded straight into the batch where its decoder can (simplejpeg):
         no array of its own, no copy; the others are copied in, as collate does."""
+        if REFUSED in sample:
+            raise ValueError(sample[REFUSED])
         for field, slot in _slots(arrays, index, self.channels):  # slot: (C, H, W)
             if slot.shape[0] == 1:  # (1, H, W) is (H, W, 1) in memory
                 self.field(sample, field, out=slot[0][:, :, None])
@@ -214,8 +252,8 @@ def _slots(arrays: dict[str, np.ndarray], index: int, channels: int) -> Iterator
 def _skip(sample: dict, exc: Exception, counter: SkipCounter, handler: Handler) -> bool:
     """Count a sample that failed and hand it to the handler, its key and shard named: True
     goes on, False stops the stream."""
-    counter.skipped += 1
     key, url = sample.get("__key__"), sample.get("__url__")
+    counter.failed(url, key)
     return handler(ValueError(f"sample {key} in {url}: {exc}"))
 
 
@@ -250,8 +288,9 @@ def decode_batches(
 
     A `finite` stream (evaluation) keeps its last short batch, and holds each batch back until
     the next is made, so that skips after its last batch are still reported (added to that
-    batch's "skipped"). An endless one (training) yields each batch once it is full: its worker
-    starts writing batch j + 1 only after handing over batch j, which the ring relies on.
+    batch's "skipped"; a stream that made no batch ends with one of no sample, to carry them).
+    An endless one (training) yields each batch once it is full: its worker starts writing
+    batch j + 1 only after handing over batch j, which the ring relies on.
     """
     if finite and ring is not None:
         raise ValueError("a finite stream's batches cannot use a ring (see train.ring)")
@@ -267,6 +306,10 @@ def decode_batches(
     if held is not None:
         held["skipped"] += counter.take()
         yield held
+    elif counter.skipped:  # no batch to carry the skips: one of no sample does (BatchStream)
+        shapes = batch_shapes(0, decoder.channels, decoder.sizes)
+        empty = [torch.empty(shape, dtype=torch.uint8) for shape in shapes]  # not shared: 0 B
+        yield _batch(empty, [], counter.take(), None)
 
 
 def _fill_batches(
