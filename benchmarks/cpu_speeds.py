@@ -16,8 +16,8 @@ import json
 import os
 
 from pipeline.bench.loader import decode_floor, on_cpus
+from pipeline.train.shards import read_shards
 from pipeline.train.sources import open_manifest, shard_urls
-from pipeline.train.stages import read_shards
 
 
 def main() -> None:

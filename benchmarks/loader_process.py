@@ -38,6 +38,7 @@ from pipeline.schema import field_sizes
 from pipeline.train.bgcache import DecodedCache
 from pipeline.train.loader import LoaderConfig, make_train_loader
 from pipeline.train.ring import BatchRing
+from pipeline.train.shards import read_shards
 from pipeline.train.sources import open_manifest, shard_urls
 from pipeline.train.stages import (
     LogOnce,
@@ -46,7 +47,6 @@ from pipeline.train.stages import (
     collate,
     decode_batches,
     decode_samples,
-    read_shards,
 )
 
 # Another process copying 8 MB arrays (a batch's size) for ever.

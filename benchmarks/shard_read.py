@@ -3,7 +3,7 @@
 Every shard of a split read whole with `store.tar.read_samples` (files in the page cache), each
 buffer size once a round, `--rounds` interleaved rounds; printed: each size's median µs a sample
 and its median time paired with Python's default buffer in the same round (the loader opens
-local shards with `train.stages.SHARD_BUFFER`).
+local shards with `train.shards.SHARD_BUFFER`).
 
     .venv/bin/python benchmarks/shard_read.py --shards /tmp/i7b/shards --rounds 9
 """

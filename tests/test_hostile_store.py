@@ -616,7 +616,8 @@ def test_a_tar_header_of_an_absurd_size_is_a_clear_error():
 
 
 def test_training_skips_an_absurd_shard_and_verify_reports_it(shards: Path, caplog):
-    from pipeline.train.stages import LogOnce, read_shards
+    from pipeline.train.shards import read_shards
+    from pipeline.train.stages import LogOnce
 
     manifest = manifest_of(shards)
     bad, good = (s["path"] for s in manifest["splits"]["train"]["shards"])
@@ -653,7 +654,8 @@ def test_a_sample_of_too_many_files_or_bytes_is_refused_while_read(tmp_path: Pat
 
 
 def test_training_and_verify_call_a_sample_of_too_many_files_a_damaged_shard(shards: Path, caplog):
-    from pipeline.train.stages import LogOnce, read_shards
+    from pipeline.train.shards import read_shards
+    from pipeline.train.stages import LogOnce
 
     manifest = manifest_of(shards)
     bad, good = (s["path"] for s in manifest["splits"]["train"]["shards"])
@@ -1026,17 +1028,17 @@ def test_batch_zero_is_refused_by_name(tmp_path: Path):
 
 
 def test_a_refused_record_of_this_run_is_reported(tmp_path: Path, monkeypatch):
-    from pipeline.store import runner
+    from pipeline.store import finish
 
     zips = [build_zip(tmp_path / f"batch{n}_images.zip", 2, seed=n).path for n in (1, 2)]
-    real = runner.record_problem
+    real = finish.record_problem
 
     def refuse_batch2(record, out, test_batches, **options):
         if isinstance(record, dict) and record["batch"] == 2:
             return "batch2_images.zip: its record is refused"
         return real(record, out, test_batches, **options)
 
-    monkeypatch.setattr(runner, "record_problem", refuse_batch2)
+    monkeypatch.setattr(finish, "record_problem", refuse_batch2)
     summary = convert(zips, tmp_path / "out", test_batches=())
     assert not summary.ok
     assert [f["zip"] for f in summary.failed] == ["batch2_images.zip"]

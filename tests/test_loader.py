@@ -32,6 +32,7 @@ from pipeline.train.loader import (
     make_train_loader,
     to_device,
 )
+from pipeline.train.shards import read_shards
 from pipeline.train.sources import (
     assign_shards,
     open_manifest,
@@ -41,7 +42,6 @@ from pipeline.train.sources import (
 )
 from pipeline.train.stages import (
     collate,
-    read_shards,
     shuffle_samples,
 )
 
@@ -607,7 +607,8 @@ def test_pinning_this_process_and_what_it_forks():
 
 def test_a_shard_command_that_fails_on_close_is_skipped_not_fatal(caplog):
     # pipe: shards report a failed command only when closed; training must skip, not crash.
-    from pipeline.train.stages import LogOnce, read_shards
+    from pipeline.train.shards import read_shards
+    from pipeline.train.stages import LogOnce
 
     with caplog.at_level("WARNING"):
         assert list(read_shards(["pipe:exit 3"], LogOnce())) == []
@@ -615,7 +616,7 @@ def test_a_shard_command_that_fails_on_close_is_skipped_not_fatal(caplog):
 
 
 def test_local_shards_are_read_in_big_blocks_and_urls_through_gopen(tmp_path):
-    from pipeline.train.stages import SHARD_BUFFER, open_shard
+    from pipeline.train.shards import SHARD_BUFFER, open_shard
 
     path = tmp_path / "big.tar"
     path.write_bytes(bytes(range(256)) * (SHARD_BUFFER // 64))  # 4 buffers' worth

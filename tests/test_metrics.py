@@ -192,7 +192,7 @@ def test_published_iou_by_hand_against_the_jaccard_formula():
 
 
 def test_compute_without_updates_is_a_clear_error():
-    with pytest.raises(ValueError, match="no batches"):
+    with pytest.raises(ValueError, match="no sample to compute metrics of"):
         MetricAccumulator().compute()
 
 

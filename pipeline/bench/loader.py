@@ -44,6 +44,7 @@ from pipeline.train.augment import AugmentConfig
 from pipeline.train.config import TrainConfig
 from pipeline.train.feed import loader_config
 from pipeline.train.loader import LoaderConfig, init_worker, make_train_loader
+from pipeline.train.shards import read_shards
 from pipeline.train.sources import open_manifest, shard_urls
 from pipeline.train.stages import (
     LogOnce,
@@ -52,7 +53,6 @@ from pipeline.train.stages import (
     augment_batches,
     collate,
     decode_samples,
-    read_shards,
 )
 
 log = logging.getLogger(__name__)

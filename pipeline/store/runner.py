@@ -16,7 +16,6 @@ from pathlib import Path
 
 from pipeline.schema import MANIFEST_NAME, SPLITS
 from pipeline.store.catalog import (
-    build_manifest,
     clear_failure,
     discard_batch,
     load_failures,
@@ -26,10 +25,10 @@ from pipeline.store.catalog import (
     shards_problem,
     write_failure,
     write_json_atomic,
-    write_wids_indexes,
 )
 from pipeline.store.convert import READ_ERRORS, ConvertError, ZipJob
-from pipeline.store.guard import is_locked, locked
+from pipeline.store.finish import batch_lock, converting, write_manifest
+from pipeline.store.guard import locked
 from pipeline.store.names import batch_number
 from pipeline.store.pool import run_jobs
 from pipeline.store.zipread import fingerprint_zip
@@ -137,14 +136,10 @@ def convert_zips(zips: list[Path], config: ConvertConfig) -> ConvertSummary:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = ConvertSummary(out=out, zips=len(jobs))
-    with locked(out, [_batch_lock(job.batch) for job in jobs], wait=config.wait):
+    with locked(out, [batch_lock(job.batch) for job in jobs], wait=config.wait):
         _convert_locked(jobs, config, summary)
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-def _batch_lock(batch: int) -> str:
-    return f"batch{batch:02d}"
 
 
 UNFINISHED = "its conversion did not finish (the convert writing it stopped, or still runs)"
@@ -182,7 +177,7 @@ def _convert_locked(jobs: list[ZipJob], config: ConvertConfig, summary: ConvertS
     done = set(summary.reused) | set(summary.converted)  # their shards are checked already
     checked = {job.batch for job in jobs if job.name in done}
     with locked(out, ["manifest"]):
-        _write_manifest(out, config, {job.batch for job in jobs}, checked, summary)
+        write_manifest(out, config, {job.batch for job in jobs}, checked, summary)
 
 
 def _mark_unfinished(out: Path, todo: list[ZipJob]) -> None:
@@ -217,26 +212,12 @@ def _interrupted(out: Path, todo: list[ZipJob], summary: ConvertSummary) -> None
 
 def _forget_failures(out: Path, given: set[int]) -> None:
     """--forget-failed: drop failure records of zips not given (unless another convert runs);
-    their records that cannot be used (damaged, or of the other split) go in _write_manifest."""
+    their records that cannot be used (damaged, its shards changed) go in finish.write_manifest."""
     for batch, failure in load_failures(out).items():
-        if isinstance(batch, int) and (batch in given or _converting(out, batch)):
+        if isinstance(batch, int) and (batch in given or converting(out, batch)):
             continue
         clear_failure(out, batch)
         log.warning("%s: forgotten (--forget-failed): %s", failure["zip"], failure["error"])
-
-
-def _other_split(record: dict | str, test_batches: Iterable[int]) -> bool:
-    """Whether a record's only fault is its split: good shards, converted with other
-    --test-batches (never forgotten: a forgotten option must not delete a good batch)."""
-    if not isinstance(record, dict):
-        return False
-    split = "test" if record["batch"] in set(test_batches) else "train"
-    return record["split"] != split
-
-
-def _converting(out: Path, batch: int) -> bool:
-    """Whether another convert is writing this batch into `out` now."""
-    return is_locked(out, _batch_lock(batch))
 
 
 def _record_failure(out: Path, job: ZipJob, error: str) -> None:
@@ -244,19 +225,6 @@ def _record_failure(out: Path, job: ZipJob, error: str) -> None:
         write_failure(out, job.batch, job.name, error)
     except OSError as exc:  # a full disk: the manifest will list it from this run's summary
         log.error("%s", exc)
-
-
-def _fail_record(summary, out: Path, batch: int, record: dict | str, problem: str) -> None:
-    """A record that cannot go in the manifest, not reported yet: an earlier run's, or one of
-    this run's zips that converted but whose record is refused."""
-    summary.failed.append({"zip": _record_zip(record, batch), "error": problem})
-    log.error("%s; re-run convert with that zip, or delete %s", problem, record_path(out, batch))
-
-
-def _record_zip(record: dict | str, batch: int) -> str:
-    """The zip a record names (`batch N` for an unreadable record)."""
-    named = record.get("zip") if isinstance(record, dict) else None
-    return Path(named).name if isinstance(named, str) and named else f"batch {batch}"
 
 
 def _select_todo(jobs, records, config: ConvertConfig, summary: ConvertSummary) -> list[ZipJob]:
@@ -355,63 +323,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror + (f": {exc.filename}" if exc.filename else "")
     return repr(exc)
-
-
-def _failures(out: Path, summary: ConvertSummary) -> list[dict]:
-    """What the manifest lists as not done: failure records, and this run's failures (one may
-    have found no room to be recorded) and broken records of other runs."""
-    failed = [{"zip": f["zip"], "error": f["error"]} for f in load_failures(out).values()]
-    known = {f["error"] for f in failed}
-    for failure in summary.failed:
-        if failure["error"] not in known:
-            failed.append({"zip": Path(failure["zip"]).name, "error": failure["error"]})
-    return failed
-
-
-def _write_manifest(out: Path, config: ConvertConfig, given: set[int], checked: set[int], summary):
-    """Rebuild the manifest from every record in DIR/.parts (other runs' zips included).
-
-    Shards this run has not written or hashed (other runs' zips) are hashed here, so the
-    manifest never lists a shard whose bytes differ from its record.
-    """
-    good, mode = [], None
-    told = {Path(f["zip"]).name for f in summary.failed}  # this run's failures, reported
-    for batch, record in sorted(load_records(out).items()):
-        hashes = batch not in checked
-        problem = record_problem(record, out, config.test_batches, hashes=hashes)
-        if problem is None and mode is not None and record["mode"] != mode:
-            problem = f"{record['zip']}: its images are {record['mode']}, the others' {mode}"
-        if problem is not None:
-            forget = config.forget_failed and batch not in given and not _converting(out, batch)
-            if forget and not _other_split(record, config.test_batches):
-                discard_batch(out, batch)  # asked to go on without it: its record and shards
-                log.warning(
-                    "%s: forgotten (--forget-failed): %s", _record_zip(record, batch), problem
-                )
-            elif batch not in given or _record_zip(record, batch) not in told:
-                _fail_record(summary, out, batch, record, problem)
-            continue
-        good.append(record)
-        mode = mode or record["mode"]
-    if not good:
-        log.error("no converted zip in %s: manifest not written", out)
-        return
-    manifest = build_manifest(good, config.test_batches, mode)
-    manifest["failed"] = _failures(out, summary)
-    told = {f["error"] for f in summary.failed}  # this run's failures are logged already
-    for failed in manifest["failed"]:
-        if failed["error"] not in told:
-            log.warning("%s is not complete: %s: %s", out, failed["zip"], failed["error"])
-    write_wids_indexes(out, manifest)
-    write_json_atomic(out / MANIFEST_NAME, manifest)  # last: the folder is finished
-    for split in SPLITS:
-        summary.samples[split] = manifest["splits"][split]["samples"]
-        summary.shards += len(manifest["splits"][split]["shards"])
-        for ext, count in manifest["splits"][split]["formats"].items():
-            summary.formats[ext] = summary.formats.get(ext, 0) + count
-    summary.skipped = len(manifest["skipped"])
-    if not manifest["splits"]["test"]["shards"]:
-        log.warning(
-            "the test split is empty: no converted zip is in --test-batches %s",
-            ",".join(map(str, config.test_batches)) or "(none)",
-        )

@@ -29,6 +29,7 @@ from pipeline.train.augment import AugmentConfig
 from pipeline.train.batches import BatchStream, TrainBatches
 from pipeline.train.bgcache import DEFAULT_ENTRIES, DecodedCache
 from pipeline.train.ring import BatchRing, handover
+from pipeline.train.shards import read_shards
 from pipeline.train.sources import (
     assign_shards,
     mix_seed,
@@ -46,7 +47,6 @@ from pipeline.train.stages import (
     augment_batches,
     decode_batches,
     keep_slot,
-    read_shards,
     shuffle_samples,
 )
 

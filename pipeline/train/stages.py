@@ -11,33 +11,27 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import random
-import stat
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, BinaryIO
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
-from webdataset.gopen import gopen
-from webdataset.handlers import reraise_exception
 
 from pipeline.images import Decoder, decode_image, decoder_for, named_format
 from pipeline.schema import FIELDS, IMAGE_EXTS, INPUTS, field_names, find_field
-from pipeline.store.tar import REFUSED, read_samples
+from pipeline.store.tar import REFUSED
 from pipeline.train import augment as augmentation
 from pipeline.train.augment import AugmentConfig
 from pipeline.train.bgcache import DecodedCache
 from pipeline.train.ring import RING_KEY, BatchRing, SharedRing
-from pipeline.train.sources import is_url
+from pipeline.train.shards import Handler
 
 log = logging.getLogger(__name__)
 
 TARGETS = tuple(field for field in FIELDS if field not in INPUTS)  # mask, depth
 BATCH_FIELDS = ("inputs", *TARGETS)  # a batch's tensors, in `batch_shapes`' order
-
-Handler = Callable[[Exception], bool]  # webdataset semantics: True continue, False stop, or raise
 
 
 class SkipCounter:
@@ -79,81 +73,6 @@ class LogOnce:
             self.seen.add(message)
             log.warning("skipped: %s", message)
         return True
-
-
-# A local shard's read buffer: 13-16% less reading time than 8 KB (benchmarks/shard_read.py).
-SHARD_BUFFER = 1 << 18
-
-
-def open_shard(url: str) -> BinaryIO:
-    """A local shard path opened with a 256 KB buffer; anything else (http://, pipe:, file:,
-    …) with gopen, whose local files get Python's default 8 KB (or $GOPEN_BUFFER).
-
-    A local path must be a regular file: a FIFO or a device is a ValueError, never read (a
-    FIFO with no writer would block the worker forever, in open() or in read())."""
-    if is_url(url):
-        return gopen(url)
-    fd = os.open(url, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open() returns at once
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError("not a regular file")
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return open(fd, "rb", buffering=SHARD_BUFFER)  # closed by read_shards
-
-
-def read_shards(
-    urls: Iterable[str],
-    handler: Handler = reraise_exception,
-    expected: dict[str, int] | None = None,
-) -> Iterator[dict]:
-    """Open each shard (`open_shard`: a path, http://, pipe:, …) and yield its raw samples.
-
-    `expected`: the samples each shard holds by the manifest; a shard that ends with another
-    count (cut short at a member's boundary, or replaced since convert) goes to the handler once
-    its samples are read: a warning in training, an error in evaluation, whose metrics over part
-    of a split would mislead."""
-    for url in urls:
-        try:
-            stream = open_shard(url)
-        except Exception as exn:
-            if handler(ValueError(f"{url}: cannot open the shard ({exn})")):
-                continue
-            return
-        count = 0
-        try:
-            for sample in read_samples(stream, url):
-                count += 1
-                yield sample
-        except (OSError, ValueError) as exn:
-            if not handler(ValueError(f"{url}: cannot read the shard ({exn})")):
-                return
-            continue
-        finally:
-            failed = _close(stream, url)  # a pipe: or http shard reports its errors on close
-        if failed is not None and not handler(failed):
-            return
-        want = expected.get(url) if expected else None
-        if want is not None and count != want and not handler(_miscounted(url, count, want)):
-            return
-
-
-def _miscounted(url: str, count: int, want: int) -> ValueError:
-    return ValueError(
-        f"{url}: holds {count} samples, the manifest says {want} (cut short or changed since "
-        "convert: `pipeline verify` the folder)"
-    )
-
-
-def _close(stream: BinaryIO, url: str) -> ValueError | None:
-    """Close a shard's stream; the error closing it raised, if any (a failed pipe command)."""
-    try:
-        stream.close()
-    except OSError as exn:
-        return ValueError(f"{url}: the shard's stream failed ({exn})")
-    return None
 
 
 def keep_slot(samples: Iterable[dict], slot: int, slots: int) -> Iterator[dict]:
