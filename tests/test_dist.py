@@ -69,8 +69,9 @@ def test_one_rank_failing_to_evaluate_and_a_taken_folder(tiny_shards: Path, tmp_
     run = tmp_path / "ddp"
     common = ["train", "--shards", str(shards), "--out", str(run), "--device", "cpu"]
     common += ["--workers", "0", "--batch-size", "8", "--epochs", "1"]
-    result = torchrun(*common, timeout=180)  # both ranks skip the evaluation: no hang
+    result = torchrun(*common, timeout=180, code=1)  # both ranks skip the evaluation: no hang
     assert "evaluation failed" in result.stderr and "best.pt stays as it was" in result.stderr
+    assert "no epoch could be evaluated on the test split" in result.stderr  # not finished
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
     assert not (run / "best.pt").exists()  # no test IoU yet: nothing to call best
     before = (run / "last.pt").read_bytes()

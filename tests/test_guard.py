@@ -230,6 +230,20 @@ def test_an_epoch_without_test_metrics_never_replaces_best(
     assert real is loop.evaluate
 
 
+def test_a_run_whose_every_evaluation_failed_does_not_look_finished(
+    tiny_shards: Path, tmp_path: Path, monkeypatch
+) -> None:
+    def evaluate(*args, **kwargs):
+        raise loop.EVAL_FAILURES[0]("no test sample could be decoded")
+
+    monkeypatch.setattr("pipeline.train.run.evaluate", evaluate)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="no epoch could be evaluated on the test split"):
+        train(smoke_config(tiny_shards, run, epochs=2))
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2  # the training is kept
+    assert not (run / "best.pt").exists()
+
+
 # ---------------------------------------------------------------- 10: two Gloo ranks
 
 

@@ -115,6 +115,7 @@ def resume(
         ) from None
     run.epoch, run.step = state["epoch"], state["step"]
     run.best_iou = float(state.get("best_iou", -math.inf))
+    run.evaluated = run.best_iou != -math.inf  # an earlier epoch had test metrics
     if main:
         log.info("resuming %s after epoch %d (step %d)", path, run.epoch, run.step)
 

@@ -96,6 +96,9 @@ class Run:
     start_epoch: int = 0  # epochs completed when this process started (after --resume)
     step: int = 0  # optimizer steps completed
     best_iou: float = -math.inf
+    # Whether an epoch of the run had test metrics (restored on resume): the same on every rank,
+    # as the metrics are reduced across ranks (best_iou is rank 0's alone).
+    evaluated: bool = False
     feed: Feed | None = None  # the loaders, started once for all epochs
 
 
@@ -116,12 +119,19 @@ def _train(config: TrainConfig, dist: DistInfo) -> dict[str, Any]:
         )
         for epoch in range(run.start_epoch, config.epochs):
             metrics = _train_epoch(run, config, dist, epoch)
+            run.evaluated = run.evaluated or "iou" in metrics
             barrier()  # rank 0 saves; the others wait so a crash can't leave them an epoch ahead
     finally:
         if run.feed is not None:
             run.feed.close()
         if run.writer is not None:
             run.writer.close()  # flush what was logged, also when an epoch failed
+    if run.has_test and not run.evaluated:  # a failed run never looks finished
+        raise ValueError(
+            f"no epoch could be evaluated on the test split of {config.shards} (the warnings "
+            f"say why): no best.pt was written; {Path(config.out) / 'last.pt'} holds the "
+            "training: evaluate it once the test shards are readable"
+        )
     return {"epochs": config.epochs, "step": run.step, "best_iou": run.best_iou, **metrics}
 
 
