@@ -240,3 +240,23 @@ def test_resume_with_other_settings_is_a_clear_error(tiny_run: Path, tiny_shards
     )
     assert result.exit_code == 1, result.output
     assert "--optimizer sgd -> adamw" in result.output and "Traceback" not in result.output
+
+
+def test_undecodable_test_samples_are_reported_beside_the_metrics(tmp_path: Path) -> None:
+    from test_loader import write_test_shards
+
+    from model import UNet
+    from pipeline.train.loader import LoaderConfig, make_eval_loader
+    from pipeline.train.loop import EpochStats, evaluate
+    from pipeline.train.report import epoch_line
+
+    bad = ["b10_3_4_0_0", "b10_11_12_0_0"]
+    write_test_shards(tmp_path, n_train=4, n_test=12, shard_samples=6, bad_keys=bad)
+    stream = make_eval_loader(tmp_path, "test", LoaderConfig(batch_size=4, workers=0))
+    metrics, _ = evaluate(UNet.from_args({}), stream, torch.device("cpu"))
+    assert metrics["samples"] == 10 and metrics["skipped"] == 2
+    stats = EpochStats(steps=1, loss=1.0, iou=0.5, train_s=1.0, data_s=0.1)
+    perf = {"samples_per_s": 10.0, "data_wait_fraction": 0.1}
+    timing = {"train_step_s": 1.0, "data_wait_s": 0.1, "eval_s": 0.5, "other_s": 0.1}
+    line = epoch_line("1/1", 1, 0.01, stats, {**metrics, "loss": 1.0}, perf, timing)
+    assert line.endswith(", 2 undecodable test samples skipped")

@@ -42,9 +42,7 @@ def evaluate_checkpoint(config: EvaluateConfig) -> dict:
         save_png(picture, config.grid)
         shown = min(config.grid_rows, metrics["samples"])
         log.info("grid of %d samples written to %s", shown, config.grid)
-    metrics.update(
-        split=config.split, checkpoint=str(config.checkpoint), skipped=loader.skipped, amp=amp
-    )
+    metrics.update(split=config.split, checkpoint=str(config.checkpoint), amp=amp)
     return metrics
 
 

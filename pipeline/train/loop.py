@@ -213,6 +213,7 @@ def evaluate(
                 grid = grid_of(inputs, mask, depth, mask_logits, depth_pred, grid_rows)
     except Exception as exc:  # raised again below, on every rank alike
         failure = exc
+    acc.add_skipped(getattr(loader, "skipped", 0))  # a BatchStream's, for this pass
     model.train(was_training)
     raise_together(failure, device, EVAL_FAILURES)  # before the one collective of the metrics
     acc.all_reduce()

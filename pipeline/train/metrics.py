@@ -26,6 +26,7 @@ _SUMS = (
     "depth_pixels",
     "loss",  # sum of batch loss * batch size
     "loss_samples",
+    "skipped",  # samples the loader could not decode (not in the metrics)
     "published_intersection",  # pixels, over all images, by the published IoU's definition
     "published_union",
 )
@@ -115,6 +116,11 @@ class MetricAccumulator:
             self._sums[_INDEX["loss_samples"]] += n
         self._reduced = None
 
+    def add_skipped(self, count: int) -> None:
+        """Count samples the loader skipped (undecodable): reported beside the metrics."""
+        self._sums[_INDEX["skipped"]] += count
+        self._reduced = None
+
     def all_reduce(self) -> None:
         """Sum the running sums across ranks when torch.distributed is initialized; else no-op."""
         reduced = self._sums.clone()
@@ -149,6 +155,7 @@ class MetricAccumulator:
             "depth_delta1": s["depth_delta1"] / valid if valid else float("nan"),
             "depth_ssim": s["depth_ssim"] / n,
             "samples": int(n),
+            "skipped": int(s["skipped"]),
         }
         if s["loss_samples"]:
             out["loss"] = s["loss"] / s["loss_samples"]

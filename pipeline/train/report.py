@@ -101,6 +101,7 @@ def log_epoch_scalars(writer, step: int, stats: EpochStats, metrics, grid, perf,
         "train_epoch/loss_depth": stats.loss_depth,
         "train_epoch/iou": stats.iou,
         "data/skipped_samples": stats.skipped,
+        **({"data/skipped_test_samples": metrics["skipped"]} if "skipped" in metrics else {}),
         **{f"perf/{k}": v for k, v in perf.items()},
         **{f"time/{k}": v for k, v in timing.items()},
         **{f"test/{k}": v for k, v in metrics.items() if isinstance(v, float)},
@@ -122,6 +123,8 @@ def epoch_line(epoch: str, step: int, lr: float, stats: EpochStats, metrics, per
     )
     memory = f", peak {perf['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in perf else ""
     skipped = f", {stats.skipped} undecodable samples skipped" if stats.skipped else ""
+    if metrics.get("skipped"):
+        skipped += f", {metrics['skipped']} undecodable test samples skipped"
     return (
         f"epoch {epoch} step {step} lr {lr:.2g}: train loss {stats.loss:.4f} "
         f"iou {stats.iou:.3f} | {test} | {perf['samples_per_s']:.0f} samples/s | time: steps "
