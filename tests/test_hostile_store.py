@@ -974,6 +974,11 @@ def test_a_lock_file_that_is_a_symlink_or_a_fifo_is_refused_never_written(tmp_pa
     os.mkfifo(out / ".parts" / "batch01.lock")
     with pytest.raises(ValueError, match=r"batch01\.lock: .* not a FIFO"):
         convert(zips, out)
+    (out / ".parts" / "batch01.lock").unlink()
+    os.link(victim, out / ".parts" / "batch01.lock")  # a hard link: the same file, another name
+    with pytest.raises(ValueError, match=r"batch01\.lock: .* not a hard link to another file"):
+        convert(zips, out)
+    assert victim.read_text() == "precious data\n"
 
 
 def test_two_converts_of_the_same_zips_both_end_complete(tmp_path: Path):

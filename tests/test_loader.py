@@ -652,6 +652,9 @@ def test_a_shard_that_is_not_a_regular_file_is_refused_not_waited_on(tmp_path, c
         assert f"{path}: cannot open the shard (not a regular file)" in caplog.text
     with pytest.raises(ValueError, match="fifo.tar: cannot open the shard .not a regular file"):
         list(read_shards([str(fifo)]))  # evaluation's handler: an error
+    with pytest.raises(ValueError, match="cannot open the shard .not a regular file"):
+        list(read_shards([f"file://{fifo}"]))  # a file:// URL is a local file too
+    assert len(list(read_shards([f"file://{good}"]))) == 4
 
 
 def _rgb_sample(key: str, seed: int) -> dict:

@@ -92,8 +92,9 @@ def _one_lock(out: Path, name: str, wait: bool) -> Iterator[None]:
 def _open_lock(path: Path, flags: int) -> int:
     """A lock file's descriptor; ValueError naming it if it is a symlink or not a regular file.
 
-    A lock is truncated and written, so a symlink planted at its name would overwrite the file
-    it points to, and two locks linked to one file would deadlock a convert: never follow one.
+    A lock is truncated and written, so a symlink or a hard link planted at its name would
+    overwrite the file it points to, and two locks linked to one file would deadlock a convert:
+    never follow one, nor write a file with another name.
     """
     try:  # O_NONBLOCK: a FIFO at the name is refused below instead of waited on
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
@@ -102,10 +103,12 @@ def _open_lock(path: Path, flags: int) -> int:
             raise
         raise ValueError(f"{path}: {_NOT_A_LOCK % 'a symlink'}") from exc
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
+            kind = "a FIFO" if stat.S_ISFIFO(found.st_mode) else "a device or socket"
             raise ValueError(f"{path}: {_NOT_A_LOCK % kind}")
+        if found.st_nlink > 1:  # a hard link to another file, which writing would change
+            raise ValueError(f"{path}: {_NOT_A_LOCK % 'a hard link to another file'}")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)

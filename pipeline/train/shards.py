@@ -22,14 +22,15 @@ SHARD_BUFFER = 1 << 18
 
 
 def open_shard(url: str) -> BinaryIO:
-    """A local shard path opened with a 256 KB buffer; anything else (http://, pipe:, file:,
-    …) with gopen, whose local files get Python's default 8 KB (or $GOPEN_BUFFER).
+    """A local shard (a path, or a file:// URL) opened with a 256 KB buffer; anything else
+    (http://, pipe:, …) with gopen, whose local files get Python's default 8 KB.
 
     A local path must be a regular file: a FIFO or a device is a ValueError, never read (a
     FIFO with no writer would block the worker forever, in open() or in read())."""
-    if is_url(url):
+    path = url.removeprefix("file://") if url.startswith("file://") else url  # a local file too
+    if is_url(path):
         return gopen(url)
-    fd = os.open(url, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open() returns at once
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open() returns at once
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError("not a regular file")
