@@ -41,6 +41,7 @@ from pipeline.train.sources import (
     worker_slot,
 )
 from pipeline.train.stages import (
+    CYCLE,
     LogOnce,
     SampleDecoder,
     SkipCounter,
@@ -177,6 +178,7 @@ class ShardStream(IterableDataset):
             before = seen
             for sample in keep_slot(samples, slot, slots) if by_sample else samples:
                 seen += 1
+                sample[CYCLE] = cycle  # skips are counted in cycle 0 only (SkipCounter)
                 yield sample
             if seen == before:
                 raise ValueError(f"worker slot {slot} of {slots}: its shards gave no sample")

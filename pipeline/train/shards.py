@@ -8,6 +8,8 @@ import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
@@ -21,14 +23,25 @@ Handler = Callable[[Exception], bool]  # webdataset semantics: True continue, Fa
 SHARD_BUFFER = 1 << 18
 
 
+def local_path(url: str) -> str | None:
+    """The local file a shard location names (a path, or a `file://` URL read as gopen reads
+    one: percent-decoded, on this host), or None for anything else."""
+    if not is_url(url):
+        return url
+    parsed = urlparse(url)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return url2pathname(parsed.path)
+    return None
+
+
 def open_shard(url: str) -> BinaryIO:
     """A local shard (a path, or a file:// URL) opened with a 256 KB buffer; anything else
     (http://, pipe:, …) with gopen, whose local files get Python's default 8 KB.
 
     A local path must be a regular file: a FIFO or a device is a ValueError, never read (a
     FIFO with no writer would block the worker forever, in open() or in read())."""
-    path = url.removeprefix("file://") if url.startswith("file://") else url  # a local file too
-    if is_url(path):
+    path = local_path(url)
+    if path is None:
         return gopen(url)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open() returns at once
     try:

@@ -34,21 +34,23 @@ TARGETS = tuple(field for field in FIELDS if field not in INPUTS)  # mask, depth
 BATCH_FIELDS = ("inputs", *TARGETS)  # a batch's tensors, in `batch_shapes`' order
 
 
+CYCLE = "__cycle__"  # a training sample's cycle over the epoch's shards (loader._endless_samples)
+
+
 class SkipCounter:
     """Per-worker tally shared by the decode and batch stages (one process, plain ints), of
-    one epoch or pass: an endless training stream that reads a bad sample again in a later
-    cycle of the same epoch counts it once."""
+    one epoch or pass. An endless training stream counts a sample that fails only in its
+    epoch's first cycle over the shards (`CYCLE`), which deals every sample to exactly one
+    worker of one rank: read again later, by whichever worker, it is not counted again."""
 
     def __init__(self) -> None:
-        self.skipped = 0  # distinct samples that failed to decode, in total
+        self.skipped = 0  # samples that failed to decode, in total
         self.decoded = 0
         self._reported = 0
-        self._failed: set[tuple] = set()  # (shard, key) of each: at most the worker's share
 
-    def failed(self, url: Any, key: Any) -> None:
-        """Count a sample that failed, once."""
-        if (url, key) not in self._failed:
-            self._failed.add((url, key))
+    def failed(self, sample: dict) -> None:
+        """Count a sample that failed (unless it is a later cycle's reading of it)."""
+        if sample.get(CYCLE, 0) == 0:
             self.skipped += 1
 
     def take(self) -> int:
@@ -172,7 +174,7 @@ def _skip(sample: dict, exc: Exception, counter: SkipCounter, handler: Handler) 
     """Count a sample that failed and hand it to the handler, its key and shard named: True
     goes on, False stops the stream."""
     key, url = sample.get("__key__"), sample.get("__url__")
-    counter.failed(url, key)
+    counter.failed(sample)
     return handler(ValueError(f"sample {key} in {url}: {exc}"))
 
 
