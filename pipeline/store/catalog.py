@@ -148,6 +148,11 @@ def discard_batch(out: Path, batch: int) -> None:
             path.unlink(missing_ok=True)
 
 
+def split_of(batch: int, test_batches: Iterable[int]) -> str:
+    """The split a batch's samples go to: test for --test-batches, else train."""
+    return "test" if batch in set(test_batches) else "train"
+
+
 def record_problem(
     record: dict | str, out: Path, test_batches: Iterable[int], *, hashes: bool = False
 ) -> str | None:
@@ -157,7 +162,7 @@ def record_problem(
     """
     if isinstance(record, str):
         return record  # unreadable, damaged or older: load_records said why
-    split = "test" if record["batch"] in set(test_batches) else "train"
+    split = split_of(record["batch"], test_batches)
     if record["split"] != split:
         return f"{record['zip']} was converted into {record['split']}, now belongs to {split}"
     return shards_problem(record, out, hashes=hashes)

@@ -36,7 +36,7 @@ from pipeline.schema import (
 from pipeline.store.catalog import make_record
 from pipeline.store.names import Member, SampleId, classify, refused_sample, sample_key
 from pipeline.store.tar import ShardWriter
-from pipeline.store.zipread import MemberReader, zip_fingerprint
+from pipeline.store.zipread import MemberReader, shown_name, zip_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -164,13 +164,8 @@ def sample_json(batch: int, fg_bg: str, bg: str, mask: str, depth: str) -> bytes
 
 
 def _skip(zip_name: str, member: str, reason: str) -> dict:
-    """A skip report entry; a name's bytes that are not UTF-8 as `\\xff` (valid text for
-    every JSON reader, where a lone surrogate is not)."""
-    return {"zip": zip_name, "member": _text(member), "reason": _text(reason)}
-
-
-def _text(text: str) -> str:
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A skip report entry, a name's bytes that are not UTF-8 shown as text (`shown_name`)."""
+    return {"zip": zip_name, "member": shown_name(member), "reason": shown_name(reason)}
 
 
 class ZipConverter:

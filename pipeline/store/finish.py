@@ -18,6 +18,7 @@ from pipeline.store.catalog import (
     load_records,
     record_path,
     record_problem,
+    split_of,
     write_json_atomic,
     write_wids_indexes,
 )
@@ -39,8 +40,7 @@ def _other_split(record: dict | str, test_batches: Iterable[int]) -> bool:
     --test-batches (never forgotten: a forgotten option must not delete a good batch)."""
     if not isinstance(record, dict):
         return False
-    split = "test" if record["batch"] in set(test_batches) else "train"
-    return record["split"] != split
+    return record["split"] != split_of(record["batch"], test_batches)
 
 
 def converting(out: Path, batch: int) -> bool:

@@ -23,6 +23,7 @@ from pipeline.store.catalog import (
     record_path,
     record_problem,
     shards_problem,
+    split_of,
     write_failure,
     write_json_atomic,
 )
@@ -118,7 +119,7 @@ def plan_jobs(zips: list[Path], config: ConvertConfig) -> list[ZipJob]:
             raise ValueError(f"{path}: no such zip file")
         if batch in jobs:
             raise ValueError(f"{jobs[batch].path} and {path} are both batch {batch}")
-        split = "test" if batch in config.test_batches else "train"
+        split = split_of(batch, config.test_batches)
         jobs[batch] = ZipJob(
             path, batch, split, Path(config.out), config.shard_samples, config.seed, config.strict
         )

@@ -259,6 +259,12 @@ class MemberReader:
             )
 
 
+def shown_name(text: str) -> str:
+    """Text holding names listed from bytes that are not valid UTF-8, with those bytes as
+    `\\xff`: valid text for every reader (JSON, a terminal), where a lone surrogate is not."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def bad_name(name: str) -> bool:
     """True for a name listed from bytes that are not valid UTF-8 (kept as lone surrogates)."""
     try:

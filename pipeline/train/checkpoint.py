@@ -221,7 +221,13 @@ def unreadable_reason(exc: Exception, advice: str) -> str:
         return "the file is truncated or damaged (its zip archive is incomplete)"
     if isinstance(exc, pickle.UnpicklingError | KeyError):  # KeyError: its first byte's opcode
         return "it was not written by torch.save"
-    return short(text.splitlines()[0] if text else type(exc).__name__, 200)
+    return first_line(exc, 200)
+
+
+def first_line(exc: BaseException, limit: int) -> str:
+    """An exception's first line of text (its type's name if it has none), at most `limit`."""
+    text = str(exc)
+    return short(text.splitlines()[0] if text else type(exc).__name__, limit)
 
 
 def _write_failure(exc: Exception, folder: Path) -> str:

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 from model import UNetConfig
 from pipeline.train.checkpoint import (
     check_resume_state,
+    first_line,
     load_checkpoint,
     refuse_init_over_run,
-    short,
     weights_problem,
 )
 from pipeline.train.config import TrainConfig
@@ -111,7 +111,7 @@ def resume(
     except Exception as exc:  # torch raises many types for a state of another run or damaged
         raise ValueError(
             f"--resume: {path}: its optimizer, schedule or scaler state does not fit this run "
-            f"({short(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 160)})"
+            f"({first_line(exc, 160)})"
         ) from None
     run.epoch, run.step = state["epoch"], state["step"]
     run.best_iou = float(state.get("best_iou", -math.inf))

@@ -228,9 +228,7 @@ def decode_batches(
         held["skipped"] += counter.take()
         yield held
     elif counter.skipped:  # no batch to carry the skips: one of no sample does (BatchStream)
-        shapes = batch_shapes(0, decoder.channels, decoder.sizes)
-        empty = [torch.empty(shape, dtype=torch.uint8) for shape in shapes]  # not shared: 0 B
-        yield _batch(empty, [], counter.take(), None)
+        yield {"keys": [], "skipped": counter.take()}
 
 
 def _fill_batches(
