@@ -202,6 +202,26 @@ def test_every_rank_gets_exactly_steps_full_batches(shards, workers):
         assert sizes == [4] * 9 and len(stream) == 9
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("shard_samples", [10, 40])  # a shard per slot, or one for all
+def test_an_epoch_of_one_pass_gives_every_sample_once(tmp_path, workers, shard_samples):
+    # 40 samples, 2 ranks, batch 5: 4 steps a rank, one pass over each slot's share. A shuffle
+    # buffer mixing across passes gave repeats here (and missed samples); each pass is its own.
+    write_test_shards(tmp_path, n_train=40, n_test=0, shard_samples=shard_samples)
+    config = LoaderConfig(batch_size=5, workers=workers, prefetch_factor=2)
+    every = {f"b01_{i}_{i % 100 + 1}_0_0" for i in range(40)}
+    orders = []
+    for epoch in range(2):
+        keys = []
+        for rank in range(2):
+            stream = make_train_loader(tmp_path, config, epoch=epoch, rank=rank, world_size=2)
+            assert len(stream) == 4
+            keys += _keys(stream)
+        assert len(keys) == 40 and set(keys) == every
+        orders.append(keys)
+    assert orders[0] != orders[1]
+
+
 def _worker_pids(stream) -> list[int]:
     """The worker processes behind a TrainBatches (private DataLoader state; none in-process)."""
     return [worker.pid for worker in getattr(stream._batches, "_workers", [])]
@@ -327,6 +347,7 @@ def test_a_shard_with_fewer_samples_than_its_manifest_says_is_named(tmp_path, ca
         config = LoaderConfig(batch_size=4, workers=0, shuffle_buffer=1)
         assert len(_keys(make_train_loader(tmp_path, config, epoch=0, steps=4))) == 16
     assert "batch01-000000.tar: holds 6 samples, the manifest says 10" in caplog.text
+    assert "skipped:" not in caplog.text and "training on the samples it holds" in caplog.text
 
 
 def test_skips_of_a_worker_that_made_no_batch_are_counted(tmp_path):

@@ -90,8 +90,13 @@ def read_shards(
             return
 
 
-def _miscounted(url: str, count: int, want: int) -> ValueError:
-    return ValueError(
+class ShardMiscounted(ValueError):
+    """A shard read to its end holds another number of samples than its manifest entry: its
+    samples were all yielded (a handler that continues keeps them; none was skipped)."""
+
+
+def _miscounted(url: str, count: int, want: int) -> ShardMiscounted:
+    return ShardMiscounted(
         f"{url}: holds {count} samples, the manifest says {want} (cut short or changed since "
         "convert: `pipeline verify` the folder)"
     )

@@ -26,7 +26,7 @@ from pipeline.train import augment as augmentation
 from pipeline.train.augment import AugmentConfig
 from pipeline.train.bgcache import DecodedCache
 from pipeline.train.ring import RING_KEY, BatchRing, SharedRing
-from pipeline.train.shards import Handler
+from pipeline.train.shards import Handler, ShardMiscounted
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,10 @@ class LogOnce:
         message = str(exn)
         if message not in self.seen:
             self.seen.add(message)
-            log.warning("skipped: %s", message)
+            if isinstance(exn, ShardMiscounted):  # nothing of it was left out
+                log.warning("%s; training on the samples it holds", message)
+            else:
+                log.warning("skipped: %s", message)
         return True
 
 
