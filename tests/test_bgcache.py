@@ -112,3 +112,19 @@ def test_decoding_with_and_without_the_cache_gives_the_same_samples():
         assert a.keys() == b.keys()
         for field in ("bg", "fg_bg", "mask", "depth"):
             assert np.array_equal(a[field], b[field])
+
+
+def test_a_cached_png_background_does_not_pass_as_a_jpeg_of_the_same_bytes():
+    from pipeline.store.synth import encode_png
+
+    png = encode_png(np.full((160, 160), 90, np.uint8))
+    first, second = raw_samples(2, backgrounds=1)
+    first.pop("bg.jpg")
+    first["bg.png"] = png
+    second["bg.jpg"] = png  # the same bytes under a JPEG's name: a mistake decoding would catch
+    sizes = {"bg": SIZE, "fg_bg": SIZE, "mask": SIZE, "depth": (80, 80)}
+    decoder = SampleDecoder(1, sizes, None, DecodedCache())
+    counter, problems = SkipCounter(), []
+    decoded = list(decode_samples([first, second], decoder, counter, problems.append))
+    assert [s["key"] for s in decoded] == ["k0"] and counter.skipped == 1
+    assert "bg.jpg: holds PNG bytes, not the JPEG its name says" in str(problems[0])

@@ -23,7 +23,9 @@ DEFAULT_ENTRIES = 1000  # ~100 backgrounds for each of the 9 training zips a wor
 
 
 class DecodedCache:
-    """A bounded LRU map from (image bytes, channels, size) to their read-only decoded array."""
+    """A bounded LRU map from (image bytes, channels, size, name) to their read-only decoded
+    array. The name (`bg.jpg`, `bg.png`) is in the key because decoding checks the bytes against
+    it: the same PNG bytes named `bg.jpg` must fail that check, not hit `bg.png`'s entry."""
 
     def __init__(self, max_entries: int = DEFAULT_ENTRIES) -> None:
         if max_entries < 0:
@@ -47,9 +49,10 @@ class DecodedCache:
         channels: int,
         size: tuple[int, int],
         decode: Callable[[bytes, int, tuple[int, int]], np.ndarray],
+        name: str = "",
     ) -> np.ndarray:
         """The decoded image of `data`: from the cache, or `decode(data, channels, size)` kept."""
-        key = (hashlib.sha256(data).digest(), channels, tuple(size))
+        key = (hashlib.sha256(data).digest(), channels, tuple(size), name)
         array = self._entries.get(key)
         if array is not None:
             self.hits += 1

@@ -137,7 +137,7 @@ class SampleDecoder:
         try:
             if self.cache is None or field != "bg":
                 return codec(data, depth, self.sizes[field], out=out)
-            image = self.cache.decode(data, depth, self.sizes[field], codec)  # shared, read-only
+            image = self.cache.decode(data, depth, self.sizes[field], codec, ext)  # read-only
         except Exception as exc:  # any decoder's failure skips the sample
             raise ValueError(f"{ext}: {exc}") from None
         if out is None:
