@@ -1,26 +1,68 @@
 #!/usr/bin/env bash
-# The GPU benchmarks of issue 7 in one go (under 10 minutes on a 16-core H200 machine):
+# The GPU benchmarks of issue 7 in one go, within one time budget (TOTAL, 510 s by default):
 #   two synthetic 40,000-sample zips -> shards -> `pipeline bench train --device cuda` (the model
-#   alone and from shards, workers = cores, bf16, compile off and on, batch 256/512/1024, and once
-#   with --augment-on workers) -> `pipeline bench loader` (1 and all workers) -> two epochs of
-#   `pipeline train` (the persistent workers across the epoch boundary).
-# Every result is a JSON file in $OUT (default ./gpu-results), with machine.txt describing the
-# machine. Each step has its own time limit, so one slow step cannot eat the others' time.
+#   alone and from shards, workers = cores, bf16, batch 256/512/1024, compile off, then once with
+#   --augment-on workers) -> `pipeline bench loader` (1 and all workers) -> two epochs of
+#   `pipeline train` (persistent workers across the epoch boundary) -> compile on, last (slowest).
+# Steps run most important first; each has its own limit, cut to the time left, so one slow step
+# cannot eat the others' time, and a step with under MIN_STEP seconds left is skipped (said so).
+# Every result is a JSON file (stdout) and a log (stderr) in $RESULTS, with machine.txt; at the
+# end summary.txt holds the headline figures. With BUNDLE set, all of it is also packed into that
+# one .tar.gz after every step (the device tool brings back at most 8 files).
+#
+# Where the project is not installed (the lent GPU machine: its python3 has torch, click, numpy,
+# opencv, pillow, tensorboard, tqdm, not the rest), the wheels in .whl/ are installed into
+# /tmp/site first and the CLI runs as `python3 -m pipeline` from this checkout. Make them here:
+#   bash benchmarks/gpu-wheels.sh            # .whl/ (git-ignored), for the device's Python 3.12
+# then, with the device tool: run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=600)
+# (there $OUT is the tool's folder: the script then writes the bundle there, see below).
 #
 # Sizes and the device are env vars, so it can be tried on a CPU first, e.g.:
-#   SAMPLES=300 DEVICE=cpu BATCHES="8 16" COMPILE="off" STEPS=2 WARMUP=1 WORKERS=2 \
-#     TRAIN_BATCH=16 TRAIN_STEPS=3 OUT=/tmp/gpu-try bash benchmarks/gpu.sh
+#   SAMPLES=300 DEVICE=cpu BATCHES="8 16" COMPILE="off on" STEPS=2 WARMUP=1 WORKERS=2 \
+#     TRAIN_BATCH=16 TRAIN_STEPS=3 RESULTS=/tmp/gpu-try bash benchmarks/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+T0=$SECONDS
 
-P=${PIPELINE:-.venv/bin/pipeline}
-[ -x "$P" ] || P=pipeline  # e.g. inside the Docker image
-OUT=${OUT:-./gpu-results}
+# ------------------------------------------------------------------ where the CLI comes from
+PY=${PY:-python3}
+if [ -n "${PIPELINE:-}" ]; then
+  P=$PIPELINE
+elif [ -x .venv/bin/pipeline ]; then
+  P=.venv/bin/pipeline PY=.venv/bin/python
+elif command -v pipeline >/dev/null && pipeline --help >/dev/null 2>&1; then
+  P=pipeline  # e.g. inside the Docker image
+else
+  if ! "$PY" -c "import webdataset, simplejpeg, pytorch_msssim" 2>/dev/null; then
+    ls .whl/*.whl >/dev/null 2>&1 || {
+      echo "gpu.sh: pipeline is not installed and .whl/ holds no wheels: run benchmarks/gpu-wheels.sh" >&2
+      exit 2
+    }
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  P="$PY -m pipeline"
+fi
+$P --help >/dev/null  # fails here, loudly, if the set-up above did not work
+
+# ------------------------------------------------------------------ settings
+# The device tool sets OUT to the folder it brings back: there, results go to a scratch folder
+# and only the bundle (and summary.txt) to $OUT.
+if [ -n "${OUT:-}" ] && [ -z "${RESULTS:-}" ] && [ -z "${BUNDLE:-}" ]; then
+  RESULTS=$(mktemp -d /tmp/gpu-results.XXXXXX)
+  BUNDLE=$OUT/gpu-results.tar.gz
+  SUMMARY_COPY=$OUT/summary.txt
+fi
+RESULTS=${RESULTS:-./gpu-results}
+BUNDLE=${BUNDLE:-}
+SUMMARY_COPY=${SUMMARY_COPY:-}
 WORK=${WORK:-$(mktemp -d /tmp/gpu-bench.XXXXXX)}
 SAMPLES=${SAMPLES:-40000}                  # per zip; two zips
 DEVICE=${DEVICE:-cuda}
 WORKERS=${WORKERS:-$(nproc)}               # loader workers: the machine's cores
-BATCHES=${BATCHES:-256 512 1024}
+BATCHES=${BATCHES:-512 1024 256}           # the first is the headline (and the loader's batch)
 COMPILE=${COMPILE:-off on}
 AMP=${AMP:-bf16}
 STEPS=${STEPS:-60}
@@ -28,21 +70,43 @@ WARMUP=${WARMUP:-15}
 TRAIN_EPOCHS=${TRAIN_EPOCHS:-2}
 TRAIN_BATCH=${TRAIN_BATCH:-512}
 TRAIN_STEPS=${TRAIN_STEPS:-}              # cap the epochs (a CPU trial); empty = whole epochs
-LIMIT=${LIMIT:-150}                        # seconds per benchmark command (compile: 2x)
+LIMIT=${LIMIT:-120}                        # seconds per benchmark command at most (compile: 2x)
+TOTAL=${TOTAL:-510}                        # seconds for the whole script, set-up included
+MIN_STEP=${MIN_STEP:-20}                   # a step with less time left is skipped
+FIRST=$(echo $BATCHES | awk '{print $1}')
 
-mkdir -p "$OUT" "$WORK"
-log() { printf '\n== %s  %s\n' "$(date +%T)" "$*"; }
-# run NAME SECONDS CMD...: stdout (JSON) to $OUT/NAME.json, stderr to $OUT/NAME.log; a failure
-# or timeout is recorded in NAME.log and the script goes on.
-run() {
-  local name=$1 limit=$2
-  shift 2
-  log "$name"
-  if timeout "$limit" "$@" >"$OUT/$name.json" 2>"$OUT/$name.log"; then
-    tail -c 600 "$OUT/$name.json"; echo
-  else
-    echo "FAILED or timed out after ${limit}s (exit $?): see $OUT/$name.log" | tee -a "$OUT/$name.log"
+mkdir -p "$RESULTS" "$WORK"
+log() { printf '\n== %s (+%ds)  %s\n' "$(date +%T)" "$((SECONDS - T0))" "$*"; }
+pack() {
+  if [ -n "$BUNDLE" ]; then
+    tar czf "$BUNDLE.part" -C "$RESULTS" . && mv "$BUNDLE.part" "$BUNDLE"
   fi
+}
+# run NAME SECONDS CMD...: stdout (JSON) to NAME.json, stderr to NAME.log, within SECONDS and
+# the time left; a failure, a timeout or a skip is recorded in NAME.log and the script goes on.
+run() {
+  local name=$1 limit=$2 left
+  shift 2
+  left=$((TOTAL - (SECONDS - T0) - 10))  # 10 s for the summary and the bundle
+  if [ "$left" -lt "$limit" ]; then limit=$left; fi
+  log "$name (limit ${limit}s)"
+  if [ "$limit" -lt "$MIN_STEP" ]; then
+    echo "SKIPPED: ${limit}s left of TOTAL=${TOTAL}s" | tee "$RESULTS/$name.log"
+    return 0
+  fi
+  if timeout "$limit" "$@" >"$RESULTS/$name.json" 2>"$RESULTS/$name.log"; then
+    tail -c 700 "$RESULTS/$name.json"; echo
+  else
+    echo "FAILED or timed out after ${limit}s (exit $?): see $name.log" | tee -a "$RESULTS/$name.log"
+    tail -n 5 "$RESULTS/$name.log" | grep -v "^FAILED" || true
+  fi
+  pack
+}
+train_bench() {  # train_bench NAME LIMIT BATCH EXTRA...
+  local name=$1 limit=$2 batch=$3
+  shift 3
+  run "$name" "$limit" $P bench train --device "$DEVICE" --batch-size "$batch" --amp "$AMP" \
+    --shards "$WORK/shards" --workers "$WORKERS" --steps "$STEPS" --warmup "$WARMUP" --json "$@"
 }
 
 {
@@ -50,44 +114,45 @@ run() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
   lscpu | grep -E "^(Model name|CPU\(s\)|Thread|Core)" || true
   free -g | head -2
-  "$(dirname "$P")/python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>/dev/null || true
-  echo "SAMPLES=$SAMPLES DEVICE=$DEVICE WORKERS=$WORKERS BATCHES=$BATCHES COMPILE=$COMPILE AMP=$AMP STEPS=$STEPS WARMUP=$WARMUP"
-} | tee "$OUT/machine.txt"
+  echo "CLI: $P"
+  $P --version || true
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" || true
+  echo "SAMPLES=$SAMPLES DEVICE=$DEVICE WORKERS=$WORKERS BATCHES=$BATCHES COMPILE=$COMPILE AMP=$AMP STEPS=$STEPS WARMUP=$WARMUP TOTAL=$TOTAL"
+} | tee "$RESULTS/machine.txt"
 
 log "synth: 2 zips of $SAMPLES samples, one process each"
-start=$SECONDS
-$P synth "$WORK/zips" --batches 1 --samples "$SAMPLES" --seed 0 2>"$OUT/synth1.log" &
-$P synth "$WORK/zips" --batches 2 --samples "$SAMPLES" --seed 1 2>"$OUT/synth2.log" &
+$P synth "$WORK/zips" --batches 1 --samples "$SAMPLES" --seed 0 2>"$RESULTS/synth1.log" &
+$P synth "$WORK/zips" --batches 2 --samples "$SAMPLES" --seed 1 2>"$RESULTS/synth2.log" &
 wait
 log "convert (both zips train: no test split)"
 $P convert "$WORK"/zips/*.zip --out "$WORK/shards" --test-batches 99 --workers 2 --json \
-  >"$OUT/convert.json" 2>"$OUT/convert.log"
-echo "data ready in $((SECONDS - start)) s"
+  >"$RESULTS/convert.json" 2>"$RESULTS/convert.log"
+echo "data ready after $((SECONDS - T0)) s"
+pack
 
-for compile in $COMPILE; do
-  flag=""; limit=$LIMIT
-  if [ "$compile" = on ]; then flag="--compile"; limit=$((2 * LIMIT)); fi
+# Most important first: compile off at every batch size (the headline is the first), the loader,
+# the other augmentation choice, whole epochs, then compile on.
+if [[ " $COMPILE " == *" off "* ]]; then
   for batch in $BATCHES; do
-    run "train-b$batch-compile-$compile" "$limit" $P bench train --device "$DEVICE" \
-      --batch-size "$batch" --amp "$AMP" $flag --shards "$WORK/shards" --workers "$WORKERS" \
-      --steps "$STEPS" --warmup "$WARMUP" --json
+    train_bench "train-b$batch-compile-off" "$LIMIT" "$batch"
   done
-  if [ "$compile" = off ]; then  # the other augmentation choice, once, for the comparison
-    batch=$(echo $BATCHES | awk '{print $2 ? $2 : $1}')
-    run "train-b$batch-augment-on-workers" "$limit" $P bench train --device "$DEVICE" \
-      --batch-size "$batch" --amp "$AMP" --augment-on workers --shards "$WORK/shards" \
-      --workers "$WORKERS" --steps "$STEPS" --warmup "$WARMUP" --json
-  fi
-done
-
-batch=$(echo $BATCHES | awk '{print $2 ? $2 : $1}')
-run "loader-b$batch" "$LIMIT" $P bench loader --shards "$WORK/shards" --workers "$WORKERS" \
-  --batch-size "$batch" --batches 40 --rounds 1 --no-old --json
-
+fi
+run "loader-b$FIRST" "$LIMIT" $P bench loader --shards "$WORK/shards" --workers "$WORKERS" \
+  --batch-size "$FIRST" --batches 40 --rounds 1 --no-old --json
+train_bench "train-b$FIRST-augment-on-workers" "$LIMIT" "$FIRST" --augment-on workers
 # Whole epochs: the second starts without restarting workers (its data wait shows it).
-run "train-epochs" "$((2 * LIMIT))" $P train --shards "$WORK/shards" --out "$WORK/run" \
+run "train-epochs" "$LIMIT" $P train --shards "$WORK/shards" --out "$WORK/run" \
   --device "$DEVICE" --workers "$WORKERS" --batch-size "$TRAIN_BATCH" --amp "$AMP" \
   --epochs "$TRAIN_EPOCHS" ${TRAIN_STEPS:+--steps-per-epoch "$TRAIN_STEPS"}
-grep -h "epoch .*samples/s" "$OUT/train-epochs.log" || true
+grep -h "epoch .*samples/s" "$RESULTS/train-epochs.log" || true
+if [[ " $COMPILE " == *" on "* ]]; then
+  for batch in $BATCHES; do
+    train_bench "train-b$batch-compile-on" "$((2 * LIMIT))" "$batch" --compile
+  done
+fi
 
-log "done: results in $OUT (work files in $WORK)"
+log "summary"
+"$PY" benchmarks/gpu_summary.py "$RESULTS" | tee "$RESULTS/summary.txt" || true
+pack
+[ -z "$SUMMARY_COPY" ] || cp "$RESULTS/summary.txt" "$SUMMARY_COPY"
+log "done: results in $RESULTS${BUNDLE:+ (and $BUNDLE)}, work files in $WORK"
