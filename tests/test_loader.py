@@ -318,6 +318,15 @@ def test_undecodable_sample_is_skipped_warned_and_counted(tmp_path, caplog):
     assert "b01_5_6_0_0" not in _keys(train) and train.skipped == 1
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_training_split_of_only_bad_samples_fails_after_one_pass(tmp_path, workers):
+    bad = [f"b01_{i}_{i % 100 + 1}_0_0" for i in range(12)]
+    write_test_shards(tmp_path, n_train=12, n_test=0, shard_samples=6, bad_keys=bad)
+    config = LoaderConfig(batch_size=4, workers=workers, prefetch_factor=2)
+    with pytest.raises((LoaderError, ValueError), match="no sample could be decoded"):
+        _keys(make_train_loader(tmp_path, config, epoch=0))  # not an endless search
+
+
 def test_a_file_twice_refuses_its_sample_alone_not_the_rest_of_its_shard(tmp_path, caplog):
     from pipeline.store.verify import verify_shard
 
