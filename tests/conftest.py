@@ -134,6 +134,18 @@ def build_zip(
     return out
 
 
+STUB = b'#!/bin/sh\nexec unzip "$0"\n'  # a self-extracting zip's stub: its offsets move
+
+
+def wrap_zip(path: Path, comment: bytes = b"", prefix: bytes = b"") -> Path:
+    """Give a zip without a comment the end-record comment `comment` and put `prefix` before it,
+    byte by byte (its offsets stay those of the zip alone, as `cat stub.bin x.zip` leaves them)."""
+    data = path.read_bytes()
+    assert data[-22:-18] == b"PK\x05\x06" and data[-2:] == b"\0\0"  # an end record, no comment
+    path.write_bytes(prefix + data[:-2] + len(comment).to_bytes(2, "little") + comment)
+    return path
+
+
 @pytest.fixture
 def make_zip(tmp_path: Path):
     """Build a test zip in tmp_path/zips: make_zip("batch1_images.zip", samples=6, ...)."""

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import shutil
+import struct
 import sys
 import tarfile
 import zipfile
@@ -16,7 +17,7 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import BatchZip, encode
+from conftest import STUB, BatchZip, encode, wrap_zip
 
 from pipeline.cli import cli
 from pipeline.images import JpegError, check_jpeg
@@ -178,44 +179,78 @@ def test_central_directory_is_read_as_zipfile_reads_it(make_zip, options: dict):
     assert_lists_as_zipfile(make_zip("batch1_images.zip", 4, **options).path)
 
 
-def test_zip64_directory_and_unicode_names_are_read(tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("comment, prefix", [(b"", b""), (b"made by hand", b""), (b"", STUB)])
+def test_zip64_directory_and_unicode_names_are_read(tmp_path: Path, monkeypatch, comment, prefix):
     path = tmp_path / "z64.zip"
     monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 3)  # a ZIP64 end record from 4 members
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         for name in ["fg_bg_jpg/a.jpg", "bg_jpg/é.jpg", "x/ü ß", "y/plain"]:
             zf.writestr(name, name.encode() * 3)
     monkeypatch.undo()
+    wrap_zip(path, comment, prefix)  # a comment after its ZIP64 records, or the whole zip moved
     with open(path, "rb") as f:
         assert b"PK\x06\x06" in f.read()  # really ZIP64
     assert_lists_as_zipfile(path)
 
 
-def test_unusual_zips_are_listed_by_zipfile_and_convert_alike(make_zip, tmp_path: Path):
-    # A comment, bytes before the zip, members streamed with data descriptors: the first two
-    # are listed by zipfile, the last by the fast reader; all give the plain zip's shards.
+# A zip comment (the longest one too), bytes before the zip, and both.
+WRAPPED = [(b"made by hand", b""), (b"", STUB), (b"made by hand", STUB), (b"c" * 0xFFFF, b"")]
+
+
+@pytest.mark.parametrize("comment, prefix", WRAPPED)
+def test_a_comment_or_bytes_before_the_zip_are_read_by_the_fast_reader(
+    make_zip, comment: bytes, prefix: bytes
+):
+    z = make_zip("batch1_images.zip", 4)
+    offsets = [e.header_offset for e in directory_of(z.path)]
+    assert_lists_as_zipfile(wrap_zip(z.path, comment, prefix))  # zipfile's shifted offsets too
+    assert [e.header_offset - len(prefix) for e in directory_of(z.path)] == offsets
+
+
+def test_unusual_zips_convert_alike(make_zip, tmp_path: Path):
+    # A comment, bytes before the zip, both, members streamed with data descriptors: the fast
+    # reader lists them; bytes after the end record that are not its comment: zipfile does. All
+    # give the plain zip's shards.
     z = make_zip("batch1_images.zip", 5)
-    plain = z.path.read_bytes()
-    variants = tmp_path / "variants"
-    variants.mkdir()
-    (variants / "batch1_images.zip").write_bytes(b"#!/bin/sh\nexit\n" + plain)
-    commented = variants / "c" / "batch1_images.zip"
-    commented.parent.mkdir()
-    shutil.copy(z.path, commented)
-    with zipfile.ZipFile(commented, "a") as zf:
-        zf.comment = b"made by hand"
-    streamed = variants / "s" / "batch1_images.zip"
+    variants = []
+    for i, (comment, prefix) in enumerate(WRAPPED[:3]):
+        variants.append(tmp_path / f"v{i}" / "batch1_images.zip")
+        variants[-1].parent.mkdir()
+        wrap_zip(Path(shutil.copy(z.path, variants[-1])), comment, prefix)
+    variants.append(tmp_path / "zc" / "batch1_images.zip")  # a comment written by zipfile
+    variants[-1].parent.mkdir()
+    with zipfile.ZipFile(shutil.copy(z.path, variants[-1]), "a") as zf:
+        zf.comment = b"made by zipfile"
+    streamed = tmp_path / "s" / "batch1_images.zip"
     streamed.parent.mkdir()
     with zipfile.ZipFile(streamed, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, data in z.members.items():
             with zf.open(name, "w") as f:
                 f.write(data)
-    assert directory_of(variants / "batch1_images.zip") is None and directory_of(commented) is None
-    assert directory_of(streamed) is not None
+    trailing = tmp_path / "t" / "batch1_images.zip"
+    trailing.parent.mkdir()
+    trailing.write_bytes(z.path.read_bytes() + b"not a comment")
+    assert all(directory_of(path) is not None for path in [*variants, streamed])
+    assert directory_of(trailing) is None
     assert convert([z.path], tmp_path / "ref").ok
     expected = (tmp_path / "ref/train/batch01-000000.tar").read_bytes()
-    for i, path in enumerate([variants / "batch1_images.zip", commented, streamed]):
+    for i, path in enumerate([*variants, streamed, trailing]):
         assert convert([path], tmp_path / f"out{i}").ok
         assert (tmp_path / f"out{i}/train/batch01-000000.tar").read_bytes() == expected, path
+
+
+def test_a_comment_holding_the_end_record_signature_is_not_taken_for_it(make_zip, tmp_path: Path):
+    # The comment holds a whole end record, of an empty zip, then the signature alone. zipfile
+    # takes the last signature it finds for the record; its comment length must reach the end
+    # of the file, and these do not.
+    z = make_zip("batch1_images.zip", 4)
+    listed = directory_of(z.path)
+    assert convert([z.path], tmp_path / "ref").ok
+    wrap_zip(z.path, b"see PK\x05\x06" + bytes(18) + b" and PK\x05\x06 alone")
+    assert directory_of(z.path) == listed
+    assert convert([z.path], tmp_path / "out").ok
+    tar = "train/batch01-000000.tar"
+    assert (tmp_path / "out" / tar).read_bytes() == (tmp_path / "ref" / tar).read_bytes()
 
 
 def test_damaged_zip_ends_fall_back_to_zipfile(make_zip, tmp_path: Path):
@@ -228,6 +263,40 @@ def test_damaged_zip_ends_fall_back_to_zipfile(make_zip, tmp_path: Path):
     assert directory_of(z.path) is None
     summary = convert([z.path], tmp_path / "out")
     assert not summary.ok and "cannot open it as a zip" in summary.failed[0]["error"]
+
+
+@pytest.mark.parametrize(
+    "damage, error",
+    [
+        ("comment cut short", None),  # zipfile reads a comment shorter than its length says
+        ("end record cut", "File is not a zip file"),
+        ("directory too big", "Bad offset for central directory"),
+    ],
+)
+def test_a_damaged_end_record_of_a_commented_zip_is_left_to_zipfile(
+    make_zip, tmp_path: Path, caplog, damage: str, error: str | None
+):
+    z = make_zip("batch1_images.zip", 3)
+    wrap_zip(z.path, b"made by hand", STUB)
+    assert directory_of(z.path) is not None  # intact, the fast reader lists it
+    data = bytearray(z.path.read_bytes())
+    record = data.rindex(b"PK\x05\x06")
+    if damage == "comment cut short":
+        del data[-1]  # the record's comment length reaches past the end of the file
+    elif damage == "end record cut":
+        del data[record + 10 :]
+    else:
+        struct.pack_into("<L", data, record + 12, len(data))  # the directory's size
+    z.path.write_bytes(bytes(data))
+    assert directory_of(z.path) is None
+    result = CliRunner().invoke(cli, ["convert", str(z.path), "--out", str(tmp_path / "out")])
+    assert isinstance(result.exception, SystemExit | None)
+    assert "Traceback" not in result.output + caplog.text
+    if error is None:
+        assert result.exit_code == 0, result.output
+    else:
+        assert result.exit_code == 1
+        assert f"{z.path}: cannot open it as a zip ({error})" in caplog.messages
 
 
 def test_sample_json_is_what_json_dumps_gives():

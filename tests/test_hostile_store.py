@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import build_zip
+from conftest import STUB, build_zip, wrap_zip
 
 from pipeline.cli import cli
 from pipeline.schema import MAX_MEMBER_BYTES, validate_manifest
@@ -32,7 +32,12 @@ from pipeline.store.guard import locked
 from pipeline.store.runner import ConvertConfig, convert_zips
 from pipeline.store.tar import read_samples
 from pipeline.store.verify import verify_shards
-from pipeline.store.zipread import MemberReader, MemberRefused
+from pipeline.store.zipread import (
+    MemberReader,
+    MemberRefused,
+    read_central_directory,
+    shown_name,
+)
 
 PWN = "pipe:id > pwned.txt; cat train/batch01-000000.tar"
 
@@ -571,6 +576,36 @@ def test_a_name_that_is_not_utf8_refuses_that_member_only(tmp_path: Path):
     assert verify(out).ok
 
 
+@pytest.mark.parametrize("prefix", [b"", STUB])
+def test_a_name_that_is_not_utf8_in_a_commented_zip_refuses_that_member_only(
+    tmp_path: Path, prefix: bytes
+):
+    # zipfile refuses the whole zip for it, so the fast reader must list a commented zip.
+    z = build_zip(tmp_path / "batch1_images.zip", 4)
+    first = list(z.samples.values())[0]
+    with zipfile.ZipFile(z.path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    depth = "dé/" + first["depth"]
+    members[depth] = members.pop(first["depth"])
+    with zipfile.ZipFile(z.path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    listed = spoil_name(z.path, depth)
+    wrap_zip(z.path, b"made by hand; PK\x05\x06 is in here too", prefix)
+    with open(z.path, "rb") as f:
+        assert listed in {e.filename for e in read_central_directory(f)}
+    out = tmp_path / "shards"
+    summary = convert([z.path], out)
+    assert summary.ok and summary.samples["train"] == 3
+    (skip,) = manifest_of(out)["skipped"]
+    assert skip["member"] == first["fg_bg"]
+    assert skip["reason"] == (
+        f"depth member {shown_name(listed)}: cannot read it (its name is not valid UTF-8 though "
+        "its entry says it is)"
+    )
+    assert verify(out).ok
+
+
 def set_version(path: Path, name: str, version: int) -> None:
     """Set the "version needed to extract" of one member's directory entry."""
     data = bytearray(path.read_bytes())
@@ -591,16 +626,23 @@ def test_a_member_of_a_later_zip_version_is_refused_alone(tmp_path: Path):
     assert skip["reason"].endswith(
         "cannot read it (needs zip version 8.3 to extract: versions up to 6.3 are read)"
     )
-    # A zip that zipfile lists (it has a comment) fails alone, with a clear error.
+    # A zip with a comment is listed by the fast reader too: that member alone is refused.
     (tmp_path / "c").mkdir()
     commented = build_zip(tmp_path / "c" / "batch2_images.zip", 4)
-    with zipfile.ZipFile(commented.path, "a") as zf:
-        zf.comment = b"made by hand"
-    set_version(commented.path, "fg_jpg/fg_1.jpg", 83)
-    summary = convert([commented.path, z.path], out)
-    assert summary.samples["train"] == 3 and [f["error"] for f in summary.failed] == [
-        f"{commented.path}: cannot open it as a zip (zip file version 8.3)"
+    set_version(
+        wrap_zip(commented.path, b"made by hand"), list(commented.samples.values())[0]["mask"], 83
+    )
+    # A zip that zipfile lists (bytes after its end record) fails alone, with a clear error.
+    (tmp_path / "t").mkdir()
+    trailing = build_zip(tmp_path / "t" / "batch3_images.zip", 4).path
+    set_version(trailing, "fg_jpg/fg_1.jpg", 83)
+    trailing.write_bytes(trailing.read_bytes() + b"not a comment")
+    summary = convert([commented.path, trailing, z.path], out)
+    assert summary.samples["train"] == 6 and [f["error"] for f in summary.failed] == [
+        f"{trailing}: cannot open it as a zip (zip file version 8.3)"
     ]
+    skipped = [s["member"] for s in manifest_of(out)["skipped"]]
+    assert skipped == [second["fg_bg"], list(commented.samples.values())[0]["fg_bg"]]
 
 
 def absurd_tar(size: int) -> bytes:

@@ -108,7 +108,7 @@ def open_zip(path: Path) -> MemberReader:
     try:
         return MemberReader(path)
     except (OSError, zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as exc:
-        # zipfile lists an unusual zip (a comment, ...) and refuses it whole for one odd entry.
+        # zipfile lists an unusual zip (a damaged one, ...) and refuses it whole for one odd entry.
         raise ConvertError(f"{path}: cannot open it as a zip ({exc})") from None
 
 

@@ -2,11 +2,12 @@
 
 zipfile builds a ZipInfo per member and a file object per read (~40 us a member together); a
 published zip has ~120,000 members. This reads the same fields and bytes with one struct call and
-one pread + inflate each, checks CRCs and sizes as zipfile does, and hands an unusual listing
-(ZIP64 fields on a member, a comment, damage) to zipfile. Encrypted members, compression
-methods other than stored and deflate, a member needing a later zip version than 6.3 and one whose
-name is not the UTF-8 its entry claims are refused, each alone: zipfile would refuse the whole
-zip for one such entry. No torch here.
+one pread + inflate each, checks CRCs and sizes as zipfile does, reads a zip comment and bytes
+before the zip (a self-extracting stub) as zipfile does, and hands an unusual listing (ZIP64
+fields on a member, damage) to zipfile. Encrypted members, compression methods other than stored
+and deflate, a member needing a later zip version than 6.3 and one whose name is not the UTF-8 its
+entry claims are refused, each alone: zipfile would refuse the whole zip for one such entry. No
+torch here.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ END64_MAGIC = b"PK\x06\x06"
 ZIP_STORED, ZIP_DEFLATED = zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED
 DEFLATE_SLACK = 1 << 16  # deflate may grow incompressible data a little: 5 bytes per 16 KB
 MAX_EXTRACT_VERSION = 63  # the newest "version needed to extract" zipfile reads (6.3)
+MAX_COMMENT = 0xFFFF  # a zip comment's length is a 16-bit field of the end record
 
 
 class MemberRefused(zipfile.BadZipFile):
@@ -65,49 +67,74 @@ def read_central_directory(f) -> list[ZipEntry] | None:
     """A plain zip's members from its central directory, in order; None if it is not plain.
 
     zipfile builds a ZipInfo per member (~5 us each, a fifth of a second for a published zip);
-    this reads the same fields with one struct call each. Anything unusual (a comment, bytes
-    before the zip, ZIP64 fields in a member, a Unicode-path field, damage) gives None: zipfile
-    lists that zip instead. An entry zipfile would refuse the whole zip for (a name that is not
-    valid UTF-8 though its flag says so, a version over 6.3) is listed: `MemberReader.read`
-    refuses that member alone.
+    this reads the same fields with one struct call each. A zip comment, and bytes before the zip
+    (a self-extracting stub: every offset is shifted by its length), are read as zipfile reads
+    them. Anything else unusual (ZIP64 fields in a member, a Unicode-path field, damage) gives
+    None: zipfile lists that zip instead. An entry zipfile would refuse the whole zip for (a name
+    that is not valid UTF-8 though its flag says so, a version over 6.3) is listed:
+    `MemberReader.read` refuses that member alone.
     """
     fd = f.fileno()
     size = os.fstat(fd).st_size
-    tail_size = min(size, END64_RECORD.size + ZIP64_LOCATOR.size + END_RECORD.size)
-    found = _directory_place(os.pread(fd, tail_size, size - tail_size), size)
+    found = _find_directory(fd, size)
     if found is None:
         return None
-    total, cd_size, cd_offset = found
-    directory = os.pread(fd, cd_size, cd_offset)
+    total, cd_size, cd_start, concat = found
+    directory = os.pread(fd, cd_size, cd_start)
     entries = _parse_directory(directory) if len(directory) == cd_size else None
-    return entries if entries is not None and len(entries) == total else None
+    if entries is None or len(entries) != total:
+        return None
+    if concat:  # bytes before the zip: each member lies that much further on, as with zipfile
+        entries = [e._replace(header_offset=e.header_offset + concat) for e in entries]
+    return entries
 
 
-def _directory_place(tail: bytes, size: int) -> tuple[int, int, int] | None:
-    """(members, size, offset) of the central directory from the zip's last bytes; None if odd."""
-    if len(tail) < END_RECORD.size:
+def _find_directory(fd: int, size: int) -> tuple[int, int, int, int] | None:
+    """(members, size, start, concat) of the central directory; None if no end record fits."""
+    tail_size = min(size, END64_RECORD.size + ZIP64_LOCATOR.size + END_RECORD.size)
+    tail = os.pread(fd, tail_size, size - tail_size)
+    found = _directory_place(tail, tail_size - END_RECORD.size, size)
+    if found is not None:  # no comment: the end record ends the zip (one small read)
+        return found
+    # A comment (up to 65,535 bytes) follows the end record. Search back for its signature as
+    # zipfile does, but take a record only if its comment ends the file and its directory fits:
+    # the comment may hold the signature too.
+    start = max(0, size - MAX_COMMENT - tail_size)
+    tail = os.pread(fd, size - start, start)
+    pos = len(tail) - END_RECORD.size + len(END_MAGIC)  # a whole record fits before the end
+    while found is None and (pos := tail.rfind(END_MAGIC, 0, pos)) >= 0:
+        found = _directory_place(tail, pos, size)
+        pos += len(END_MAGIC) - 1  # the next candidate starts before this one
+    return found
+
+
+def _directory_place(tail: bytes, record: int, size: int) -> tuple[int, int, int, int] | None:
+    """(members, size, start, concat) of the central directory from the end record at `record`
+    in `tail`, the zip's last bytes; None if odd. concat: the bytes before the zip."""
+    if record < 0:
         return None
     magic, disk, cd_disk, count, total, cd_size, cd_offset, comment = END_RECORD.unpack_from(
-        tail, len(tail) - END_RECORD.size
+        tail, record
     )
-    if magic != END_MAGIC or comment:
+    cd_end = size - len(tail) + record  # where the end record starts in the file
+    if magic != END_MAGIC or cd_end + END_RECORD.size + comment != size:
         return None
-    cd_end = size - END_RECORD.size
-    locator = len(tail) - END_RECORD.size - ZIP64_LOCATOR.size
+    locator = record - ZIP64_LOCATOR.size
     if locator >= 0 and tail.startswith(ZIP64_LOCATOR_MAGIC, locator):
         # ZIP64 (over 65,535 members, as the published zips): the counts are in its own record.
         _, locator_disk, record_offset, disks = ZIP64_LOCATOR.unpack_from(tail, locator)
-        if locator != END64_RECORD.size or locator_disk or disks > 1:
+        if locator < END64_RECORD.size or locator_disk or disks > 1:
             return None
         magic, _, _, _, disk, cd_disk, count, total, cd_size, cd_offset = END64_RECORD.unpack_from(
-            tail
+            tail, locator - END64_RECORD.size
         )
-        cd_end = size - len(tail)
-        if magic != END64_MAGIC or record_offset != cd_end:
+        cd_end -= ZIP64_LOCATOR.size + END64_RECORD.size
+        if magic != END64_MAGIC or record_offset != cd_offset + cd_size:
             return None
-    if disk or cd_disk or count != total or cd_offset + cd_size != cd_end:
+    concat = cd_end - cd_size - cd_offset  # zipfile's `concat`: 0 unless bytes precede the zip
+    if disk or cd_disk or count != total or concat < 0:
         return None
-    return total, cd_size, cd_offset
+    return total, cd_size, cd_end - cd_size, concat
 
 
 def _parse_directory(directory: bytes) -> list[ZipEntry] | None:
