@@ -65,7 +65,7 @@ WORKERS=${WORKERS:-$(nproc)}               # loader workers: the machine's cores
 BATCHES=${BATCHES:-512 1024 256}           # the first is the headline (and the loader's batch)
 COMPILE=${COMPILE:-off on}
 AMP=${AMP:-bf16}
-STEPS=${STEPS:-60}
+STEPS=${STEPS:-150}                        # timed steps (after the warm-up and the backlog)
 WARMUP=${WARMUP:-15}
 TRAIN_EPOCHS=${TRAIN_EPOCHS:-2}
 TRAIN_BATCH=${TRAIN_BATCH:-512}
@@ -138,7 +138,7 @@ if [[ " $COMPILE " == *" off "* ]]; then
   done
 fi
 run "loader-b$FIRST" "$LIMIT" $P bench loader --shards "$WORK/shards" --workers "$WORKERS" \
-  --batch-size "$FIRST" --batches 40 --rounds 1 --no-old --json
+  --batch-size "$FIRST" --batches 64 --rounds 1 --no-old --json
 train_bench "train-b$FIRST-augment-on-workers" "$LIMIT" "$FIRST" --augment-on workers
 # Whole epochs: the second starts without restarting workers (its data wait shows it).
 run "train-epochs" "$LIMIT" $P train --shards "$WORK/shards" --out "$WORK/run" \

@@ -570,6 +570,43 @@ def test_bench_loader_reports_the_floor_the_loaders_and_the_old_way(shards):
     assert set(result["decoders_images_per_s"]) == {"simplejpeg", "cv2", "pil"}
 
 
+def test_bench_loader_times_after_one_warm_up_batch_from_each_worker():
+    from pipeline.bench.loader import time_batches
+
+    taken = []
+
+    def stream():
+        for i in range(10):
+            taken.append(i)
+            yield {"keys": ["k"] * 4}
+
+    started = []
+    rate = time_batches(stream(), 5, lambda: started.append(len(taken)), warmup=3)
+    assert started == [3]  # the timing starts once the 3 warm-up batches are in
+    assert taken == list(range(8)) and rate > 0  # 3 untimed + 5 timed, no more
+
+
+def test_bench_train_from_shards_skips_the_backlog_made_during_the_warm_up(shards, monkeypatch):
+    from pipeline.bench import train as bench
+    from pipeline.train.config import TrainConfig
+
+    asked = {}
+    real = bench.make_train_loader
+
+    def spy(location, config, **kw):
+        asked.update(kw, prefetch=config.prefetch_factor)
+        return real(location, config, **kw)
+
+    monkeypatch.setattr(bench, "make_train_loader", spy)
+    config = TrainConfig(device="cpu", batch_size=2, workers=2, amp="off", channels_last=False)
+    result = bench.bench_train(config, steps=2, warmup=1, shards=str(shards))
+    backlog = 2 * asked["prefetch"]  # workers x prefetch_factor batches made ahead
+    assert result["from_shards"]["backlog_skipped"] == backlog
+    assert asked["steps"] == 1 + backlog + 2  # warm-up, the backlog untimed, then the timed
+    assert result["from_shards"]["steps"] == result["model_only"]["steps"] == 2
+    assert result["from_shards"]["samples_per_s"] > 0 and result["augment_on"] == "workers"
+
+
 def test_bench_loader_ratios_by_round_and_their_medians():
     from pipeline.bench.loader import ratios_by_round
 

@@ -72,7 +72,8 @@ def bench_loader(
     pin: bool = True,
 ) -> dict:
     """Samples/s of the floor, the loader (1 and N workers, augmenting where `augment_on` says
-    and in the workers) and the old way, after one warm-up batch each; and their ratios.
+    and in the workers) and the old way, after one warm-up batch from each worker; and their
+    ratios.
 
     Each measurement runs `rounds` times, interleaved, and keeps its best run: on a shared
     machine other processes slow single runs down at random, and the best run is the least
@@ -98,10 +99,12 @@ def bench_loader(
             for name, config in configs.items():
                 log.info("shard loader %s: %d batches of %d", name, batches, batch_size)
                 one = cpus is not None and config.workers == 1
+                warmup = max(1, config.workers)  # one batch from each worker
                 with on_cpus(cpus[0] if one else None):  # the workers start on it
-                    stream = make_train_loader(location, config, epoch=0, steps=batches + 1)
+                    steps = batches + warmup
+                    stream = make_train_loader(location, config, epoch=0, steps=steps)
                     started = (lambda: move_threads(cpus[1])) if one else None
-                    rates[name].append(time_batches(stream, batches, started))
+                    rates[name].append(time_batches(stream, batches, started, warmup))
             if old:
                 log.info("old way: %d samples as loose files, PIL, %d workers", len(paths), workers)
                 config = configs[f"{workers}_workers_augmenting"]
@@ -235,12 +238,18 @@ def _report(best, manifest, raw, workers, batch_size, batches, augment, rounds) 
 
 
 def time_batches(
-    stream: Iterable[dict], batches: int, started: Callable[[], None] | None = None
+    stream: Iterable[dict],
+    batches: int,
+    started: Callable[[], None] | None = None,
+    warmup: int = 1,
 ) -> float:
-    """Samples/s over `batches` batches that follow a first, untimed warm-up batch (after it,
-    `started` is called: the workers run by then)."""
+    """Samples/s over `batches` batches that follow `warmup` untimed ones (after them, `started`
+    is called: the workers run by then). With N workers the warm-up is one batch from each:
+    they start together, so when the first batch arrives the other N - 1 are (nearly) made
+    too, and timed they would come at once, which overstates the rate (by N - 1 batches)."""
     iterator = iter(stream)
-    next(iterator)  # worker start-up, buffer fill, first imports: not the steady state
+    for _ in itertools.islice(iterator, warmup):  # start-up, buffer fill: not the steady state
+        pass
     if started is not None:
         started()
     samples, start = 0, time.perf_counter()

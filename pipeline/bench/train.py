@@ -102,7 +102,10 @@ def bench_train(
 
     `model_only` is the step alone; with `--augment-on device` (the default on a GPU) the
     augmentation's own time per batch is measured apart (`device_augment_ms_per_batch`) and is
-    part of every `from_shards` step, as in training.
+    part of every `from_shards` step, as in training. Before the timed steps from shards, the
+    batches the workers made ahead during the warm-up (up to workers x prefetch_factor) are
+    taken untimed (`from_shards.backlog_skipped`): timed, a loader slower than the step would
+    look as fast as the step for as many batches, and as not keeping the device waiting.
     """
     channels = open_manifest(shards)["channels"] if shards else 1
     device = resolve_device(config.device)
@@ -125,13 +128,15 @@ def bench_train(
     measured = augment or DeviceAugment(augment_config(config) or AugmentConfig(), device)
     result["device_augment_ms_per_batch"] = round(time_augment(batch, measured, stepper, 10), 3)
     if shards:
-        loader = make_train_loader(
-            shards, loader_config(config, device), epoch=0, steps=warmup + steps
-        )
+        loader_cfg = loader_config(config, device)
+        backlog = config.workers * loader_cfg.prefetch_factor
+        loader = make_train_loader(shards, loader_cfg, epoch=0, steps=warmup + backlog + steps)
         batches = iter(loader)
         _run(stepper, Take(batches, warmup), augment)  # worker start-up is not the steady state
+        for _ in Take(batches, backlog):  # made ahead while the warm-up stepped: not timed
+            pass
         result["from_shards"] = _run(stepper, Take(batches, steps), augment)
-        result["from_shards"]["workers"] = config.workers
+        result["from_shards"].update(workers=config.workers, backlog_skipped=backlog)
         for _ in batches:  # drain, so the workers shut down cleanly
             pass
     return result
