@@ -8,7 +8,13 @@ from conftest import smoke_config
 from test_augment import NOTHING
 
 from pipeline.train import augment as augmentation
-from pipeline.train.augment import AugmentConfig, augment_batch, augment_inputs, to_float
+from pipeline.train.augment import (
+    AugmentConfig,
+    augment_batch,
+    augment_inputs,
+    jitter_chunk,
+    to_float,
+)
 from pipeline.train.config import TrainConfig
 from pipeline.train.device_augment import DeviceAugment
 from pipeline.train.feed import device_augment, loader_config
@@ -151,3 +157,12 @@ def test_a_resumed_run_trains_as_the_uninterrupted_one(tiny_shards, tmp_path):
     resumed = run(tmp_path / "resumed", epochs=2, resume=True)
     for name, value in straight.items():
         assert torch.allclose(value.float(), resumed[name].float(), atol=1e-6), name
+
+
+def test_the_jitter_chunks_rgb_on_a_cpu_only():
+    # On a CPU a few RGB images a pass keep the hue's passes in cache; on a GPU each pass is a
+    # kernel launch, so the whole batch goes in one ("meta" stands in for a GPU here).
+    assert jitter_chunk(torch.empty(512, 3, 160, 160)) == augmentation._CHUNK
+    assert jitter_chunk(torch.empty(512, 1, 160, 160)) == 512
+    assert jitter_chunk(torch.empty(512, 3, 160, 160, device="meta")) == 512
+    assert jitter_chunk(torch.empty(0, 1, 160, 160)) == 1

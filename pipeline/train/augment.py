@@ -17,7 +17,7 @@ from pipeline.schema import FIELDS, INPUTS
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale uses.
 _LUMA = (0.2989, 0.587, 0.114)
-_CHUNK = 4  # images per pass of the jitter: 400 KB per plane, inside L2/L3
+_CHUNK = 4  # images per pass of the jitter on a CPU: 400 KB per plane, inside L2/L3
 _TINY = 1e-12  # guards divisions whose numerator is 0 wherever the denominator is
 
 
@@ -97,15 +97,24 @@ def color_jitter(images: Tensor, config: AugmentConfig, generator: torch.Generat
         if spread > 0:
             plan.append((op, _uniform(len(images), centre - spread, centre + spread, generator)))
     out = torch.empty_like(images)
-    # RGB a few images at a time: hue's dozens of passes then stay in the CPU cache instead of
-    # streaming the whole batch through memory once per pass (3x faster). Gray images take only
-    # a few passes, and there the per-chunk call overhead would outweigh the gain.
-    step = _CHUNK if rgb else len(images)
+    step = jitter_chunk(images)
     for start in range(0, len(images), step):
         chunk = out[start : start + step].copy_(images[start : start + step])
         for op, factor in plan:
             op(chunk, factor[start : start + step])
     return out
+
+
+def jitter_chunk(images: Tensor) -> int:
+    """Images per pass of `color_jitter` over (B, C, H, W) `images` (at least 1)."""
+    # RGB on a CPU a few images at a time: hue's dozens of passes then stay in the CPU cache
+    # instead of streaming the whole batch through memory once per pass (3x faster). Gray images
+    # take only a few passes, where the per-chunk call overhead would outweigh the gain. On a GPU
+    # every pass is a kernel launch: chunks of 4 would make a batch of 512 some 18,000 launches
+    # instead of 140, so the whole batch goes in one pass there.
+    if images.shape[1] == 3 and images.device.type == "cpu":
+        return _CHUNK
+    return max(1, len(images))
 
 
 def add_noise_(images: Tensor, std: float, p: float, generator: torch.Generator) -> Tensor:
