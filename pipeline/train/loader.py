@@ -28,7 +28,7 @@ from pipeline.schema import field_sizes, split_samples, split_shards
 from pipeline.train.augment import AugmentConfig
 from pipeline.train.batches import BatchStream, TrainBatches
 from pipeline.train.bgcache import DEFAULT_ENTRIES, DecodedCache
-from pipeline.train.ring import BatchRing, handover
+from pipeline.train.ring import BatchRing, check_shared_memory, handover
 from pipeline.train.shards import read_shards
 from pipeline.train.sources import (
     assign_shards,
@@ -46,6 +46,7 @@ from pipeline.train.stages import (
     SampleDecoder,
     SkipCounter,
     augment_batches,
+    batch_shapes,
     decode_batches,
     keep_slot,
     shuffle_samples,
@@ -115,7 +116,7 @@ class ShardStream(IterableDataset):
         # their requests to the one still running, which can then be more batches ahead of the
         # trainer than any fixed ring has slots (see train.ring); each batch gets its own.
         in_worker = get_worker_info() is not None
-        ring = BatchRing(self.config.prefetch_factor + 2) if in_worker and self.train else None
+        ring = BatchRing(ring_slots(self.config)) if in_worker and self.train else None
         if not self.train:  # a bad sample is reported once a worker, not once a pass
             warned = self.__dict__.setdefault("_warned", LogOnce())  # kept by persistent workers
             return self._batches(self.epoch, worker, workers, cache, warned, ring)
@@ -189,6 +190,11 @@ class ShardStream(IterableDataset):
                 raise ValueError(f"worker slot {slot} of {slots}: no sample could be decoded")
 
 
+def ring_slots(config: LoaderConfig) -> int:
+    """Batches in a training worker's ring: never one not yet copied out (see train.ring)."""
+    return config.prefetch_factor + 2
+
+
 def make_train_loader(
     location: str | Path,
     config: LoaderConfig,
@@ -240,6 +246,9 @@ def _train_dataset(
             f"fewer than the {slots} readers ({world_size} ranks x {config.workers} workers)"
         )
     steps = steps or train_steps_per_epoch(manifest, config.batch_size, world_size)
+    if config.workers > 0:  # each worker's ring of batch buffers (see ShardStream.__iter__)
+        shapes = batch_shapes(config.batch_size, manifest["channels"], field_sizes(manifest))
+        check_shared_memory(config.workers, ring_slots(config), shapes)
     dataset = ShardStream(
         urls,
         manifest,

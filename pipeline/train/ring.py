@@ -43,6 +43,33 @@ RING_KEY = "ring"  # a ring batch's entry: its SharedRing in the worker, the rin
 MAPPED_RINGS = 1024
 
 _serials = itertools.count()  # a process's rings, numbered
+SHARED_MEMORY = "/dev/shm"  # where torch makes shared memory on Linux (shm_open)
+
+
+def check_shared_memory(
+    workers: int, slots: int, shapes: tuple[tuple[int, ...], ...], folder: str = SHARED_MEMORY
+) -> None:
+    """Raise ValueError when `workers` rings of `slots` batches of uint8 `shapes` need more
+    shared memory than `folder` has free: torch would then fail in a worker, at its first
+    batch, with "unable to allocate shared memory(shm)" and no word of how much was needed
+    (Docker gives a container 64 MB unless told --shm-size). Nothing is checked where the
+    folder is missing or says nothing of its size (gVisor's tmpfs without a size)."""
+    try:
+        found = os.statvfs(folder)
+    except OSError:
+        return
+    if found.f_blocks == 0:
+        return
+    batch = sum(math.prod(shape) for shape in shapes)
+    need, free = workers * slots * batch, found.f_bavail * found.f_frsize
+    if need > free:
+        raise ValueError(
+            f"the loader's workers need {need / 2**30:.2f} GiB of shared memory ({workers} "
+            f"workers x {slots} batches of {batch / 2**20:.1f} MiB) and {folder} has "
+            f"{free / 2**30:.2f} GiB free: use fewer --workers or a smaller --batch-size, or "
+            f"give {folder} more room (docker run --shm-size=...; as root, "
+            f"mount -o remount,size=... {folder})"
+        )
 
 
 class SharedRing:
