@@ -76,6 +76,23 @@ MIN_STEP=${MIN_STEP:-20}                   # a step with less time left is skipp
 FIRST=$(echo $BATCHES | awk '{print $1}')
 
 mkdir -p "$RESULTS" "$WORK"
+# Whatever stops the script (set -e in the set-up, a signal), the results so far come back: the
+# device tool brings back only $OUT, and the logs are in $RESULTS, a scratch folder there.
+finish() {
+  local status=$?
+  if [ "$status" -ne 0 ]; then
+    echo "gpu.sh stopped early (exit $status); the last lines of its newest logs:" >&2
+    for f in $(ls -t "$RESULTS"/*.log 2>/dev/null | head -3); do
+      echo "--- $f" >&2
+      tail -n 8 "$f" >&2
+    done
+  fi
+  pack || true
+  if [ -n "$SUMMARY_COPY" ] && [ -f "$RESULTS/summary.txt" ]; then
+    cp "$RESULTS/summary.txt" "$SUMMARY_COPY" || true
+  fi
+}
+trap finish EXIT
 log() { printf '\n== %s (+%ds)  %s\n' "$(date +%T)" "$((SECONDS - T0))" "$*"; }
 pack() {
   if [ -n "$BUNDLE" ]; then
@@ -94,7 +111,7 @@ run() {
     echo "SKIPPED: ${limit}s left of TOTAL=${TOTAL}s" | tee "$RESULTS/$name.log"
     return 0
   fi
-  if timeout "$limit" "$@" >"$RESULTS/$name.json" 2>"$RESULTS/$name.log"; then
+  if timeout -k 10 "$limit" "$@" >"$RESULTS/$name.json" 2>"$RESULTS/$name.log"; then
     tail -c 700 "$RESULTS/$name.json"; echo
   else
     echo "FAILED or timed out after ${limit}s (exit $?): see $name.log" | tee -a "$RESULTS/$name.log"
@@ -113,17 +130,38 @@ train_bench() {  # train_bench NAME LIMIT BATCH EXTRA...
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
   lscpu | grep -E "^(Model name|CPU\(s\)|Thread|Core)" || true
-  free -g | head -2
+  free -g | head -2 || true
   echo "CLI: $P"
   $P --version || true
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" || true
   echo "SAMPLES=$SAMPLES DEVICE=$DEVICE WORKERS=$WORKERS BATCHES=$BATCHES COMPILE=$COMPILE AMP=$AMP STEPS=$STEPS WARMUP=$WARMUP TOTAL=$TOTAL"
+  df -h /dev/shm 2>/dev/null || echo "no /dev/shm"
+  echo "open files: $(ulimit -n)"
+  # Each loader worker keeps a ring of 6 batches (prefetch 4 + 2) in /dev/shm, 83,200 bytes a gray
+  # sample: 16 workers at batch 1024 need 8.2 GB. Docker's default /dev/shm is 64 MB; where it
+  # is short and this runs as root (the lent machine), make room rather than fail every step
+  # (SHM_GROW=0: don't).
+  max_batch=$(printf '%s\n' $BATCHES "$TRAIN_BATCH" | sort -n | tail -n 1)
+  shm_need=$((WORKERS * 6 * max_batch * 83200 * 9 / 8))
+  shm_free=$(df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 {print $4 * 1024}')
+  if [ -n "$shm_free" ] && [ "$shm_free" -gt 0 ] && [ "$shm_free" -lt "$shm_need" ]; then
+    echo "/dev/shm: $((shm_free >> 20)) MiB free, the loaders need about $((shm_need >> 20)) MiB"
+    if [ "${SHM_GROW:-1}" = 1 ] && [ "$(id -u)" = 0 ] &&
+      mount -o remount,size=$(((shm_need >> 20) + 1024))m /dev/shm; then
+      df -h /dev/shm
+    else
+      echo "/dev/shm could not be enlarged: steps with many workers or big batches may fail"
+    fi
+  fi
 } | tee "$RESULTS/machine.txt"
 
 log "synth: 2 zips of $SAMPLES samples, one process each"
 $P synth "$WORK/zips" --batches 1 --samples "$SAMPLES" --seed 0 2>"$RESULTS/synth1.log" &
+synth1=$!
 $P synth "$WORK/zips" --batches 2 --samples "$SAMPLES" --seed 1 2>"$RESULTS/synth2.log" &
-wait
+synth2=$!
+wait "$synth1" || { echo "synth 1 failed: see synth1.log" >&2; exit 1; }
+wait "$synth2" || { echo "synth 2 failed: see synth2.log" >&2; exit 1; }
 log "convert (both zips train: no test split)"
 $P convert "$WORK"/zips/*.zip --out "$WORK/shards" --test-batches 99 --workers 2 --json \
   >"$RESULTS/convert.json" 2>"$RESULTS/convert.log"
@@ -153,6 +191,4 @@ fi
 
 log "summary"
 "$PY" benchmarks/gpu_summary.py "$RESULTS" | tee "$RESULTS/summary.txt" || true
-pack
-[ -z "$SUMMARY_COPY" ] || cp "$RESULTS/summary.txt" "$SUMMARY_COPY"
 log "done: results in $RESULTS${BUNDLE:+ (and $BUNDLE)}, work files in $WORK"

@@ -31,9 +31,17 @@ def _load(path: Path) -> dict | None:
 
 
 def _why(results: Path, name: str) -> str:
+    """The step's own last line (its error), then gpu.sh's verdict on it (a failure, a timeout)."""
     log = results / f"{name}.log"
-    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1][:160] if lines else "no output"
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log"
+    verdicts = [line for line in lines if line.startswith(("FAILED", "SKIPPED"))]
+    own = [line for line in lines if line not in verdicts]
+    parts = [own[-1][:160]] if own else []
+    parts += [verdicts[-1][:80]] if verdicts else []
+    return " | ".join(parts) if parts else "no output"
 
 
 def _rate(x: object) -> str:

@@ -6,9 +6,11 @@ here only what can be checked without running it for minutes."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,10 @@ def test_the_summary_judges_the_goal_and_counts_the_loader_cores(tmp_path):
     (tmp_path / "train-b1024-compile-off.json").write_text(json.dumps(_train(30_000, 0.08, 1024)))
     (tmp_path / "train-b256-compile-on.json").write_text("")  # killed by its time limit
     (tmp_path / "train-b256-compile-on.log").write_text("compiling\nFAILED or timed out after 9s\n")
+    (tmp_path / "train-b512-augment-on-workers.json").write_text("")
+    (tmp_path / "train-b512-augment-on-workers.log").write_text(
+        "error: unable to allocate shared memory(shm)\nFAILED or timed out after 120s (exit 1)\n"
+    )
     rates = {"floor": 4000, "1_workers": 3000, "16_workers": 40_000, "1_workers_augmenting": 1000}
     (tmp_path / "loader-b512.json").write_text(json.dumps({"workers": 16, "rates": rates}))
     out = subprocess.run(
@@ -48,7 +54,40 @@ def test_the_summary_judges_the_goal_and_counts_the_loader_cores(tmp_path):
     assert lines["train-b512-compile-off"].endswith(" met")  # 25,000/s, 2% wait
     assert lines["train-b1024-compile-off"].endswith("not met")  # faster, but waits 8%
     assert "FAILED or timed out after 9s" in lines["train-b256-compile-on"]
+    failed = lines["train-b512-augment-on-workers"]  # the cause first, then gpu.sh's verdict
+    assert "unable to allocate shared memory(shm) | FAILED or timed out after 120s" in failed
     assert "20,000 samples/s at one worker's rate: 7 (augmenting in the workers: 20)" in out
     # The fastest row that meets the goal, not the fastest one.
     assert "best from shards: 25,000 samples/s, data wait 2.0%, 16 workers" in out
     assert out.endswith(": met\n")
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_the_gpu_script_brings_back_its_logs_when_its_set_up_fails(tmp_path):
+    cli = tmp_path / "cli.sh"  # a stand-in CLI whose synth fails
+    cli.write_text(
+        'case "$1" in synth) echo "synth: no space left on device" >&2; exit 3;; esac\nexit 0\n'
+    )
+    bundle = tmp_path / "out" / "results.tar.gz"
+    bundle.parent.mkdir()
+    env = {
+        **os.environ,
+        "PIPELINE": f"sh {cli}",
+        "RESULTS": str(tmp_path / "results"),
+        "WORK": str(tmp_path / "work"),
+        "BUNDLE": str(bundle),
+        "DEVICE": "cpu",
+        "WORKERS": "2",
+        "BATCHES": "8",
+        "TRAIN_BATCH": "8",
+        "SHM_GROW": "0",  # never remount this machine's /dev/shm
+        "PY": sys.executable,
+    }
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    assert "synth: no space left on device" in done.stderr  # the log's tail, where it is seen
+    with tarfile.open(bundle) as tar:
+        names = {Path(name).name for name in tar.getnames()}
+    assert {"machine.txt", "synth1.log"} <= names
