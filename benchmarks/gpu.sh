@@ -111,10 +111,16 @@ run() {
     echo "SKIPPED: ${limit}s left of TOTAL=${TOTAL}s" | tee "$RESULTS/$name.log"
     return 0
   fi
+  local start=$SECONDS status
   if timeout -k 10 "$limit" "$@" >"$RESULTS/$name.json" 2>"$RESULTS/$name.log"; then
     tail -c 700 "$RESULTS/$name.json"; echo
   else
-    echo "FAILED or timed out after ${limit}s (exit $?): see $name.log" | tee -a "$RESULTS/$name.log"
+    status=$?
+    if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+      echo "FAILED: timed out after ${limit}s: see $name.log"
+    else
+      echo "FAILED (exit $status) after $((SECONDS - start))s: see $name.log"
+    fi | tee -a "$RESULTS/$name.log"
     tail -n 5 "$RESULTS/$name.log" | grep -v "^FAILED" || true
   fi
   pack
@@ -142,12 +148,12 @@ train_bench() {  # train_bench NAME LIMIT BATCH EXTRA...
   # is short and this runs as root (the lent machine), make room rather than fail every step
   # (SHM_GROW=0: don't).
   max_batch=$(printf '%s\n' $BATCHES "$TRAIN_BATCH" | sort -n | tail -n 1)
-  shm_need=$((WORKERS * 6 * max_batch * 83200 * 9 / 8))
-  shm_free=$(df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 {print $4 * 1024}')
+  shm_need=$((WORKERS * 6 * max_batch * 83200 * 9 / 8 / 1024))  # KiB
+  shm_free=$(df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}')
   if [ -n "$shm_free" ] && [ "$shm_free" -gt 0 ] && [ "$shm_free" -lt "$shm_need" ]; then
-    echo "/dev/shm: $((shm_free >> 20)) MiB free, the loaders need about $((shm_need >> 20)) MiB"
+    echo "/dev/shm: $((shm_free >> 10)) MiB free; the loaders need about $((shm_need >> 10)) MiB"
     if [ "${SHM_GROW:-1}" = 1 ] && [ "$(id -u)" = 0 ] &&
-      mount -o remount,size=$(((shm_need >> 20) + 1024))m /dev/shm; then
+      mount -o remount,size=$(((shm_need >> 10) + 1024))m /dev/shm; then
       df -h /dev/shm
     else
       echo "/dev/shm could not be enlarged: steps with many workers or big batches may fail"

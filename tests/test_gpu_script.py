@@ -87,7 +87,50 @@ def test_the_gpu_script_brings_back_its_logs_when_its_set_up_fails(tmp_path):
         ["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True, text=True
     )
     assert done.returncode != 0
+    assert ": line " not in done.stderr  # no error of bash's own (a bad test, a typo)
     assert "synth: no space left on device" in done.stderr  # the log's tail, where it is seen
     with tarfile.open(bundle) as tar:
         names = {Path(name).name for name in tar.getnames()}
     assert {"machine.txt", "synth1.log"} <= names
+
+
+FAKE_CLI = """case "$1" in
+  synth) mkdir -p "$2" && : > "$2/batch$4_images.zip";;
+  convert) echo '{"written": 2}';;
+  bench) if [ "$2" = train ]; then sleep 30; else echo "loader: no shard" >&2; exit 3; fi;;
+  train) echo "epoch 1/1 step 1 lr 0.01: 5 samples/s" >&2; echo '{"epochs": 1}';;
+esac
+"""
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_the_gpu_script_tells_a_timeout_from_a_failure(tmp_path):
+    cli = tmp_path / "cli.sh"  # a stand-in CLI: bench train hangs, bench loader fails
+    cli.write_text(FAKE_CLI)
+    results = tmp_path / "results"
+    env = {
+        **os.environ,
+        "PIPELINE": f"sh {cli}",
+        "RESULTS": str(results),
+        "WORK": str(tmp_path / "work"),
+        "DEVICE": "cpu",
+        "WORKERS": "2",
+        "BATCHES": "8",
+        "TRAIN_BATCH": "8",
+        "COMPILE": "off",
+        "LIMIT": "1",
+        "MIN_STEP": "1",
+        "SHM_GROW": "0",
+        "PY": sys.executable,
+    }
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert ": line " not in done.stderr
+    train = (results / "train-b8-compile-off.log").read_text()
+    assert "FAILED: timed out after 1s" in train
+    assert "FAILED (exit 3) after " in (results / "loader-b8.log").read_text()
+    summary = (results / "summary.txt").read_text()
+    assert "loader-b8: FAILED or skipped: loader: no shard | FAILED (exit 3)" in summary
+    assert "epoch 1/1 step 1 lr 0.01: 5 samples/s" in summary

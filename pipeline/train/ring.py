@@ -64,12 +64,15 @@ def check_shared_memory(
     need, free = workers * slots * batch, found.f_bavail * found.f_frsize
     if need > free:
         raise ValueError(
-            f"the loader's workers need {need / 2**30:.2f} GiB of shared memory ({workers} "
-            f"workers x {slots} batches of {batch / 2**20:.1f} MiB) and {folder} has "
-            f"{free / 2**30:.2f} GiB free: use fewer --workers or a smaller --batch-size, or "
-            f"give {folder} more room (docker run --shm-size=...; as root, "
-            f"mount -o remount,size=... {folder})"
+            f"the loader's workers need {_size(need)} of shared memory ({workers} workers x "
+            f"{slots} batches of {_size(batch)}) and {folder} has {_size(free)} free: use "
+            f"fewer --workers or a smaller --batch-size, or give {folder} more room (docker "
+            f"run --shm-size=...; as root, mount -o remount,size=... {folder})"
         )
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
 class SharedRing:
