@@ -56,7 +56,10 @@ def summary(results: Path) -> list[str]:
     out: list[str] = []
     machine = results / "machine.txt"
     if machine.exists():
-        gpu = [line for line in machine.read_text().splitlines() if "," in line and "MiB" in line]
+        # nvidia-smi's CSV line ("NVIDIA H200, 143771 MiB, 580.159.03"), not its header
+        # ("name, memory.total [MiB], driver_version"), which has the same marks.
+        lines = machine.read_text().splitlines()
+        gpu = [ln for ln in lines if "," in ln and " MiB" in ln and "[MiB]" not in ln]
         out.append(f"machine: {gpu[0] if gpu else 'no GPU listed'}")
     convert = _load(results / "convert.json")
     if convert:

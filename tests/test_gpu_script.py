@@ -35,7 +35,9 @@ def _train(rate: float, wait: float, batch: int) -> dict:
 
 
 def test_the_summary_judges_the_goal_and_counts_the_loader_cores(tmp_path):
-    (tmp_path / "machine.txt").write_text("name, memory.total\nNVIDIA H200, 143771 MiB, 580\n")
+    (tmp_path / "machine.txt").write_text(  # as nvidia-smi --format=csv writes it
+        "name, memory.total [MiB], driver_version\nNVIDIA H200, 143771 MiB, 580.159.03\n"
+    )
     (tmp_path / "train-b512-compile-off.json").write_text(json.dumps(_train(25_000, 0.02, 512)))
     (tmp_path / "train-b1024-compile-off.json").write_text(json.dumps(_train(30_000, 0.08, 1024)))
     (tmp_path / "train-b256-compile-on.json").write_text("")  # killed by its time limit
@@ -50,7 +52,7 @@ def test_the_summary_judges_the_goal_and_counts_the_loader_cores(tmp_path):
         [sys.executable, str(SUMMARY), str(tmp_path)], check=True, capture_output=True, text=True
     ).stdout
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
-    assert "NVIDIA H200" in lines["machine:"]
+    assert lines["machine:"] == "machine: NVIDIA H200, 143771 MiB, 580.159.03"
     assert lines["train-b512-compile-off"].endswith(" met")  # 25,000/s, 2% wait
     assert lines["train-b1024-compile-off"].endswith("not met")  # faster, but waits 8%
     assert "FAILED or timed out after 9s" in lines["train-b256-compile-on"]
