@@ -823,7 +823,8 @@ def test_a_missing_zip_is_a_usage_error_leaving_no_folder(tmp_path: Path):
 # ---------------------------------------------------------------- 4, 5. other processes
 
 SLOW_CONVERT = """
-import os, sys, time
+import faulthandler, os, signal, sys, time
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hung run's stacks, for the test
 import pipeline.store.pool as pool
 from pipeline.cli import main
 
@@ -897,6 +898,11 @@ def test_ctrl_c_cancels_queued_zips_and_says_what_was_finished(tmp_path: Path):
     proc.send_signal(signal.SIGINT)
     try:
         _, stderr = proc.communicate(timeout=30)  # without cancelling: 120 s per queued zip
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # where it hangs: every thread's stack on stderr
+        time.sleep(2)
+        proc.kill()
+        pytest.fail(f"convert did not stop on Ctrl-C:\n{proc.communicate()[1]}")
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr

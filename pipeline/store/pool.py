@@ -112,17 +112,23 @@ def _pool_results(jobs: list[ZipJob], workers: int, show: bool, progress_queue):
 
 
 def _stop_pool(pool: ProcessPoolExecutor) -> None:
-    """Cancel the queued zips and end the running ones now (their output is discarded)."""
+    """Cancel the queued zips and end the running ones now (their output is discarded).
+
+    The workers are ended first, so nothing in the executor waits on a running zip while it
+    shuts down, and one that outlives SIGTERM by 5 s is killed."""
     terminate = getattr(pool, "terminate_workers", None)  # Python 3.14+
     processes = list((getattr(pool, "_processes", None) or {}).values())  # before 3.14
-    pool.shutdown(wait=False, cancel_futures=True)
     if terminate is not None:
         terminate()
-        return
+    else:
+        for process in processes:
+            process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
-        process.terminate()
-    for process in processes:
-        process.join(10)
+        process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join(5)
 
 
 def _drain(progress_queue, report: Reporter | None) -> None:
