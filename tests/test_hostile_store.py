@@ -825,6 +825,9 @@ def test_a_missing_zip_is_a_usage_error_leaving_no_folder(tmp_path: Path):
 SLOW_CONVERT = """
 import faulthandler, os, signal, sys, time
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hung run's stacks, for the test
+# Ctrl-C as from a terminal, also where this suite runs with SIGINT ignored (started as a
+# background job of a non-interactive shell: the ignoring is inherited, and Python keeps it).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import pipeline.store.pool as pool
 from pipeline.cli import main
 
