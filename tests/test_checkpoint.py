@@ -342,3 +342,22 @@ def test_a_legacy_checkpoint_ending_like_a_zip_still_loads(tiny_run: Path, tmp_p
     torch.save(state, path, _use_new_zipfile_serialization=False)  # torch before 1.6 wrote this
     path.write_bytes(path.read_bytes() + b"PK\x05\x06" + b"\xff" * 10)  # a stray zip trailer
     assert load_checkpoint(path)["epoch"] == state["epoch"]
+
+
+def test_a_best_pt_written_after_last_pt_is_kept_unless_beaten(
+    tiny_run: Path, tiny_shards: Path, tmp_path, caplog
+):
+    """The run stopped after best.pt of epoch 2 was written and before last.pt was: the resumed
+    epoch 2 (not bit for bit the same on a GPU) must beat that best.pt, not last.pt's older
+    best_iou, to replace it."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    state = torch.load(run / "last.pt", weights_only=True)
+    torch.save({**state, "best_iou": -1.0}, run / "last.pt")  # epoch 2 improves on this one
+    torch.save({**state, "epoch": 2, "best_iou": 0.9999}, run / "best.pt")  # and not on this
+    before = (run / "best.pt").read_bytes()
+    caplog.set_level("INFO")
+    assert resume_cli(run, tiny_shards).exit_code == 0
+    assert (run / "best.pt").read_bytes() == before
+    assert "holds epoch 2, after last.pt's" in caplog.text
+    assert load_checkpoint(run / "last.pt")["best_iou"] == 0.9999  # and it goes on from it

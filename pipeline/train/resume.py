@@ -116,8 +116,39 @@ def resume(
     run.epoch, run.step = state["epoch"], state["step"]
     run.best_iou = float(state.get("best_iou", -math.inf))
     run.evaluated = run.best_iou != -math.inf  # an earlier epoch had test metrics
-    if main:
+    if main:  # best_iou is rank 0's alone
+        run.best_iou = max(run.best_iou, _later_best(path.parent / "best.pt", run.epoch))
         log.info("resuming %s after epoch %d (step %d)", path, run.epoch, run.step)
+
+
+def _later_best(path: Path, epoch: int) -> float:
+    """The best_iou of OUT/best.pt when it was written after last.pt (epoch > `epoch`: the run
+    stopped between the two saves), else -inf. The resumed run trains that epoch again, and
+    on a GPU, not bit for bit: a slightly worse model of it must not replace best.pt."""
+    if not path.is_file():
+        return -math.inf
+    try:
+        best = load_checkpoint(path)
+    except (OSError, ValueError) as exc:  # a damaged best.pt: the next improvement replaces it
+        log.warning(
+            "--resume: %s is unreadable, and the next better epoch replaces it: %s",
+            path,
+            first_line(exc, 160),
+        )
+        return -math.inf
+    saved_epoch, iou = best.get("epoch"), best.get("best_iou")
+    if type(saved_epoch) is not int or type(iou) is not float or not math.isfinite(iou):
+        return -math.inf
+    if saved_epoch <= epoch:
+        return -math.inf
+    log.info(
+        "--resume: %s holds epoch %d, after last.pt's: it stays best.pt unless an epoch "
+        "beats its IoU %.4f",
+        path,
+        saved_epoch,
+        iou,
+    )
+    return iou
 
 
 def _changed_settings(
