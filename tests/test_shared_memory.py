@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from types import SimpleNamespace
 
 import pytest
 
+from pipeline.schema import field_sizes
 from pipeline.train import ring
 from pipeline.train.loader import LoaderConfig, make_train_batches, make_train_loader
 
@@ -45,3 +48,28 @@ def test_the_training_loaders_check_before_starting_workers(tmp_path, monkeypatc
         make_train_batches(tmp_path, config, first_epoch=0)
     in_process = LoaderConfig(batch_size=4, workers=0)  # no worker, no ring: nothing to check
     assert len(next(iter(make_train_loader(tmp_path, in_process, epoch=0, steps=1)))["keys"]) == 4
+
+
+def test_the_rings_of_all_ranks_on_a_machine_are_checked_before_any_starts(
+    tiny_shards, tmp_path, monkeypatch
+):
+    """Each rank alone fits, all of them do not: the run stops before training, naming the
+    ranks, where before each rank checked only its own need against what was free when it
+    started (a later rank's workers then failed at their first batch)."""
+    from conftest import smoke_config
+
+    from pipeline.train.run import train
+    from pipeline.train.stages import batch_shapes
+
+    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    shapes = batch_shapes(4, manifest["channels"], field_sizes(manifest))
+    one_rank = 2 * 6 * sum(math.prod(shape) for shape in shapes)  # 2 workers x 6 slots
+    _shm(monkeypatch, free=3 * one_rank)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # as torchrun sets it: 4 ranks on this machine
+    config = smoke_config(tiny_shards, tmp_path / "run", workers=2)
+    with pytest.raises(ValueError, match=r"\(4 training processes x 2 workers x 6 batches of"):
+        train(config)
+    assert not (tmp_path / "run" / "last.pt").exists()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # 3 fit
+    train(smoke_config(tiny_shards, tmp_path / "run3", workers=2))
+    assert (tmp_path / "run3" / "last.pt").is_file()

@@ -12,7 +12,12 @@ from pipeline.train.augment import AugmentConfig
 from pipeline.train.batches import BatchStream, TrainBatches
 from pipeline.train.config import TrainConfig
 from pipeline.train.device_augment import DeviceAugment
-from pipeline.train.loader import LoaderConfig, make_eval_loader, make_train_batches
+from pipeline.train.loader import (
+    LoaderConfig,
+    check_ring_memory,
+    make_eval_loader,
+    make_train_batches,
+)
 from pipeline.train.runtime import DistInfo, resolve_augment_on
 
 
@@ -64,6 +69,14 @@ class Feed:
         self.batches.close()
         if self.evaluation is not None:
             self.evaluation.close()
+
+
+def check_feed_memory(config: TrainConfig, dist: DistInfo, manifest: dict) -> None:
+    """ValueError unless the training workers of all this machine's ranks fit in its shared
+    memory. Called before the ranks' first collective (DDP's broadcast of the weights), so every
+    rank looks before any starts its workers; each loader checks its own need again."""
+    if dist.local_world_size > 1:
+        check_ring_memory(manifest, loader_config(config, dist.device), dist.local_world_size)
 
 
 def open_feed(

@@ -195,6 +195,14 @@ def ring_slots(config: LoaderConfig) -> int:
     return config.prefetch_factor + 2
 
 
+def check_ring_memory(manifest: dict, config: LoaderConfig, processes: int = 1) -> None:
+    """ValueError unless the rings of `processes` training loaders' workers (their batch
+    buffers, see ShardStream.__iter__) fit in the shared memory free now."""
+    if config.workers > 0:
+        shapes = batch_shapes(config.batch_size, manifest["channels"], field_sizes(manifest))
+        check_shared_memory(config.workers, ring_slots(config), shapes, processes=processes)
+
+
 def make_train_loader(
     location: str | Path,
     config: LoaderConfig,
@@ -246,9 +254,7 @@ def _train_dataset(
             f"fewer than the {slots} readers ({world_size} ranks x {config.workers} workers)"
         )
     steps = steps or train_steps_per_epoch(manifest, config.batch_size, world_size)
-    if config.workers > 0:  # each worker's ring of batch buffers (see ShardStream.__iter__)
-        shapes = batch_shapes(config.batch_size, manifest["channels"], field_sizes(manifest))
-        check_shared_memory(config.workers, ring_slots(config), shapes)
+    check_ring_memory(manifest, config)
     dataset = ShardStream(
         urls,
         manifest,

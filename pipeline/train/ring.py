@@ -47,13 +47,19 @@ SHARED_MEMORY = "/dev/shm"  # where torch makes shared memory on Linux (shm_open
 
 
 def check_shared_memory(
-    workers: int, slots: int, shapes: tuple[tuple[int, ...], ...], folder: str = SHARED_MEMORY
+    workers: int,
+    slots: int,
+    shapes: tuple[tuple[int, ...], ...],
+    folder: str = SHARED_MEMORY,
+    processes: int = 1,
 ) -> None:
-    """Raise ValueError when `workers` rings of `slots` batches of uint8 `shapes` need more
-    shared memory than `folder` has free: torch would then fail in a worker, at its first
-    batch, with "unable to allocate shared memory(shm)" and no word of how much was needed
-    (Docker gives a container 64 MB unless told --shm-size). Nothing is checked where the
-    folder is missing or says nothing of its size (gVisor's tmpfs without a size)."""
+    """Raise ValueError when `processes` x `workers` rings of `slots` batches of uint8 `shapes`
+    need more shared memory than `folder` has free: torch would then fail in a worker, at its
+    first batch, with "unable to allocate shared memory(shm)" and no word of how much was needed
+    (Docker gives a container 64 MB unless told --shm-size). `processes`: the training processes
+    of this machine that share the folder (torchrun's ranks here), checked before any of them
+    starts its workers. Nothing is checked where the folder is missing or says nothing of its
+    size (gVisor's tmpfs without a size)."""
     try:
         found = os.statvfs(folder)
     except OSError:
@@ -61,11 +67,12 @@ def check_shared_memory(
     if found.f_blocks == 0:
         return
     batch = sum(math.prod(shape) for shape in shapes)
-    need, free = workers * slots * batch, found.f_bavail * found.f_frsize
+    need, free = processes * workers * slots * batch, found.f_bavail * found.f_frsize
     if need > free:
+        ranks = f"{processes} training processes x " if processes > 1 else ""
         raise ValueError(
-            f"the loader's workers need {_size(need)} of shared memory ({workers} workers x "
-            f"{slots} batches of {_size(batch)}) and {folder} has {_size(free)} free: use "
+            f"the loader's workers need {_size(need)} of shared memory ({ranks}{workers} workers"
+            f" x {slots} batches of {_size(batch)}) and {folder} has {_size(free)} free: use "
             f"fewer --workers or a smaller --batch-size, or give {folder} more room (docker "
             f"run --shm-size=...; as root, mount -o remount,size=... {folder})"
         )

@@ -25,7 +25,7 @@ from model import UNet
 from pipeline.schema import split_samples
 from pipeline.train.checkpoint import init_weights, save_checkpoint
 from pipeline.train.config import TrainConfig
-from pipeline.train.feed import Feed, open_feed
+from pipeline.train.feed import Feed, check_feed_memory, open_feed
 from pipeline.train.guard import LossWatch, check_weights, claim_run_folder
 from pipeline.train.loop import EVAL_FAILURES, EpochStats, Stepper, evaluate, train_one_epoch
 from pipeline.train.report import (
@@ -110,6 +110,7 @@ def _train(config: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     saved = saved_checkpoint(config)
     config.model_args = network_args(manifest, saved)
     _seed_everything(config.seed + dist.rank)
+    check_feed_memory(config, dist, manifest)  # all ranks', before _start_run's DDP broadcast
     run = _start_run(config, dist, manifest, saved)
     del saved  # its weights and optimizer state are in the run now: don't hold a second copy
     metrics: dict[str, Any] = {}

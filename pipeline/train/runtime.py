@@ -24,6 +24,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    local_world_size: int = 1  # the processes of the run on this machine
 
     @property
     def is_main(self) -> bool:
@@ -53,6 +54,7 @@ def setup_distributed(device_name: str) -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     device = resolve_device(device_name, local_rank)
     if world_size > 1 and not torch_dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -60,7 +62,13 @@ def setup_distributed(device_name: str) -> DistInfo:
             torch.cuda.set_device(device)
         torch_dist.init_process_group(backend=backend)
         log.debug("rank %d/%d joined the %s process group", rank, world_size, backend)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return DistInfo(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        device=device,
+        local_world_size=local_world_size,
+    )
 
 
 def cleanup_distributed() -> None:
