@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import shutil
 import zipfile
@@ -361,3 +362,27 @@ def test_a_best_pt_written_after_last_pt_is_kept_unless_beaten(
     assert (run / "best.pt").read_bytes() == before
     assert "holds epoch 2, after last.pt's" in caplog.text
     assert load_checkpoint(run / "last.pt")["best_iou"] == 0.9999  # and it goes on from it
+
+
+@pytest.mark.parametrize(
+    "error, hinted",
+    [(RuntimeError("CUDA error: an illegal memory access was encountered"), True),
+     (ValueError("shards/manifest.json: no such file"), False)],
+)  # fmt: skip
+def test_a_torch_error_says_how_to_see_its_traceback(
+    error, hinted, tiny_shards: Path, tmp_path, monkeypatch, caplog
+):
+    """torch's own errors (CUDA, compile, a bug) are not the user's input: the one line says
+    that -v shows where it came from; bad input's line needs no such hint."""
+
+    def failing(config):
+        raise error
+
+    monkeypatch.setattr("pipeline.train.run.train", failing)
+    args = ["train", "--shards", tiny_shards, "--out", tmp_path / "r", "--workers", "0"]
+    line = error_line(run_cli(*args))
+    assert line.startswith(f"error: {error}")
+    assert ("`pipeline -v COMMAND …` shows its traceback" in line) is hinted
+    caplog.set_level(logging.DEBUG, logger="pipeline")  # as -v sets it (once a process)
+    assert "shows its traceback" not in error_line(run_cli(*args))
+    assert "Traceback" in caplog.text and "in failing" in caplog.text

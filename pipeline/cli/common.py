@@ -38,7 +38,10 @@ def user_errors(kinds: tuple[type[Exception], ...] = EXPECTED):
         yield
     except kinds as exc:
         log.debug("traceback:", exc_info=True)
-        raise UserError(str(exc)) from None
+        hint = ""
+        if not isinstance(exc, EXPECTED) and not log.isEnabledFor(logging.DEBUG):
+            hint = " (`pipeline -v COMMAND …` shows its traceback)"
+        raise UserError(f"{exc}{hint}") from None
 
 
 def default_of(source: Any, name: str) -> Any:
