@@ -117,15 +117,19 @@ def resume(
     run.best_iou = float(state.get("best_iou", -math.inf))
     run.evaluated = run.best_iou != -math.inf  # an earlier epoch had test metrics
     if main:  # best_iou is rank 0's alone
-        run.best_iou = max(run.best_iou, _later_best(path.parent / "best.pt", run.epoch))
+        run.best_iou = max(run.best_iou, _later_best(path.parent / "best.pt", path, run.epoch))
         log.info("resuming %s after epoch %d (step %d)", path, run.epoch, run.step)
 
 
-def _later_best(path: Path, epoch: int) -> float:
-    """The best_iou of OUT/best.pt when it was written after last.pt (epoch > `epoch`: the run
+def _later_best(path: Path, last: Path, epoch: int) -> float:
+    """The best_iou of OUT/best.pt when it was written after `last` (epoch > `epoch`: the run
     stopped between the two saves), else -inf. The resumed run trains that epoch again, and
-    on a GPU, not bit for bit: a slightly worse model of it must not replace best.pt."""
-    if not path.is_file():
+    on a GPU, not bit for bit: a slightly worse model of it must not replace best.pt. An
+    improved epoch writes best.pt first, so one older than last.pt is not read at all."""
+    try:
+        if path.stat().st_mtime_ns < last.stat().st_mtime_ns:
+            return -math.inf
+    except OSError:  # no best.pt (yet)
         return -math.inf
     try:
         best = load_checkpoint(path)
