@@ -9,7 +9,9 @@ No I/O here beyond reading a local manifest file; no torch.
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -147,8 +149,20 @@ def parse_json(data: bytes | str) -> Any:
 
 
 def read_json_file(path: Path) -> Any:
-    """The JSON in a file of at most MAX_JSON_BYTES (read no further); ValueError saying why."""
-    with open(path, "rb") as file:
+    """The JSON in a file of at most MAX_JSON_BYTES (read no further); ValueError saying why.
+
+    Only a regular file is read: a FIFO planted at the name of a wids index or a record would
+    block its reader forever (in open() or read()), and a device is not a file convert wrote.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open() returns at once
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    with open(fd, "rb") as file:
         return read_json(file)
 
 

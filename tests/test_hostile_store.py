@@ -1180,3 +1180,42 @@ def test_the_loader_trusts_the_shards_counts_not_the_splits_total(shards: Path):
     manifest = open_manifest(shards)
     assert train_steps_per_epoch(manifest, batch_size=2, world_size=1) == 2  # 4 samples
     assert not verify(shards).ok  # verify names the total that lies
+
+
+def _unblock_fifo(fifo: Path) -> None:
+    """Give a reader blocked on a FIFO its end of file (a writer that opens and closes it)."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # no reader is waiting: nothing to unblock
+        pass
+
+
+def _within(seconds: float, fifo: Path, call):
+    """call()'s result, failing (not hanging) if it does not return within `seconds`."""
+    import threading
+
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(value=call()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        _unblock_fifo(fifo)  # let the thread end before the test's folder goes
+        thread.join(10)
+        pytest.fail(f"blocked on the FIFO {fifo.name} for {seconds} s")
+    return result["value"]
+
+
+def test_a_fifo_for_a_wids_index_or_a_record_is_refused_never_waited_on(shards: Path):
+    index = shards / "train.wids.json"
+    index.unlink()
+    os.mkfifo(index)
+    report = _within(20, index, lambda: verify(shards))
+    assert [p["problem"] for p in report.problems] == [
+        "train.wids.json: unreadable (not a regular file)"
+    ]
+    record = shards / ".parts" / "batch01.json"
+    record.unlink()
+    os.mkfifo(record)
+    zips = sorted(shards.parent.glob("batch1_images.zip"))
+    summary = _within(60, record, lambda: convert(zips, shards, shard_samples=2))
+    assert summary.ok  # the record is unreadable, so its zip is converted again
