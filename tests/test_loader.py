@@ -69,7 +69,9 @@ def _images(mode: str) -> dict[str, bytes]:
     }
 
 
-def _write_shard(path: Path, keys: list[str], mode: str, bad_keys, twice_keys=()) -> dict:
+def _write_shard(
+    path: Path, keys: list[str], mode: str, bad_keys, twice_keys=(), extra=None
+) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for key in keys:
@@ -80,6 +82,7 @@ def _write_shard(path: Path, keys: list[str], mode: str, bad_keys, twice_keys=()
             members = list(files.items())
             if key in twice_keys:  # a second mask file, as a damaged or hand-made shard may hold
                 members.append(("mask.jpg", files["mask.jpg"]))
+            members += (extra or {}).get(key, [])  # (suffix, payload) pairs after its files
             for suffix, payload in members:
                 info = tarfile.TarInfo(f"{key}.{suffix}")
                 info.size, info.mode = len(payload), 0o444
@@ -102,6 +105,7 @@ def write_test_shards(
     mode: str = "L",
     bad_keys=(),
     twice_keys=(),
+    extra=None,
 ) -> dict:
     """Shards per docs/FORMAT.md (train: batch 1, test: batch 10) plus manifest.json; returns it."""
     splits = {}
@@ -114,6 +118,7 @@ def write_test_shards(
                 mode,
                 set(bad_keys),
                 set(twice_keys),
+                extra,
             )
             for n, start in enumerate(range(0, count, shard_samples))
         ]
@@ -342,6 +347,29 @@ def test_a_file_twice_refuses_its_sample_alone_not_the_rest_of_its_shard(tmp_pat
     assert check.samples == 10  # every sample read: the count matches the manifest's
     assert [(p["sample"], p["problem"]) for p in check.problems] == [
         (twice, f"{twice}.mask.jpg: a second mask.jpg file for sample {twice}")
+    ]
+
+
+def test_a_member_named_as_a_readers_own_entry_refuses_its_sample(tmp_path, caplog):
+    # `KEY.__cycle__` is the loader's own mark of a training sample's cycle: stored as a field,
+    # it made an evaluation skip go uncounted (its cycle is not 0), and verify passed any
+    # `KEY.__NAME__` member as if it were not there.
+    from pipeline.store.verify import verify_shard
+
+    bad, odd = "b10_3_4_0_0", "b10_5_6_0_0"
+    extra = {bad: [("__cycle__", b"1")], odd: [("__evil__", b"x" * 1000)]}
+    manifest = write_test_shards(tmp_path, 10, 20, 10, bad_keys=[bad], extra=extra)
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.stages"):
+        stream = make_eval_loader(tmp_path, "test", LoaderConfig(batch_size=6, workers=0))
+        keys = _keys(stream)
+    assert stream.skipped == 2 and len(keys) == 18  # every sample counted: kept or skipped
+    assert f"{odd}.__evil__: a file named as a reader's own entry" in caplog.text
+    check = verify_shard(tmp_path, "test", manifest["splits"]["test"]["shards"][0], manifest)
+    assert check.samples == 10
+    assert sorted((p["sample"], p["problem"].split(":")[0]) for p in check.problems) == [
+        (bad, f"{bad}.__cycle__"),
+        (bad, "fg_bg.jpg"),
+        (odd, f"{odd}.__evil__"),
     ]
 
 

@@ -330,7 +330,8 @@ def split_name(name: str) -> tuple[str, str] | tuple[None, None]:
 
 
 # A sample's entry saying why its readers must refuse it (a file twice): the sample is damaged,
-# not the shard. A member named as one of the reader's own entries (`KEY.__key__`) is refused so.
+# not the shard. A member named as one of the readers' own entries (`KEY.__key__`, or any
+# `KEY.__NAME...`: the loader adds `__cycle__`) is refused so, never stored beside them.
 REFUSED = "__refused__"
 
 
@@ -352,7 +353,11 @@ def group_samples(files: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict
             if sample is not None:
                 yield sample
             sample = {"__key__": key, "__url__": url}
-        if ext in sample or ext == REFUSED:  # __key__ and __url__ are in it from the start
+        if ext.startswith("__"):  # the readers' own entries: __key__, __url__, __cycle__, ...
+            why = f"{name}: a file named as a reader's own entry (__NAME__) in sample {key}"
+            sample.setdefault(REFUSED, why)
+            continue  # never stored: the loader's __cycle__ steers how a skip is counted
+        if ext in sample:
             sample.setdefault(REFUSED, f"{name}: a second {ext} file for sample {key}")
             continue  # the first is kept; the sample is refused where it is used
         sample[ext] = data
