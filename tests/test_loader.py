@@ -598,6 +598,46 @@ def test_bench_loader_reports_the_floor_the_loaders_and_the_old_way(shards):
     assert set(result["decoders_images_per_s"]) == {"simplejpeg", "cv2", "pil"}
 
 
+def test_bench_loader_writes_no_file_outside_its_folder_and_skips_bad_samples(
+    tmp_path, monkeypatch, caplog
+):
+    # The old way's loose files were named by key, and a key is a shard's member name: `/abs`
+    # or `../` wrote them outside the bench's folder. A sample without a mask was a bare
+    # `KeyError: None`, and a fg_bg declaring 30000x30000 was decoded (900 MB) by the decoder
+    # measurement, then failed naming nothing.
+    import struct
+
+    from pipeline.bench.loader import bench_loader
+
+    root, victim = tmp_path / "shards", tmp_path / "victim"
+    write_test_shards(root, n_train=12, n_test=0, shard_samples=12)
+    shard = root / "train" / "batch01-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    keys = sorted({name.split(".")[0] for name, _ in members})
+    renamed = {keys[0]: f"{victim}/abs", keys[1]: "../../../victim/dotdot"}
+    huge, no_mask = keys[2], keys[3]
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            key, ext = name.split(".", 1)
+            if key == no_mask and ext == "mask.jpg":
+                continue
+            if key == huge and ext == "fg_bg.jpg":
+                sof = data.index(b"\xff\xc0")
+                data = data[: sof + 5] + struct.pack(">HH", 30000, 30000) + data[sof + 9 :]
+            info = tarfile.TarInfo(f"{renamed.get(key, key)}.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp" / "deep"))
+    (tmp_path / "tmp" / "deep").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.stages"):
+        result = bench_loader(root, workers=1, batch_size=4, batches=2, rounds=1, pin=False)
+    assert not victim.exists() and list((tmp_path / "tmp" / "deep").iterdir()) == []
+    assert result["samples"] == 10  # all but the two bad ones, which are named
+    assert f"sample {huge} in {shard}: fg_bg.jpg: image is 30000x30000" in caplog.text
+    assert f"sample {no_mask} in {shard}: missing mask.jpg|png" in caplog.text
+
+
 def test_bench_loader_times_after_one_warm_up_batch_from_each_worker():
     from pipeline.bench.loader import time_batches
 

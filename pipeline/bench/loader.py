@@ -86,7 +86,7 @@ def bench_loader(
     # Everything measures the same samples: as many as a timed run reads (fewer if fewer).
     wanted = (batches + 1) * batch_size
     urls = shard_urls(location, manifest, "train")
-    raw = list(itertools.islice(read_shards(urls), wanted))
+    raw = usable_samples(itertools.islice(read_shards(urls), wanted), manifest)
     configs = _loader_configs(workers, batch_size, augment, augment_on)
     rates: dict[str, list[float]] = {name: [] for name in ("floor", "read_floor", *configs, "old")}
     cpus = bench_cpus() if pin else None
@@ -184,6 +184,25 @@ def _loader_configs(
     return configs
 
 
+def usable_samples(raw: Iterable[dict], manifest: dict) -> list[dict]:
+    """The raw samples the loader would train on: each one that does not decode (a missing or
+    broken field, a header declaring 30000x30000) is skipped with a warning naming it, as the
+    loader skips it, so that neither the old way's loose files nor the decoder measurement
+    ever holds one; ValueError if none is left."""
+    decoder = SampleDecoder(manifest["channels"], field_sizes(manifest), get_decoder())
+    handler, usable = LogOnce(), []
+    for sample in raw:
+        try:
+            decoder.sample(sample)
+        except ValueError as exc:
+            handler(ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')}: {exc}"))
+            continue
+        usable.append(sample)
+    if not usable:
+        raise ValueError("no sample of the train split's first shards could be decoded")
+    return usable
+
+
 def decode_floor(raw: list[dict], manifest: dict) -> float:
     """Samples/s of one thread decoding all four fields of each raw sample (the loader's decode
     stage, without its background cache)."""
@@ -262,15 +281,16 @@ def time_batches(
 
 
 def write_loose_files(samples: list[dict], folder: Path) -> list[dict[str, Path]]:
-    """Write each raw sample's 4 JPEGs as files, named as in the unzipped published dataset."""
+    """Write each raw sample's 4 JPEGs as files, laid out as in the unzipped published dataset."""
     out = []
-    for sample in samples:
-        key = sample["__key__"]
+    for index, sample in enumerate(samples):
         paths = {}
         for field in FIELDS:
-            # `FIELD_jpg/KEY.jpg`, one file per sample and field: what unzipping the batch gives
-            # (bar bg, shared by many samples there, which can only favour the old way).
-            path = folder / f"{field}_jpg" / f"{key}.jpg"
+            # `FIELD_jpg/NNNNNN.jpg`, one file per sample and field: what unzipping the batch
+            # gives (bar bg, shared by many samples there, which can only favour the old way).
+            # Named by index, never by key: a key is a shard's member name, which may hold
+            # `../` or start with `/`, and the file would then be written outside `folder`.
+            path = folder / f"{field}_jpg" / f"{index:06d}.jpg"
             path.parent.mkdir(exist_ok=True)
             path.write_bytes(sample[find_field(sample, field)])  # a PNG keeps the .jpg name
             paths[field] = path
