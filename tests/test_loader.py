@@ -496,6 +496,47 @@ def test_shuffle_buffer_is_a_permutation():
     assert sorted(out) == list(range(50)) and out != list(range(50))
 
 
+def test_the_shuffle_buffer_is_bounded_in_bytes_not_only_in_samples():
+    # A sample may hold 20 MiB (the tar reader's bound); 1000 of them were all held at once.
+    from pipeline.train.stages import SHUFFLE_SAMPLE_BYTES
+
+    def held_at_most(samples: list[dict], size: int) -> int:
+        taken, most, out = 0, 0, []
+
+        def counted():
+            nonlocal taken
+            for sample in samples:
+                taken += 1
+                yield sample
+
+        for sample in shuffle_samples(counted(), size, random.Random(0)):
+            most = max(most, taken - len(out) - 1)  # taken, not given out, not this one
+            out.append(sample["i"])
+        assert sorted(out) == list(range(len(samples)))  # still every sample, once
+        return most
+
+    big = [{"i": i, "mask.jpg": bytes(1 << 20)} for i in range(60)]  # 1 MiB each
+    assert held_at_most(big, 50) == 50 * SHUFFLE_SAMPLE_BYTES // (1 << 20)  # 12 MiB, not 50
+    small = [{"i": i, "mask.jpg": bytes(10_000)} for i in range(60)]
+    assert held_at_most(small, 50) == 50  # within the budget: the buffer as before
+
+    # ... and in the same order as before: the budget changes nothing for samples within it.
+    def unbounded(items, size, rng):
+        buffer = []
+        for item in items:
+            if len(buffer) < size:
+                buffer.append(item)
+                continue
+            index = rng.randrange(size)
+            yield buffer[index]
+            buffer[index] = item
+        rng.shuffle(buffer)
+        yield from buffer
+
+    same = [s["i"] for s in shuffle_samples(iter(small), 20, random.Random(7))]
+    assert same == [s["i"] for s in unbounded(iter(small), 20, random.Random(7))]
+
+
 def test_missing_manifest_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="manifest.json"):
         make_eval_loader(tmp_path, "test", LoaderConfig(workers=0))

@@ -87,16 +87,38 @@ def keep_slot(samples: Iterable[dict], slot: int, slots: int) -> Iterator[dict]:
             yield sample
 
 
-def shuffle_samples(samples: Iterable[dict], size: int, rng: random.Random) -> Iterator[dict]:
-    """Shuffle through a buffer of `size` samples (each new sample swaps out a random one)."""
+# The raw bytes a shuffle buffer may hold, per sample it has room for. A shard sample is some
+# 10 kB (four 160x160 images of 5-80 KB each at the most), but the tar reader lets one hold up
+# to 20 MiB, so a buffer of 1000 counted in samples alone could hold 20 GB per worker (a sparse
+# shard of zero-padded JPEGs costs a few MB of disk). Data within this never notices it.
+SHUFFLE_SAMPLE_BYTES = 256 << 10
+
+
+def shuffle_samples(
+    samples: Iterable[dict], size: int, rng: random.Random, max_bytes: int | None = None
+) -> Iterator[dict]:
+    """Shuffle through a buffer of `size` samples (each new sample swaps out a random one)
+    holding at most `max_bytes` of their files (default size x SHUFFLE_SAMPLE_BYTES): past
+    that, random ones go out first, so outsized samples shrink the buffer, never grow memory."""
+    budget = size * SHUFFLE_SAMPLE_BYTES if max_bytes is None else max_bytes
     buffer: list[dict] = []
+    sizes: list[int] = []  # each buffered sample's bytes
+    held = 0
     for sample in samples:
+        nbytes = sum(len(v) for v in sample.values() if isinstance(v, bytes))
+        held += nbytes
+        while held > budget and buffer:
+            index = rng.randrange(len(buffer))
+            held -= sizes.pop(index)
+            yield buffer.pop(index)
         if len(buffer) < size:
             buffer.append(sample)
+            sizes.append(nbytes)
             continue
         index = rng.randrange(size)
+        held -= sizes[index]
         yield buffer[index]
-        buffer[index] = sample
+        buffer[index], sizes[index] = sample, nbytes
     rng.shuffle(buffer)
     yield from buffer
 
