@@ -267,6 +267,28 @@ def test_cli_verify_json_and_exit_codes(converted: Path, shards: Path):
     assert result.exit_code == 1 and "no such folder" in result.stderr
 
 
+def test_names_from_the_data_reach_a_terminal_escaped(shards: Path):
+    # A member name is data: `ESC[8m` in a key concealed everything verify printed after it,
+    # its verdict included; in a log line (a training skip) it did the same.
+    import logging
+
+    from pipeline.cli.common import ShownFormatter
+
+    members = members_of(shards / TRAIN0)
+    key = members[0][0].split(".")[0]
+    hostile = [(n.replace(key, "k\x1b[8m\r"), b"broken" if n.endswith("mask.jpg") else d)
+               for n, d in members]  # fmt: skip
+    replace_shard(shards, TRAIN0, tar_of(hostile))
+    result = CliRunner().invoke(cli, ["verify", str(shards), "--workers", "1"])
+    assert result.exit_code == 1 and "\x1b" not in result.stderr and "\r" not in result.stderr
+    assert f"{TRAIN0}: k\\x1b[8m\\x0d: mask.jpg: undecodable image" in result.stderr
+    result = CliRunner().invoke(cli, ["verify", str(shards), "--json", "--workers", "1"])
+    samples = {p["sample"] for p in json.loads(result.stdout)["problems"]}
+    assert "k\x1b[8m\r" in samples  # JSON keeps the name as it is (escaped by JSON itself)
+    record = logging.LogRecord("x", logging.WARNING, "", 0, "skipped: %s", ("k\x1b[8m",), None)
+    assert ShownFormatter("%(message)s").format(record) == "skipped: k\\x1b[8m"
+
+
 def test_problem_dicts_are_json_ready(shards: Path):
     (shards / TRAIN0).unlink()
     data = verify(shards).to_dict()

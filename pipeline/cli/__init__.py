@@ -14,6 +14,7 @@ import click
 
 from pipeline import __version__
 from pipeline.cli import bench, deploy, store, train
+from pipeline.cli.common import ShownFormatter
 
 
 class Commands(click.Group):
@@ -45,11 +46,9 @@ def cli(verbose: bool) -> None:
       pipeline train --shards shards --out runs/r1
       pipeline evaluate runs/r1/best.pt --shards shards --grid grid.png
     """
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname)s %(message)s" if verbose else "%(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(ShownFormatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
 
 
 for command in (

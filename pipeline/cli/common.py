@@ -9,6 +9,7 @@ import inspect
 import json
 import logging
 import math
+import re
 import subprocess
 import zipfile
 from collections.abc import Callable
@@ -19,11 +20,29 @@ import click
 log = logging.getLogger("pipeline")
 
 
+# Control characters but newline and tab: what a terminal would act on rather than show.
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def shown(text: str) -> str:
+    """`text` for a terminal, its control characters as `\\x1b`-style escapes: names in a
+    message come from the data (a shard's member names, a manifest's strings), and an escape
+    sequence in one could hide the lines after it (`ESC[8m` conceals them) or rewrite them."""
+    return _CONTROLS.sub(lambda found: f"\\x{ord(found[0]):02x}", text)
+
+
+class ShownFormatter(logging.Formatter):
+    """A log formatter whose lines go out through `shown`."""
+
+    def format(self, record: logging.LogRecord) -> str:  # noqa: D102 - logging's hook
+        return shown(super().format(record))
+
+
 class UserError(click.ClickException):
     """An error the user can act on: printed as `error: …`, exit code 1."""
 
     def show(self, file=None) -> None:  # noqa: D102 - click's hook
-        click.echo(f"error: {self.message}", err=True)
+        click.echo(f"error: {shown(self.message)}", err=True)
 
 
 # Bad input, missing or unreadable files, a zip that is not one, an external tool that failed.

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.common import batches_option, emit_json, json_flag, option_from, user_errors
+from pipeline.cli.common import (
+    batches_option,
+    emit_json,
+    json_flag,
+    option_from,
+    shown,
+    user_errors,
+)
 from pipeline.schema import CHANNELS
 from pipeline.store.runner import ConvertConfig
 from pipeline.store.synth import synth_zips
@@ -164,7 +171,7 @@ def convert(
     if as_json:
         emit_json(summary.to_dict())
     else:
-        click.echo(summary.summary_line(), err=True)
+        click.echo(shown(summary.summary_line()), err=True)
     if not summary.ok:
         sys.exit(1)
 
@@ -197,7 +204,7 @@ def verify(shards: Path, workers: int, as_json: bool) -> None:
         emit_json(report.to_dict())
     else:
         for line in report.problem_lines():
-            click.echo(line, err=True)
-        click.echo(report.summary_line(), err=True)
+            click.echo(shown(line), err=True)
+        click.echo(shown(report.summary_line()), err=True)  # it names the folder
     if not report.ok:
         sys.exit(1)
