@@ -146,6 +146,26 @@ def wrap_zip(path: Path, comment: bytes = b"", prefix: bytes = b"") -> Path:
     return path
 
 
+def zip64_members(path: Path) -> Path:
+    """Rewrite a zip as zipfile writes one past 4 GiB, its members in the same order: each size
+    and offset over 0 in a ZIP64 extra field of its directory entry (its 32-bit field
+    0xFFFFFFFF), a ZIP64 field in every local header (force_zip64) and ZIP64 end records."""
+    with zipfile.ZipFile(path) as zf:
+        members = [(info, zf.read(info)) for info in zf.infolist()]
+    limit = zipfile.ZIP64_LIMIT
+    zipfile.ZIP64_LIMIT = 0  # zipfile's own rule for ZIP64 fields, applied from 1 byte on
+    try:
+        with zipfile.ZipFile(path, "w") as zf:
+            for info, data in members:
+                copy = zipfile.ZipInfo(info.filename, info.date_time)
+                copy.compress_type, copy.external_attr = info.compress_type, info.external_attr
+                with zf.open(copy, "w", force_zip64=True) as f:
+                    f.write(data)
+    finally:
+        zipfile.ZIP64_LIMIT = limit
+    return path
+
+
 @pytest.fixture
 def make_zip(tmp_path: Path):
     """Build a test zip in tmp_path/zips: make_zip("batch1_images.zip", samples=6, ...)."""

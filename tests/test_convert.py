@@ -11,13 +11,14 @@ import struct
 import sys
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import STUB, BatchZip, encode, wrap_zip
+from conftest import STUB, BatchZip, encode, wrap_zip, zip64_members
 
 from pipeline.cli import cli
 from pipeline.images import JpegError, check_jpeg
@@ -25,6 +26,8 @@ from pipeline.store.catalog import record_path
 from pipeline.store.names import SampleId, sample_key
 from pipeline.store.runner import ConvertConfig, convert_zips
 from pipeline.store.verify import verify_shards
+from pipeline.store.zipdir import END_MAGIC, ZIPINFO_FIELDS, read_central_directory
+from pipeline.store.zipread import MemberReader
 
 
 def convert(zips, out: Path, **options):
@@ -156,8 +159,6 @@ def test_classify_fast_path_agrees_with_the_general_path():
 
 
 def directory_of(path: Path):
-    from pipeline.store.zipread import read_central_directory
-
     with open(path, "rb") as f:
         return read_central_directory(f)
 
@@ -168,7 +169,7 @@ def assert_lists_as_zipfile(path: Path) -> None:
         infos = zf.infolist()
     assert entries is not None and len(entries) == len(infos)
     for entry, info in zip(entries, infos, strict=True):
-        assert entry == tuple(getattr(info, f) for f in entry._fields)
+        assert entry == (*(getattr(info, f) for f in ZIPINFO_FIELDS), "")  # none refused
 
 
 @pytest.mark.parametrize(
@@ -208,9 +209,9 @@ def test_a_comment_or_bytes_before_the_zip_are_read_by_the_fast_reader(
 
 
 def test_unusual_zips_convert_alike(make_zip, tmp_path: Path):
-    # A comment, bytes before the zip, both, members streamed with data descriptors: the fast
-    # reader lists them; bytes after the end record that are not its comment: zipfile does. All
-    # give the plain zip's shards.
+    # A comment, bytes before the zip, both, members streamed with data descriptors, bytes after
+    # the end record that are not its comment, ZIP64 fields on every member: the fast reader
+    # lists them all, and all give the plain zip's shards.
     z = make_zip("batch1_images.zip", 5)
     variants = []
     for i, (comment, prefix) in enumerate(WRAPPED[:3]):
@@ -230,13 +231,115 @@ def test_unusual_zips_convert_alike(make_zip, tmp_path: Path):
     trailing = tmp_path / "t" / "batch1_images.zip"
     trailing.parent.mkdir()
     trailing.write_bytes(z.path.read_bytes() + b"not a comment")
-    assert all(directory_of(path) is not None for path in [*variants, streamed])
-    assert directory_of(trailing) is None
+    wide = tmp_path / "z64" / "batch1_images.zip"
+    wide.parent.mkdir()
+    zip64_members(Path(shutil.copy(z.path, wide)))
+    assert all(directory_of(path) is not None for path in [*variants, streamed, trailing, wide])
     assert convert([z.path], tmp_path / "ref").ok
     expected = (tmp_path / "ref/train/batch01-000000.tar").read_bytes()
-    for i, path in enumerate([*variants, streamed, trailing]):
+    for i, path in enumerate([*variants, streamed, trailing, wide]):
         assert convert([path], tmp_path / f"out{i}").ok
         assert (tmp_path / f"out{i}/train/batch01-000000.tar").read_bytes() == expected, path
+
+
+# Bytes after the end record beyond its comment: after a plain zip, after a comment, after a
+# stub-prefixed zip, the longest zipfile finds the record before; holding the record's signature
+# without a whole record behind it (zipfile takes that last signature and refuses the zip).
+TRAILING = [
+    (b"", b"", b"not a comment"),
+    (b"made by hand", b"", b"\0" * 1000),
+    (b"made by hand", STUB, b"trailing"),
+    (b"", b"", b"t" * 0x10000),  # the record starts 64 KiB + 22 bytes before the end
+    (b"", b"", b"PK\x05\x06 and PK\x05\x06 " + bytes(10)),
+]
+
+
+@pytest.mark.parametrize("comment, prefix, trailing", TRAILING)
+def test_bytes_after_the_end_record_are_read_by_the_fast_reader(
+    make_zip, comment: bytes, prefix: bytes, trailing: bytes
+):
+    z = make_zip("batch1_images.zip", 4)
+    offsets = [e.header_offset for e in directory_of(z.path)]
+    wrap_zip(z.path, comment, prefix)
+    listed = directory_of(z.path)
+    z.path.write_bytes(z.path.read_bytes() + trailing)
+    assert directory_of(z.path) == listed
+    assert [e.header_offset - len(prefix) for e in listed] == offsets
+    if END_MAGIC in trailing:
+        with pytest.raises(zipfile.BadZipFile):
+            zipfile.ZipFile(z.path)
+    else:
+        assert_lists_as_zipfile(z.path)
+
+
+@pytest.mark.parametrize("comment", [b"", b"made by hand"])
+def test_bytes_after_zip64_end_records_are_read_by_the_fast_reader(
+    tmp_path: Path, monkeypatch, comment: bytes
+):
+    path = tmp_path / "z64.zip"
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 3)  # a ZIP64 end record from 4 members
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name in ["fg_bg_jpg/a.jpg", "bg_jpg/é.jpg", "x/ü ß", "y/plain"]:
+            zf.writestr(name, name.encode() * 3)
+    monkeypatch.undo()
+    wrap_zip(path, comment)
+    path.write_bytes(path.read_bytes() + b"not a comment, PK\x06\x07 neither")
+    assert_lists_as_zipfile(path)
+
+
+def test_an_empty_end_record_in_bytes_after_the_zip_is_not_taken_for_it(make_zip):
+    # Behind the real record, 22 bytes that read as the end record of an empty zip: zipfile
+    # takes the last signature it finds and lists nothing; the fast reader lists the members.
+    z = make_zip("batch1_images.zip", 3)
+    listed = directory_of(z.path)
+    z.path.write_bytes(z.path.read_bytes() + b"trailing PK\x05\x06" + bytes(18) + b"...")
+    assert directory_of(z.path) == listed
+    with zipfile.ZipFile(z.path) as zf:
+        assert zf.namelist() == []
+
+
+def test_an_end_record_further_back_than_zipfile_looks_is_not_taken(make_zip):
+    # zipfile searches the last 64 KiB + 22 bytes for the record, so the fast reader does too:
+    # a zip it lists, zipfile lists.
+    z = make_zip("batch1_images.zip", 3)
+    z.path.write_bytes(z.path.read_bytes() + b"t" * 0x10001)
+    assert directory_of(z.path) is None
+    with pytest.raises(zipfile.BadZipFile, match="not a zip file"):
+        zipfile.ZipFile(z.path)
+
+
+def test_zip64_member_fields_are_read_as_zipfile_reads_them(make_zip, tmp_path: Path):
+    # Sizes and offsets in ZIP64 extra fields (a zip past 4 GiB has them): the fast reader lists
+    # the zip and reads every member, giving zipfile's bytes and the plain zip's shards.
+    z = make_zip("batch1_images.zip", 4)
+    plain = directory_of(z.path)
+    assert convert([z.path], tmp_path / "ref").ok
+    zip64_members(z.path)
+    data = z.path.read_bytes()
+    assert data.count(b"\xff" * 8) >= len(plain)  # a size pair saturated in every entry
+    assert_lists_as_zipfile(z.path)
+    wide = directory_of(z.path)
+    assert [(e.filename, e.file_size, e.CRC) for e in wide] == [
+        (e.filename, e.file_size, e.CRC) for e in plain
+    ]
+    with MemberReader(z.path) as reader, zipfile.ZipFile(z.path) as zf:
+        for name in zf.namelist():
+            assert reader.read(name) == zf.read(name)
+    assert convert([z.path], tmp_path / "out").ok
+    tar = "train/batch01-000000.tar"
+    assert (tmp_path / "out" / tar).read_bytes() == (tmp_path / "ref" / tar).read_bytes()
+
+
+def test_a_unicode_path_field_still_sends_the_zip_to_zipfile(make_zip):
+    # zipfile reads Info-ZIP's Unicode-path field (0x7075) its own way in newer Pythons.
+    z = make_zip("batch1_images.zip", 2)
+    name = b"fg_jpg/caf\xc3\xa9.jpg"
+    field = b"\x01" + struct.pack("<L", zlib.crc32(name)) + name
+    info = zipfile.ZipInfo(name.decode())
+    info.extra = struct.pack("<HH", 0x7075, len(field)) + field
+    with zipfile.ZipFile(z.path, "a") as zf:
+        zf.writestr(info, b"x")
+    assert directory_of(z.path) is None
 
 
 def test_a_comment_holding_the_end_record_signature_is_not_taken_for_it(make_zip, tmp_path: Path):

@@ -16,11 +16,12 @@ import textwrap
 import time
 import tracemalloc
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import STUB, build_zip, wrap_zip
+from conftest import STUB, build_zip, wrap_zip, zip64_members
 
 from pipeline.cli import cli
 from pipeline.schema import MAX_MEMBER_BYTES, validate_manifest
@@ -32,12 +33,8 @@ from pipeline.store.guard import locked
 from pipeline.store.runner import ConvertConfig, convert_zips
 from pipeline.store.tar import read_samples
 from pipeline.store.verify import verify_shards
-from pipeline.store.zipread import (
-    MemberReader,
-    MemberRefused,
-    read_central_directory,
-    shown_name,
-)
+from pipeline.store.zipdir import read_central_directory
+from pipeline.store.zipread import MemberReader, MemberRefused, shown_name
 
 PWN = "pipe:id > pwned.txt; cat train/batch01-000000.tar"
 
@@ -576,11 +573,12 @@ def test_a_name_that_is_not_utf8_refuses_that_member_only(tmp_path: Path):
     assert verify(out).ok
 
 
-@pytest.mark.parametrize("prefix", [b"", STUB])
-def test_a_name_that_is_not_utf8_in_a_commented_zip_refuses_that_member_only(
-    tmp_path: Path, prefix: bytes
+@pytest.mark.parametrize("oddity", ["comment", "stub", "trailing bytes", "zip64"])
+def test_a_name_that_is_not_utf8_in_an_unusual_zip_refuses_that_member_only(
+    tmp_path: Path, oddity: str
 ):
-    # zipfile refuses the whole zip for it, so the fast reader must list a commented zip.
+    # zipfile refuses the whole zip for it, so the fast reader must list a zip with a comment,
+    # with bytes before it or after its end record, or with ZIP64 fields on its members.
     z = build_zip(tmp_path / "batch1_images.zip", 4)
     first = list(z.samples.values())[0]
     with zipfile.ZipFile(z.path) as zf:
@@ -590,8 +588,15 @@ def test_a_name_that_is_not_utf8_in_a_commented_zip_refuses_that_member_only(
     with zipfile.ZipFile(z.path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name, data in members.items():
             zf.writestr(name, data)
+    if oddity == "zip64":
+        zip64_members(z.path)
     listed = spoil_name(z.path, depth)
-    wrap_zip(z.path, b"made by hand; PK\x05\x06 is in here too", prefix)
+    if oddity in ("comment", "stub"):
+        wrap_zip(
+            z.path, b"made by hand; PK\x05\x06 is in here too", STUB if oddity == "stub" else b""
+        )
+    elif oddity == "trailing bytes":
+        z.path.write_bytes(z.path.read_bytes() + b"not a comment; PK\x05\x06 neither")
     with open(z.path, "rb") as f:
         assert listed in {e.filename for e in read_central_directory(f)}
     out = tmp_path / "shards"
@@ -632,17 +637,118 @@ def test_a_member_of_a_later_zip_version_is_refused_alone(tmp_path: Path):
     set_version(
         wrap_zip(commented.path, b"made by hand"), list(commented.samples.values())[0]["mask"], 83
     )
-    # A zip that zipfile lists (bytes after its end record) fails alone, with a clear error.
+    # So is one with bytes after its end record, and one with ZIP64 fields on its members.
     (tmp_path / "t").mkdir()
-    trailing = build_zip(tmp_path / "t" / "batch3_images.zip", 4).path
-    set_version(trailing, "fg_jpg/fg_1.jpg", 83)
-    trailing.write_bytes(trailing.read_bytes() + b"not a comment")
-    summary = convert([commented.path, trailing, z.path], out)
-    assert summary.samples["train"] == 6 and [f["error"] for f in summary.failed] == [
-        f"{trailing}: cannot open it as a zip (zip file version 8.3)"
+    trailing = build_zip(tmp_path / "t" / "batch3_images.zip", 4)
+    set_version(trailing.path, list(trailing.samples.values())[2]["bg"], 83)
+    trailing.path.write_bytes(trailing.path.read_bytes() + b"not a comment")
+    (tmp_path / "w").mkdir()
+    wide = build_zip(tmp_path / "w" / "batch4_images.zip", 4)
+    set_version(zip64_members(wide.path), list(wide.samples.values())[3]["fg_bg"], 83)
+    # A zip that zipfile lists (a Unicode-path field on a member) fails alone, with a clear error.
+    (tmp_path / "u").mkdir()
+    unicode_path = build_zip(tmp_path / "u" / "batch5_images.zip", 4).path
+    add_unicode_path_member(unicode_path, "fg_jpg/café.jpg")
+    set_version(unicode_path, "fg_jpg/fg_1.jpg", 83)
+    summary = convert([commented.path, trailing.path, wide.path, unicode_path, z.path], out)
+    assert summary.samples["train"] == 12 and [f["error"] for f in summary.failed] == [
+        f"{unicode_path}: cannot open it as a zip (zip file version 8.3)"
     ]
     skipped = [s["member"] for s in manifest_of(out)["skipped"]]
-    assert skipped == [second["fg_bg"], list(commented.samples.values())[0]["fg_bg"]]
+    assert skipped == [
+        second["fg_bg"],
+        list(commented.samples.values())[0]["fg_bg"],
+        list(trailing.samples.values())[2]["fg_bg"],
+        list(wide.samples.values())[3]["fg_bg"],
+    ]
+
+
+def add_unicode_path_member(path: Path, name: str) -> None:
+    """Append a member whose entry holds Info-ZIP's Unicode-path extra field (0x7075)."""
+    raw = name.encode()
+    field = b"\x01" + struct.pack("<L", zlib.crc32(raw)) + raw
+    info = zipfile.ZipInfo(name)
+    info.extra = struct.pack("<HH", 0x7075, len(field)) + field
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr(info, b"x")
+
+
+def zip64_field(data: bytes, name: str) -> int:
+    """Where the ZIP64 extra field of a member's directory entry starts in `data`: its id,
+    length, then the uncompressed size, compressed size and offset that zip64_members put."""
+    entry = data.rfind(b"PK\x01\x02", 0, data.rindex(name.encode()))
+    field = entry + 46 + struct.unpack_from("<H", data, entry + 28)[0]
+    assert struct.unpack_from("<HH", data, field) == (1, 24)
+    return field
+
+
+# Each lie edits one ZIP64 field (at `field` in the zip's bytes) and returns the reason expected.
+def lie_offset(data: bytearray, field: int) -> str:
+    """The member's offset: 2**64 - 1."""
+    struct.pack_into("<Q", data, field + 20, 2**64 - 1)  # past anything pread takes too
+    return (
+        f"its ZIP64 directory entry puts its local header at byte {2**64 - 1}, past the end of "
+        f"the zip ({len(data)} bytes)"
+    )
+
+
+def lie_size(data: bytearray, field: int) -> str:
+    """The member's compressed size: the zip's size."""
+    struct.pack_into("<Q", data, field + 12, len(data))  # under 4 MiB: only the bound refuses it
+    offset = struct.unpack_from("<Q", data, field + 20)[0]
+    return (
+        f"its ZIP64 directory entry gives it {len(data)} compressed bytes from byte {offset}, "
+        f"past the end of the zip ({len(data)} bytes)"
+    )
+
+
+def lie_short(data: bytearray, field: int) -> str:
+    """The field too short for the three values its entry leaves to it."""
+    struct.pack_into("<H", data, field + 2, 16)  # the sizes only, the offset left out
+    struct.pack_into("<HH", data, field + 20, 0xCAFE, 4)  # its 8 bytes: another field
+    return (
+        "its ZIP64 extra field holds 16 bytes, not the 24 that its directory entry's saturated "
+        "sizes and offset need"
+    )
+
+
+def lie_cut(data: bytearray, field: int) -> str:
+    """The field's length past the end of the entry's extra fields."""
+    struct.pack_into("<H", data, field + 2, 40)
+    return "its extra field 0x0001 declares 40 bytes, more than the 24 left in its directory entry"
+
+
+def lie_missing(data: bytearray, field: int) -> str:
+    """No ZIP64 field at all, though the entry's sizes and offset are 0xFFFFFFFF."""
+    struct.pack_into("<H", data, field, 0xCAFE)  # another field, of the same bytes
+    return (
+        "its directory entry leaves a size or its offset to a ZIP64 extra field (0xFFFFFFFF) "
+        "and has none"
+    )
+
+
+@pytest.mark.parametrize("lie", [lie_offset, lie_size, lie_short, lie_cut, lie_missing])
+def test_a_zip64_field_that_lies_refuses_its_member_alone(tmp_path: Path, lie):
+    # zipfile refuses the whole zip for a ZIP64 field cut short, and lists a member whose ZIP64
+    # offset or size reaches past the zip's end; the fast reader refuses that member alone.
+    z = build_zip(tmp_path / "batch1_images.zip", 4)
+    mask = list(z.samples.values())[1]["mask"]
+    data = bytearray(zip64_members(z.path).read_bytes())
+    reason = lie(data, zip64_field(data, mask))
+    z.path.write_bytes(bytes(data))
+    with open(z.path, "rb") as f:
+        assert read_central_directory(f) is not None  # listed by the fast reader
+    with MemberReader(z.path) as reader:
+        with pytest.raises(MemberRefused) as info:
+            reader.read(mask)
+        assert str(info.value) == reason
+    out = tmp_path / "shards"
+    summary = convert([z.path], out)
+    assert summary.ok and summary.samples["train"] == 3
+    (skip,) = manifest_of(out)["skipped"]
+    assert skip["member"] == list(z.samples.values())[1]["fg_bg"]
+    assert skip["reason"] == f"mask member {mask}: cannot read it ({reason})"
+    assert verify(out).ok
 
 
 def absurd_tar(size: int) -> bytes:
