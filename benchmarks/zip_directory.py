@@ -1,10 +1,15 @@
-"""Listing a zip with `zipread.read_central_directory`: another copy of zipread.py against this one.
+"""Listing a zip with `read_central_directory`: another copy of the lister against this checkout's.
 
 Each round times both readers (best of `--calls` calls each, file in the page cache), in
 alternating order; printed: each one's median ms and the median of the rounds' ratios, this
-checkout's over the other's. The other copy is a file, e.g. from an earlier commit:
+checkout's over the other's. `--open` times `MemberReader(zip).close()` instead: the listing by
+whichever reader each copy lists that zip with (zipfile for one it leaves to zipfile). The
+listings are compared on the fields both copies' entries have. The other copy is one file from
+an earlier commit: pipeline/store/zipread.py up to dd8f3d1, which listed zips itself, or
+pipeline/store/zipdir.py after it (listing only: a later zipread.py copy would list through this
+checkout's zipdir, so --open needs the older file):
 
-    git show 7639f8f:pipeline/store/zipread.py > /tmp/zipread_old.py
+    git show dd8f3d1:pipeline/store/zipread.py > /tmp/zipread_old.py
     taskset -c 1 .venv/bin/python benchmarks/zip_directory.py /tmp/zipread_old.py \
         /tmp/zc/z10k/batch1_images.zip --rounds 40
 """
@@ -29,6 +34,24 @@ def load_copy(path: Path):
     return module
 
 
+def same_listing(a: list | None, b: list | None) -> bool:
+    """True if both list the same entries, on the fields both copies' entries have."""
+    if a is None or b is None:
+        return a is b
+    return len(a) == len(b) and all(x[: len(y)] == y[: len(x)] for x, y in zip(a, b, strict=True))
+
+
+def open_reader(module):
+    """A reader whose call lists an open zip with `module.MemberReader`, as convert opens it."""
+
+    def read(f):
+        reader = module.MemberReader(Path(f.name))
+        reader.close()
+        return reader.infos
+
+    return read
+
+
 def best_ms(read, f, calls: int) -> float:
     """The fastest of `calls` listings of the open zip `f`, in ms."""
     times = []
@@ -41,13 +64,17 @@ def best_ms(read, f, calls: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("other", type=Path, help="another copy of pipeline/store/zipread.py")
+    parser.add_argument("other", type=Path, help="an older zipread.py, or a zipdir.py")
     parser.add_argument("zip", type=Path)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--calls", type=int, default=7)
+    parser.add_argument("--open", action="store_true", help="time MemberReader(zip).close()")
     args = parser.parse_args()
-    readers = {"other": load_copy(args.other).read_central_directory}
-    readers["this"] = zipread.read_central_directory
+    modules = {"other": load_copy(args.other), "this": zipread}  # zipread has both names
+    if args.open:
+        readers = {name: open_reader(module) for name, module in modules.items()}
+    else:
+        readers = {name: module.read_central_directory for name, module in modules.items()}
     times: dict[str, list[float]] = {name: [] for name in readers}
     with open(args.zip, "rb") as f:
         listed = {name: read(f) for name, read in readers.items()}
@@ -57,7 +84,7 @@ def main() -> None:
     ratios = [a / b for a, b in zip(times["this"], times["other"], strict=True)]
     result = {
         "entries": {name: None if e is None else len(e) for name, e in listed.items()},
-        "same_listing": listed["this"] == listed["other"],
+        "same_listing": same_listing(listed["this"], listed["other"]),
         "median_ms": {name: round(statistics.median(t), 2) for name, t in times.items()},
         "this_over_other": round(statistics.median(ratios), 3),
         "rounds": args.rounds,
