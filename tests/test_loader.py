@@ -373,6 +373,26 @@ def test_a_member_named_as_a_readers_own_entry_refuses_its_sample(tmp_path, capl
     ]
 
 
+def test_a_member_name_that_is_not_utf8_refuses_its_sample_alone(tmp_path, caplog):
+    # Before, the name's decoding error stopped the shard: the samples after it were lost
+    # (training warned `cannot read the shard`, verify counted the samples before it).
+    from pipeline.store.verify import verify_shard
+
+    bad = "b10_3_4_0_0"
+    extra = {bad: [("mask\udcff.jpg", b"x")]}  # tarfile writes the lone surrogate as byte 0xff
+    manifest = write_test_shards(tmp_path, 10, 20, shard_samples=20, extra=extra)
+    assert b"mask\xff.jpg" in (tmp_path / "test" / "batch10-000000.tar").read_bytes()
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.stages"):
+        stream = make_eval_loader(tmp_path, "test", LoaderConfig(batch_size=6, workers=0))
+        keys = _keys(stream)
+    assert stream.skipped == 1 and len(keys) == 19 and bad not in keys
+    why = f"{bad}.mask\\xff.jpg: a member name that is not UTF-8, in sample {bad}"
+    assert why in caplog.text
+    check = verify_shard(tmp_path, "test", manifest["splits"]["test"]["shards"][0], manifest)
+    assert check.samples == 20  # every sample read: the count matches the manifest's
+    assert [(p["sample"], p["problem"]) for p in check.problems] == [(bad, why)]
+
+
 def test_a_shard_with_fewer_samples_than_its_manifest_says_is_named(tmp_path, caplog):
     write_test_shards(tmp_path, n_train=20, n_test=20, shard_samples=10)
     for split, batch in (("test", TEST_BATCH), ("train", 1)):  # rewritten with 6 of its 10

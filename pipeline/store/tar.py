@@ -307,13 +307,18 @@ def _ustar_name(header: bytes) -> str:
     name = header[:100].split(b"\0", 1)[0]
     if header[257:263] == b"ustar\0" and header[345] != 0:  # POSIX prefix for long paths
         name = header[345:500].split(b"\0", 1)[0] + b"/" + name
-    return name.decode("utf-8")
+    return name.decode("utf-8", NOT_UTF8)
+
+
+# A name's bytes that are not UTF-8 become lone surrogates (found by `_escaped`): its sample is
+# refused alone, where a decoding error would have lost the rest of an intact shard.
+NOT_UTF8 = "surrogateescape"
 
 
 def _long_name(kind: bytes, data: bytes) -> str | None:
     if kind == b"L":
-        return data.split(b"\0", 1)[0].decode("utf-8")
-    for record in data.decode("utf-8").splitlines():  # pax: "LEN key=value"
+        return data.split(b"\0", 1)[0].decode("utf-8", NOT_UTF8)
+    for record in data.decode("utf-8", NOT_UTF8).splitlines():  # pax: "LEN key=value"
         key, _, value = record.partition(" ")[2].partition("=")
         if key == "path":
             return value
@@ -346,6 +351,9 @@ def group_samples(files: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict
     """
     sample: dict | None = None
     for name, data in files:
+        escaped = None if name.isascii() else _escaped(name)
+        if escaped is not None:
+            name = escaped
         key, ext = split_name(name)
         if key is None:
             continue
@@ -353,6 +361,9 @@ def group_samples(files: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict
             if sample is not None:
                 yield sample
             sample = {"__key__": key, "__url__": url}
+        if escaped is not None:
+            sample.setdefault(REFUSED, f"{name}: a member name that is not UTF-8, in sample {key}")
+            continue
         if ext.startswith("__"):  # the readers' own entries: __key__, __url__, __cycle__, ...
             why = f"{name}: a file named as a reader's own entry (__NAME__) in sample {key}"
             sample.setdefault(REFUSED, why)
@@ -365,6 +376,16 @@ def group_samples(files: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict
             _check_size(sample)
     if sample is not None:
         yield sample
+
+
+def _escaped(name: str) -> str | None:
+    """A name whose bytes were not all UTF-8 (see NOT_UTF8) with those bytes as `\\xff`
+    escapes, printable and loggable; None for a name that was UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", NOT_UTF8).decode("utf-8", "backslashreplace")
+    return None
 
 
 # A sample as convert writes it, with __key__ and __url__. Up to this many files of at most
