@@ -1,6 +1,6 @@
 """Reading shards with the loader's tar reader, by the buffer local files are opened with.
 
-Every shard of a split read whole with `store.tar.read_samples` (files in the page cache), each
+Every shard of a split read whole with `store.tarread.read_samples` (files in the page cache), each
 buffer size once a round, `--rounds` interleaved rounds; printed: each size's median µs a sample
 and its median time paired with Python's default buffer in the same round (the loader opens
 local shards with `train.shards.SHARD_BUFFER`).
@@ -15,7 +15,7 @@ import json
 import statistics
 import time
 
-from pipeline.store.tar import read_samples
+from pipeline.store.tarread import read_samples
 from pipeline.train.sources import open_manifest, shard_urls
 
 SIZES = {"default": -1, "64K": 1 << 16, "256K": 1 << 18, "1M": 1 << 20}

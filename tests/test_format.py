@@ -12,7 +12,7 @@ import webdataset as wds
 from pipeline.schema import split_shards, wids_index_name
 from pipeline.store.runner import ConvertConfig, convert_zips
 from pipeline.store.synth import synth_zips
-from pipeline.store.tar import read_samples
+from pipeline.store.tarread import read_samples
 from pipeline.store.verify import verify_shards
 
 

@@ -31,7 +31,7 @@ from pipeline.store.catalog import failure_path
 from pipeline.store.convert import ZipConverter, ZipJob, open_zip
 from pipeline.store.guard import locked
 from pipeline.store.runner import ConvertConfig, convert_zips
-from pipeline.store.tar import read_samples
+from pipeline.store.tarread import read_samples
 from pipeline.store.verify import verify_shards
 from pipeline.store.zipdir import read_central_directory
 from pipeline.store.zipread import MemberReader, MemberRefused, shown_name

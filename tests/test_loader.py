@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from pipeline.images import decode_simplejpeg
-from pipeline.store import tar as shardreader
+from pipeline.store import tarread as shardreader
 from pipeline.store.names import sample_key
 from pipeline.train import augment as augmentation
 from pipeline.train.augment import AugmentConfig

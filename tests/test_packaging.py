@@ -113,7 +113,7 @@ def test_store_and_the_cli_never_import_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert len(store) >= 8  # names, zipread, tar, convert, runner, catalog, verify, synth
+    assert len(store) >= 8  # names, zipread, tar, tarread, convert, runner, catalog, verify, synth
 
 
 def test_every_command_has_help() -> None:

@@ -333,3 +333,33 @@ def members_of_bytes(data: bytes) -> list[tuple]:
             (m.name, tar.extractfile(m).read(), m.mode, m.mtime, m.uid, m.gid)
             for m in tar.getmembers()
         ]
+
+
+def test_members_that_are_no_samples_are_named_not_passed(shards: Path):
+    """Both readers skip a link, a directory or a file named as no KEY.EXT; convert never
+    writes one, so verify names them (five, then a count) where before it said ok."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members_of(shards / TRAIN0):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("x.bg.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+        tar.addfile(tarfile.TarInfo("README"), io.BytesIO(b""))
+        for i in range(5):
+            folder = tarfile.TarInfo(f"d{i}")
+            folder.type = tarfile.DIRTYPE
+            tar.addfile(folder)
+    replace_shard(shards, TRAIN0, out.getvalue())
+    report = verify(shards)
+    assert not report.ok
+    readme = "member README: a file of 0 bytes with no KEY.EXT name, not a sample's file"
+    assert problems_of(report) == [
+        (TRAIN0, None, "member x.bg.jpg: a symlink, not a sample's file"),
+        (TRAIN0, None, readme),
+        *[(TRAIN0, None, f"member d{i}/: a directory, not a sample's file") for i in range(3)],
+        (TRAIN0, None, "2 more members that are no sample's file"),
+    ]  # fmt: skip
+    assert report.samples == 10  # the samples themselves all read and passed

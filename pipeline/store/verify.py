@@ -1,7 +1,7 @@
 """`verify`: prove a shard folder matches its manifest, reading it the way the loader does.
 
 Per shard (in parallel processes): the file exists, its size and sha256 match (hashed while the
-tar streams through the tar reader the training loader uses, `store.tar`), every sample has its
+tar streams through the tar reader the training loader uses, `store.tarread`), every sample has its
 four images (each a JPEG or a PNG, as its extension says) and its json, every image's header
 declares its expected size (checked before decoding) and the image decodes, and the sample count
 matches. Then across shards: keys are unique over all shards and both splits, and the split
@@ -38,7 +38,7 @@ from pipeline.schema import (
     wids_index,
     wids_index_name,
 )
-from pipeline.store.tar import REFUSED, read_samples
+from pipeline.store.tarread import REFUSED, OddMembers, read_samples
 
 READ_CHUNK = 1 << 20
 
@@ -198,8 +198,9 @@ def verify_shard(root: Path, split: str, entry: dict, manifest: dict) -> ShardCh
 
 def _read_samples(reader: _HashingReader, result: ShardCheck, manifest: dict, batch) -> None:
     key = None
+    odd = OddMembers()
     try:
-        for sample in read_samples(reader, result.path):
+        for sample in read_samples(reader, result.path, odd):
             key = sample["__key__"]
             result.samples += 1
             result.keys.append(key)
@@ -208,6 +209,11 @@ def _read_samples(reader: _HashingReader, result: ShardCheck, manifest: dict, ba
     except (ValueError, UnicodeDecodeError) as exc:  # what the tar reader raises on damage
         after = f" after sample {key}" if key else ""
         text = f"truncated or corrupt tar{after}: {exc}"
+        result.problems.append(problem(result.path, None, text))
+    for line in odd.lines:  # the readers skip them, and convert never writes one
+        result.problems.append(problem(result.path, None, f"member {line}, not a sample's file"))
+    if odd.more:
+        text = f"{odd.more} more members that are no sample's file"
         result.problems.append(problem(result.path, None, text))
 
 

@@ -14,7 +14,7 @@ from urllib.request import url2pathname
 from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
 
-from pipeline.store.tar import read_samples
+from pipeline.store.tarread import read_samples
 from pipeline.train.sources import is_url
 
 Handler = Callable[[Exception], bool]  # webdataset semantics: True continue, False stop, or raise

@@ -21,7 +21,7 @@ from torch.utils.data import get_worker_info
 
 from pipeline.images import Decoder, decode_image, decoder_for, named_format
 from pipeline.schema import FIELDS, IMAGE_EXTS, INPUTS, field_names, find_field
-from pipeline.store.tar import REFUSED
+from pipeline.store.tarread import REFUSED
 from pipeline.train import augment as augmentation
 from pipeline.train.augment import AugmentConfig
 from pipeline.train.bgcache import DecodedCache
