@@ -67,6 +67,11 @@ def member_ext(field: str, ext: str = IMAGE_EXT) -> str:
 
 # The files of an all-JPEG sample, in the order written (a PNG field ends in `.png` instead).
 SAMPLE_EXTS = (*map(member_ext, FIELDS), META)
+# The fewest bytes a sample takes in a shard: each of its files (the four images and the json,
+# none of them empty) is a 512-byte tar header and at least one 512-byte block of data. So a
+# shard's `bytes` bounds its `samples`: the trainer takes an epoch's length from the counts, and a
+# count its bytes cannot hold would repeat the shard's samples for as long as it says.
+SAMPLE_MIN_BYTES = len(SAMPLE_EXTS) * 2 * 512
 
 
 _FIELD_NAMES = {field: tuple(member_ext(field, ext) for ext in IMAGE_EXTS) for field in FIELDS}
@@ -98,6 +103,11 @@ def field_channels(manifest: dict, field: str) -> int:
 def field_sizes(manifest: dict) -> dict[str, tuple[int, int]]:
     """Each field's (width, height) as the manifest gives them."""
     return {field: tuple(manifest["sizes"][field]) for field in FIELDS}
+
+
+def max_shard_samples(nbytes: int) -> int:
+    """The most samples a shard of `nbytes` bytes can hold (each takes SAMPLE_MIN_BYTES)."""
+    return nbytes // SAMPLE_MIN_BYTES
 
 
 def split_samples(manifest: dict, split: str) -> int:
@@ -259,6 +269,14 @@ def check_shard_entry(shard: Any, split: str, where: str) -> None:
     for key in ("samples", "bytes"):
         if not is_count(shard[key]):
             raise ValueError(f"{where}: {key} must be a count, got {shard[key]!r}")
+    most = max_shard_samples(shard["bytes"])
+    if shard["samples"] > most:
+        raise ValueError(
+            f"{where}: {shard['path']} says {shard['samples']} samples in {shard['bytes']} "
+            f"bytes, more than the {most} those bytes can hold (a sample is {len(SAMPLE_EXTS)} "
+            f"tar members, each at least a 512-byte header and a 512-byte block: "
+            f"{SAMPLE_MIN_BYTES} bytes)"
+        )
     if not (isinstance(shard["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", shard["sha256"])):
         raise ValueError(f"{where}: sha256 must be 64 hex digits, got {shard['sha256']!r}")
     if "batch" in shard and not _positive_int(shard["batch"]):

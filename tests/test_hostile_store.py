@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import STUB, build_zip, wrap_zip, zip64_members
+from test_guard import error_line
 
 from pipeline.cli import cli
-from pipeline.schema import MAX_MEMBER_BYTES, validate_manifest
+from pipeline.schema import MAX_MEMBER_BYTES, SAMPLE_MIN_BYTES, validate_manifest
 from pipeline.store import convert as convert_module
 from pipeline.store import tar as tar_module
 from pipeline.store.catalog import failure_path
@@ -1180,6 +1181,92 @@ def test_an_absurd_count_is_refused_not_a_traceback(shards: Path, count: int):
     )
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert "samples must be a count" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_count_its_shards_bytes_cannot_hold_is_refused_by_every_reader(shards: Path, monkeypatch):
+    # The sha256 and bytes are right: only the count lies. Training took it as the epoch's
+    # length, repeating the shard's 2 samples for ever, with one warning line.
+    entry = first_train_shard(manifest_of(shards))
+    edit_manifest(shards, lambda m: first_train_shard(m).update(samples=2**40))
+    monkeypatch.chdir(shards)
+    most = entry["bytes"] // SAMPLE_MIN_BYTES
+    expected = (
+        f"error: manifest.json: splits.train.shards[0]: {entry['path']} says {2**40} samples in "
+        f"{entry['bytes']} bytes, more than the {most} those bytes can hold (a sample is 5 tar "
+        f"members, each at least a 512-byte header and a 512-byte block: 5120 bytes)"
+    )
+    no_steps = ["train", "--shards", ".", "--out", "run2", "--device", "cpu", "--workers", "0"]
+    for args in [*MANIFEST_READERS, no_steps]:
+        assert error_line(CliRunner().invoke(cli, args)) == expected, args
+    result = CliRunner().invoke(cli, ["verify", ".", "--json"])
+    (found,) = json.loads(result.stdout)["problems"]
+    assert result.exit_code == 1 and found["problem"] == expected.removeprefix("error: ")
+    assert not Path("run").exists() and not Path("run2").exists()
+
+
+def test_a_count_at_its_bytes_bound_is_accepted_one_over_is_not(shards: Path):
+    manifest = manifest_of(shards)
+    entry = first_train_shard(manifest)
+    entry["samples"] = entry["bytes"] // SAMPLE_MIN_BYTES
+    validate_manifest(manifest, "m.json")
+    entry.update(samples=3, bytes=3 * SAMPLE_MIN_BYTES)  # the bound itself, exactly
+    validate_manifest(manifest, "m.json")
+    entry["bytes"] -= 1
+    with pytest.raises(ValueError, match=r"m.json: splits.train.shards\[0\]: .* says 3 samples"):
+        validate_manifest(manifest, "m.json")
+    entry.update(samples=0, bytes=0)  # an empty shard holds nothing
+    validate_manifest(manifest, "m.json")
+
+
+# The real sample's members in the published layout (tests/fixtures/real-sample/README.md).
+REAL_MEMBERS = {
+    "bg_jpg/bg_img_51.jpg": "bg_img_51.jpg",
+    "fg_bg_jpg/fg_bg_9_51_1_2.jpg": "fg_bg_9_51_1_2.jpg",
+    "mask_black_jpg/bg_mask_9_51_1_2.jpg": "bg_mask_9_51_1_2.jpg",
+    "depth_fg_bg_jpg/depth_fg_bg_9_51_1_2.jpg": "depth_fg_bg_9_51_1_2.jpg",
+}
+
+
+def _smallest_zip(path: Path, real_sample: Path, samples: int) -> Path:
+    """A zip of the real sample and `samples` of the smallest images convert keeps: solid gray
+    PNGs, each under one 512-byte tar block (as the json is)."""
+    import cv2
+    import numpy as np
+
+    def png(size: int) -> bytes:
+        return cv2.imencode(".png", np.full((size, size), 7, np.uint8))[1].tobytes()
+
+    with zipfile.ZipFile(path, "w") as zf:
+        for member, file in REAL_MEMBERS.items():
+            zf.writestr(member, (real_sample / file).read_bytes())
+        zf.writestr("bg_jpg/bg_img_1.jpg", png(160))
+        for i in range(1, samples + 1):
+            zf.writestr(f"fg_bg_jpg/fg_bg_{i}_1_0_1.jpg", png(160))
+            zf.writestr(f"mask_black_jpg/bg_mask_{i}_1_0_1.jpg", png(160))
+            zf.writestr(f"depth_fg_bg_jpg/depth_fg_bg_{i}_1_0_1.jpg", png(80))
+    return path
+
+
+def test_convert_writes_counts_within_the_bound_for_the_smallest_samples(
+    tmp_path: Path, real_sample_dir: Path
+):
+    zips = [_smallest_zip(tmp_path / "batch1_images.zip", real_sample_dir, 12)]
+    zips.append(build_zip(tmp_path / "batch10_images.zip", 7, seed=2).path)  # conftest's JPEGs
+    out = tmp_path / "shards"
+    assert convert(zips, out, shard_samples=4).ok and verify(out).ok  # both validate
+    manifest = manifest_of(out)
+    assert manifest["splits"]["train"]["samples"] == 13
+    smallest = 0
+    for shard in manifest["splits"]["train"]["shards"]:
+        with tarfile.open(out / shard["path"]) as tar:
+            members = tar.getmembers()
+        # the shard's samples, before its end-of-archive blocks: how small a sample can be
+        end = members[-1].offset_data + -(-members[-1].size // 512) * 512
+        if all(member.size <= 512 for member in members):
+            assert end == shard["samples"] * SAMPLE_MIN_BYTES  # the bound is reached
+            smallest += 1
+        assert shard["samples"] <= shard["bytes"] // SAMPLE_MIN_BYTES
+    assert smallest >= 2  # 12 smallest samples (and the real one) in shards of 4
 
 
 def test_batch_zero_is_refused_by_name(tmp_path: Path):
