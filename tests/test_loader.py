@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from pipeline.images import decode_simplejpeg
+from pipeline.schema import SAMPLE_MIN_BYTES
 from pipeline.store import tarread as shardreader
 from pipeline.store.names import sample_key
 from pipeline.train import augment as augmentation
@@ -39,6 +40,7 @@ from pipeline.train.sources import (
     shard_order,
     slot_sample_counts,
     train_steps_per_epoch,
+    trainable_samples,
 )
 from pipeline.train.stages import (
     collate,
@@ -273,6 +275,38 @@ def test_default_steps_per_epoch(shards):
     assert len(list(stream)) == 3
     with pytest.raises(ValueError, match="no samples"):
         train_steps_per_epoch({"splits": {"train": {"samples": 0}}}, 4, 1)
+
+
+def test_a_local_shard_of_another_size_counts_what_its_file_can_hold(tmp_path, caplog):
+    manifest = write_test_shards(tmp_path, n_train=8, n_test=4, shard_samples=4)
+    first, second = manifest["splits"]["train"]["shards"]
+    size = (tmp_path / first["path"]).stat().st_size
+    assert trainable_samples(tmp_path, manifest) == 8 and not caplog.text  # sizes as said
+    # Within the bytes bound (2**53 bytes hold 2**40 samples): only the file disagrees. The
+    # epoch was 2**40 / 4 steps over the shard's 4 samples, and the same over a URL.
+    first.update(samples=2**40, bytes=2**53)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.sources"):
+        held = trainable_samples(tmp_path, manifest)
+    assert held == size // SAMPLE_MIN_BYTES + 4 and held < 100
+    assert (
+        f"{tmp_path / first['path']}: {size} bytes, the manifest says {2**53} bytes (cut short or "
+        f"changed since convert: `pipeline verify {tmp_path}` says what is wrong); the steps per "
+        f"epoch count at most {held - 4} samples in it, not the manifest's {2**40}"
+    ) in caplog.text
+    assert train_steps_per_epoch(manifest, 4, 1, held) == held // 4
+    config = LoaderConfig(batch_size=4, workers=0)
+    assert len(make_train_loader(tmp_path, config, epoch=0)) == held // 4
+    assert trainable_samples(f"file://{tmp_path}", manifest, warn=False) == held  # a local file
+    (tmp_path / second["path"]).unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.sources"):
+        assert trainable_samples(tmp_path, manifest) == held - 4  # a missing file holds none
+    assert f"{second['path']}: cannot stat it (No such file or directory)" in caplog.text
+    caplog.clear()
+    # A shard served from elsewhere is not looked at before it is read: the manifest's counts.
+    assert trainable_samples("http://127.0.0.1:9/shards", manifest) == 2**40 + 4
+    assert not caplog.text
 
 
 @pytest.mark.parametrize("shard_samples", [3, 40])  # 8 shards, or one shard: fewer than slots

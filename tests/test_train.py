@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from conftest import smoke_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_guard import error_line
 
 from pipeline.cli import cli
 from pipeline.train.checkpoint import load_checkpoint
@@ -218,6 +219,43 @@ def test_a_broken_shard_is_a_clean_error_not_a_traceback(tiny_shards: Path, tmp_
     )
     assert result.exit_code == 1
     assert "error:" in result.output and "Traceback" not in result.output
+    assert "train split's shard files can hold none of the 48 samples" in result.stderr
+
+
+def test_a_shard_file_not_the_size_its_manifest_says_bounds_the_epoch(
+    tiny_shards: Path, tmp_path, monkeypatch, caplog
+) -> None:
+    from pipeline.schema import SAMPLE_MIN_BYTES
+    from pipeline.train import run as run_module
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    entry = manifest["splits"]["train"]["shards"][0]
+    size = (shards / entry["path"]).stat().st_size
+    # Within the bytes bound (2**53 bytes could hold 2**40 samples): only the file disagrees.
+    # The run was planned as 1 epoch x 2**40 / 4 steps over the shard's 16 samples.
+    entry.update(samples=2**40, bytes=2**53)
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    planned = []  # the steps per epoch the run was to train
+
+    def no_feed(config, dist, *, steps, **_):  # the plan is made: stop before training
+        planned.append(steps)
+        raise ValueError("stopped before training")
+
+    monkeypatch.setattr(run_module, "open_feed", no_feed)
+    options = ("--out", tmp_path / "run", "--device", "cpu", "--workers", 0, "--batch-size", 4)
+    with caplog.at_level("INFO"):
+        result = train_cli("--shards", shards, *options)
+    held = size // SAMPLE_MIN_BYTES + 32  # what the file can hold, and the other 2 shards' 32
+    assert planned == [held // 4] and held < 100
+    warning = (
+        f"{shards / entry['path']}: {size} bytes, the manifest says {2**53} bytes (cut short or "
+        f"changed since convert: `pipeline verify {shards}` says what is wrong); the steps per "
+        f"epoch count at most {held - 32} samples in it, not the manifest's {2**40}"
+    )
+    assert warning in caplog.text and f"5 epochs x {held // 4} steps of 4 samples" in caplog.text
+    assert error_line(result) == "error: stopped before training"
 
 
 def test_resume_with_other_settings_is_a_clear_error(tiny_run: Path, tiny_shards, tmp_path):
@@ -260,3 +298,37 @@ def test_undecodable_test_samples_are_reported_beside_the_metrics(tmp_path: Path
     timing = {"train_step_s": 1.0, "data_wait_s": 0.1, "eval_s": 0.5, "other_s": 0.1}
     line = epoch_line("1/1", 1, 0.01, stats, {**metrics, "loss": 1.0}, perf, timing)
     assert line.endswith(", 2 undecodable test samples skipped")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_ranks_whose_shard_files_differ_train_the_fewest_steps(
+    tiny_shards: Path, tmp_path, monkeypatch, caplog, rank: int
+) -> None:
+    """Under torchrun each rank stats its own view of the shards (a copy on each node, say):
+    all take the fewest steps, or DDP would wait for ever on the rank that ended its epoch."""
+    from pipeline.train import run as run_module
+    from pipeline.train.runtime import DistInfo
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    short = shards / manifest["splits"]["train"]["shards"][0]["path"]
+    if rank == 1:  # this rank's copy of a shard is short; rank 0's are whole
+        short.write_bytes(short.read_bytes()[:20480])  # room for 4 of its 16 samples
+    others = 4 if rank == 0 else 6  # the other rank's steps (48 samples / (2 ranks x 4) = 6)
+
+    def all_reduce_min(tensor):  # this rank's [steps, -steps] against the other rank's
+        return torch.minimum(tensor, torch.tensor([others, -others]))
+
+    monkeypatch.setattr(run_module, "all_reduce_min", all_reduce_min)
+    config = smoke_config(shards, tmp_path / "run", batch_size=4)
+    with caplog.at_level("WARNING"):
+        steps = run_module._train_steps(config, DistInfo(rank=rank, world_size=2), manifest)
+    if rank == 0:  # whole files: the other rank's fewer steps, and a line saying so
+        assert steps == 4
+        assert "another rank's train shards hold fewer samples: 4 steps per epoch, not 6" in (
+            caplog.text
+        )
+    else:  # its short copy: the fewest steps, and its own warning naming the file
+        assert steps == (4 + 32) // 8
+        assert f"{short}: 20480 bytes, the manifest says" in caplog.text

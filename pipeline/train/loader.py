@@ -38,6 +38,7 @@ from pipeline.train.sources import (
     shard_urls,
     slot_sample_counts,
     train_steps_per_epoch,
+    trainable_samples,
     worker_slot,
 )
 from pipeline.train.stages import (
@@ -253,7 +254,9 @@ def _train_dataset(
             f"{location}: the train split holds {samples} samples in {len(urls)} shards, "
             f"fewer than the {slots} readers ({world_size} ranks x {config.workers} workers)"
         )
-    steps = steps or train_steps_per_epoch(manifest, config.batch_size, world_size)
+    if not steps:
+        held = trainable_samples(location, manifest)
+        steps = train_steps_per_epoch(manifest, config.batch_size, world_size, held)
     check_ring_memory(manifest, config)
     dataset = ShardStream(
         urls,

@@ -39,12 +39,18 @@ from pipeline.train.report import (
 from pipeline.train.resume import network_args, resume, saved_checkpoint
 from pipeline.train.runtime import (
     DistInfo,
+    all_reduce_min,
     barrier,
     cleanup_distributed,
     resolve_amp,
     setup_distributed,
 )
-from pipeline.train.sources import open_manifest, train_steps_per_epoch, warn_if_incomplete
+from pipeline.train.sources import (
+    open_manifest,
+    train_steps_per_epoch,
+    trainable_samples,
+    warn_if_incomplete,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +149,7 @@ def _start_run(
     --resume, or take --init's weights from it), wrap for DDP, open TensorBoard."""
     device = dist.device
     model, stepper = build_stepper(config, device, config.model_args)
-    steps = train_steps_per_epoch(manifest, config.batch_size, dist.world_size)
+    steps = _train_steps(config, dist, manifest)
     optimizer = stepper.optimizer
     run = Run(
         model=model,
@@ -181,6 +187,26 @@ def _start_run(
             config.batch_size,
         )
     return run
+
+
+def _train_steps(config: TrainConfig, dist: DistInfo, manifest: dict) -> int:
+    """Steps per epoch from what the train shards can hold, the fewest any rank found: every
+    rank must run as many (DDP), and a rank whose copy of a shard is short counts fewer."""
+    samples = trainable_samples(config.shards, manifest, warn=dist.is_main)
+    steps = train_steps_per_epoch(manifest, config.batch_size, dist.world_size, samples)
+    if not dist.distributed:
+        return steps
+    least, minus_most = all_reduce_min(torch.tensor([steps, -steps], device=dist.device)).tolist()
+    if least != -minus_most:  # the ranks' copies of the shards differ (rank 0 warned of its own)
+        if steps == least and not dist.is_main:
+            trainable_samples(config.shards, manifest)  # this rank's warnings, naming them
+        elif steps > least and dist.is_main:
+            log.warning(
+                "another rank's train shards hold fewer samples: %d steps per epoch, not %d",
+                least,
+                steps,
+            )
+    return int(least)
 
 
 def build_stepper(

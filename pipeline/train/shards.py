@@ -8,30 +8,17 @@ import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
 
 from pipeline.store.tarread import read_samples
-from pipeline.train.sources import is_url
+from pipeline.train.sources import local_path
 
 Handler = Callable[[Exception], bool]  # webdataset semantics: True continue, False stop, or raise
 
 # A local shard's read buffer: 13-16% less reading time than 8 KB (benchmarks/shard_read.py).
 SHARD_BUFFER = 1 << 18
-
-
-def local_path(url: str) -> str | None:
-    """The local file a shard location names (a path, or a `file://` URL read as gopen reads
-    one: percent-decoded, on this host), or None for anything else."""
-    if not is_url(url):
-        return url
-    parsed = urlparse(url)
-    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
-        return url2pathname(parsed.path)
-    return None
 
 
 def open_shard(url: str) -> BinaryIO:

@@ -9,9 +9,11 @@ only on (seed, epoch, cycle), so every process agrees on who reads what.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 from torch.utils.data import get_worker_info
@@ -21,6 +23,7 @@ from pipeline.schema import (
     MANIFEST_NAME,
     check_shard_path,
     load_manifest,
+    max_shard_samples,
     read_json,
     split_samples,
     split_shards,
@@ -33,6 +36,17 @@ log = logging.getLogger(__name__)
 def is_url(location: str | Path) -> bool:
     """True for `http://…`, `pipe:…`, `file://…` and the like; False for a local path."""
     return len(urlparse(str(location)).scheme) > 1  # one letter is a Windows drive
+
+
+def local_path(url: str) -> str | None:
+    """The local file a shard location names (a path, or a `file://` URL read as gopen reads
+    one: percent-decoded, on this host), or None for anything else."""
+    if not is_url(url):
+        return url
+    parsed = urlparse(url)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return url2pathname(parsed.path)
+    return None
 
 
 def open_manifest(location: str | Path) -> dict:
@@ -79,9 +93,65 @@ def shard_urls(location: str | Path, manifest: dict, split: str) -> list[str]:
     return [str(Path(location) / rel) for rel in paths]
 
 
-def train_steps_per_epoch(manifest: dict, batch_size: int, world_size: int) -> int:
-    """Batches each rank runs per epoch: floor(samples / (world_size x batch)), at least 1."""
-    samples = split_samples(manifest, "train")
+def trainable_samples(location: str | Path, manifest: dict, warn: bool = True) -> int:
+    """Samples the train split's shards can give an epoch: their manifest counts, except that a
+    local shard file not the size its entry says counts at most what its size can hold.
+
+    Such a file is not the one convert wrote, so its count cannot be trusted either: an epoch
+    taken from it would repeat the samples the file holds for as long as the count says. A
+    warning names each one (`warn`). A shard read over http(s)://, pipe: and the like is not
+    looked at before it is read.
+    """
+    entries = split_shards(manifest, "train")
+    urls = shard_urls(location, manifest, "train")
+    return sum(
+        _shard_capacity(url, entry, location, warn)
+        for url, entry in zip(urls, entries, strict=True)
+    )
+
+
+def _shard_capacity(url: str, entry: dict, location: str | Path, warn: bool) -> int:
+    """A shard's count, or for a local file of another size than `entry` says, at most what
+    its size can hold (none for a file that cannot be stat'ed)."""
+    path = local_path(url)
+    if path is None:
+        return entry["samples"]
+    try:
+        size = os.stat(path).st_size
+        found = f"{size} bytes"
+    except OSError as exc:
+        size, found = None, f"cannot stat it ({exc.strerror or exc})"
+    if size == entry["bytes"]:
+        return entry["samples"]
+    held = min(entry["samples"], max_shard_samples(size or 0))
+    if warn:
+        log.warning(
+            "%s: %s, the manifest says %d bytes (cut short or changed since convert: `pipeline "
+            "verify %s` says what is wrong); the steps per epoch count at most %d samples in "
+            "it, not the manifest's %d",
+            url,
+            found,
+            entry["bytes"],
+            location,
+            held,
+            entry["samples"],
+        )
+    return held
+
+
+def train_steps_per_epoch(
+    manifest: dict, batch_size: int, world_size: int, samples: int | None = None
+) -> int:
+    """Batches each rank runs per epoch: floor(samples / (world_size x batch)), at least 1.
+
+    `samples`: what the train shards can give (`trainable_samples`); the manifest's if None."""
+    counted = split_samples(manifest, "train")
+    samples = counted if samples is None else samples
+    if samples == 0 and counted:
+        raise ValueError(
+            f"the train split's shard files can hold none of the {counted} samples the manifest "
+            "counts (the warnings say why; `pipeline verify` the folder)"
+        )
     if samples == 0:
         raise ValueError("the train split holds no samples")
     return max(1, samples // (world_size * batch_size))
