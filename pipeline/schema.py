@@ -164,6 +164,13 @@ def read_json_file(path: Path) -> Any:
     Only a regular file is read: a FIFO planted at the name of a wids index or a record would
     block its reader forever (in open() or read()), and a device is not a file convert wrote.
     """
+    with open(open_regular(path), "rb") as file:
+        return read_json(file)
+
+
+def open_regular(path: str | Path) -> int:
+    """A file descriptor of `path` opened for reading, if it is a regular file; ValueError if it
+    is not (a FIFO, a device: one could block its reader forever, in open() or read())."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open() returns at once
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -172,8 +179,7 @@ def read_json_file(path: Path) -> Any:
     except BaseException:
         os.close(fd)
         raise
-    with open(fd, "rb") as file:
-        return read_json(file)
+    return fd
 
 
 def read_json(stream: BinaryIO, limit: int | None = None) -> Any:

@@ -180,14 +180,19 @@ def test_central_directory_is_read_as_zipfile_reads_it(make_zip, options: dict):
     assert_lists_as_zipfile(make_zip("batch1_images.zip", 4, **options).path)
 
 
-@pytest.mark.parametrize("comment, prefix", [(b"", b""), (b"made by hand", b""), (b"", STUB)])
-def test_zip64_directory_and_unicode_names_are_read(tmp_path: Path, monkeypatch, comment, prefix):
-    path = tmp_path / "z64.zip"
+def _zip64_end_records(path: Path, monkeypatch) -> Path:
+    """A zip of 4 members with ZIP64 end records (and names that are not ASCII)."""
     monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 3)  # a ZIP64 end record from 4 members
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         for name in ["fg_bg_jpg/a.jpg", "bg_jpg/é.jpg", "x/ü ß", "y/plain"]:
             zf.writestr(name, name.encode() * 3)
     monkeypatch.undo()
+    return path
+
+
+@pytest.mark.parametrize("comment, prefix", [(b"", b""), (b"made by hand", b""), (b"", STUB)])
+def test_zip64_directory_and_unicode_names_are_read(tmp_path: Path, monkeypatch, comment, prefix):
+    path = _zip64_end_records(tmp_path / "z64.zip", monkeypatch)
     wrap_zip(path, comment, prefix)  # a comment after its ZIP64 records, or the whole zip moved
     with open(path, "rb") as f:
         assert b"PK\x06\x06" in f.read()  # really ZIP64
@@ -276,12 +281,7 @@ def test_bytes_after_the_end_record_are_read_by_the_fast_reader(
 def test_bytes_after_zip64_end_records_are_read_by_the_fast_reader(
     tmp_path: Path, monkeypatch, comment: bytes
 ):
-    path = tmp_path / "z64.zip"
-    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 3)  # a ZIP64 end record from 4 members
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name in ["fg_bg_jpg/a.jpg", "bg_jpg/é.jpg", "x/ü ß", "y/plain"]:
-            zf.writestr(name, name.encode() * 3)
-    monkeypatch.undo()
+    path = _zip64_end_records(tmp_path / "z64.zip", monkeypatch)
     wrap_zip(path, comment)
     path.write_bytes(path.read_bytes() + b"not a comment, PK\x06\x07 neither")
     assert_lists_as_zipfile(path)

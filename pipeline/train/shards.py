@@ -4,14 +4,13 @@ manifest entry, and every failure handed to the stream's handler with the shard 
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
 from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
 
+from pipeline.schema import open_regular
 from pipeline.store.tarread import read_samples
 from pipeline.train.sources import local_path
 
@@ -30,15 +29,7 @@ def open_shard(url: str) -> BinaryIO:
     path = local_path(url)
     if path is None:
         return gopen(url)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO's open() returns at once
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError("not a regular file")
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return open(fd, "rb", buffering=SHARD_BUFFER)  # closed by read_shards
+    return open(open_regular(path), "rb", buffering=SHARD_BUFFER)  # closed by read_shards
 
 
 def read_shards(
