@@ -366,7 +366,8 @@ def test_a_best_pt_written_after_last_pt_is_kept_unless_beaten(
 
 @pytest.mark.parametrize(
     "error, hinted",
-    [(RuntimeError("CUDA error: an illegal memory access was encountered"), True),
+    [(RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors "
+                   "might be asynchronously reported\nFor debugging consider\n"), True),
      (ValueError("shards/manifest.json: no such file"), False)],
 )  # fmt: skip
 def test_a_torch_error_says_how_to_see_its_traceback(
@@ -380,8 +381,10 @@ def test_a_torch_error_says_how_to_see_its_traceback(
 
     monkeypatch.setattr("pipeline.train.run.train", failing)
     args = ["train", "--shards", tiny_shards, "--out", tmp_path / "r", "--workers", "0"]
-    line = error_line(run_cli(*args))
-    assert line.startswith(f"error: {error}")
+    result = run_cli(*args)
+    line = error_line(result)
+    assert result.stderr.splitlines() == [line]  # torch's many lines: the first one only
+    assert line.startswith(f"error: {str(error).splitlines()[0]}")
     assert ("`pipeline -v COMMAND …` shows its traceback" in line) is hinted
     caplog.set_level(logging.DEBUG, logger="pipeline")  # as -v sets it (once a process)
     assert "shows its traceback" not in error_line(run_cli(*args))

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
@@ -276,17 +277,42 @@ def test_names_from_the_data_reach_a_terminal_escaped(shards: Path):
 
     members = members_of(shards / TRAIN0)
     key = members[0][0].split(".")[0]
-    hostile = [(n.replace(key, "k\x1b[8m\r"), b"broken" if n.endswith("mask.jpg") else d)
+    bad = "k\x1b[8m\r\nverify ok: 4 shards"  # a newline in a name would forge a line
+    hostile = [(n.replace(key, bad), b"broken" if n.endswith("mask.jpg") else d)
                for n, d in members]  # fmt: skip
     replace_shard(shards, TRAIN0, tar_of(hostile))
     result = CliRunner().invoke(cli, ["verify", str(shards), "--workers", "1"])
     assert result.exit_code == 1 and "\x1b" not in result.stderr and "\r" not in result.stderr
-    assert f"{TRAIN0}: k\\x1b[8m\\x0d: mask.jpg: undecodable image" in result.stderr
+    shown = "k\\x1b[8m\\x0d\\x0averify ok: 4 shards"
+    assert f"{TRAIN0}: {shown}: mask.jpg: undecodable image" in result.stderr
+    assert not any(line.startswith("verify ok") for line in result.stderr.splitlines())
     result = CliRunner().invoke(cli, ["verify", str(shards), "--json", "--workers", "1"])
     samples = {p["sample"] for p in json.loads(result.stdout)["problems"]}
-    assert "k\x1b[8m\r" in samples  # JSON keeps the name as it is (escaped by JSON itself)
-    record = logging.LogRecord("x", logging.WARNING, "", 0, "skipped: %s", ("k\x1b[8m",), None)
-    assert ShownFormatter("%(message)s").format(record) == "skipped: k\\x1b[8m"
+    assert bad in samples  # JSON keeps the name as it is (escaped by JSON itself)
+    record = logging.LogRecord("x", logging.WARNING, "", 0, "skipped: %s", ("k\x1b[8m\n",), None)
+    assert ShownFormatter("%(message)s").format(record) == "skipped: k\\x1b[8m\\x0a"
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record.exc_info = sys.exc_info()
+    lines = ShownFormatter("%(message)s").format(record).splitlines()
+    assert (
+        lines[0] == "skipped: k\\x1b[8m\\x0a" and lines[1] == "Traceback (most recent call last):"
+    )
+
+
+def test_the_command_line_logs_through_the_escaping_formatter(monkeypatch):
+    # Under pytest the root logger has handlers already, and cli()'s basicConfig does nothing:
+    # without them, as in a real run, its handler must be the one that escapes.
+    import logging
+
+    from pipeline.cli.common import ShownFormatter
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", root.level)
+    CliRunner().invoke(cli, ["verify", "--help"])
+    assert [type(h.formatter) for h in root.handlers] == [ShownFormatter]
 
 
 def test_problem_dicts_are_json_ready(shards: Path):

@@ -20,22 +20,24 @@ import click
 log = logging.getLogger("pipeline")
 
 
-# Control characters but newline and tab: what a terminal would act on rather than show.
-_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Control characters, newline and tab too: what a terminal would act on rather than show.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def shown(text: str) -> str:
-    """`text` for a terminal, its control characters as `\\x1b`-style escapes: names in a
-    message come from the data (a shard's member names, a manifest's strings), and an escape
-    sequence in one could hide the lines after it (`ESC[8m` conceals them) or rewrite them."""
+    """`text` as one line for a terminal, its control characters as `\\x1b`-style escapes:
+    names in a message come from the data (a shard's member names, a manifest's strings), and
+    an escape sequence in one could hide the lines after it (`ESC[8m` conceals them) or rewrite
+    them, and a newline in one could forge a line of its own (`…: ok`)."""
     return _CONTROLS.sub(lambda found: f"\\x{ord(found[0]):02x}", text)
 
 
 class ShownFormatter(logging.Formatter):
-    """A log formatter whose lines go out through `shown`."""
+    """A log formatter whose messages go out through `shown`, one line each; a traceback
+    (`-v`) follows on lines of its own, as logging prints it."""
 
-    def format(self, record: logging.LogRecord) -> str:  # noqa: D102 - logging's hook
-        return shown(super().format(record))
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: D102, N802 - logging's
+        return shown(super().formatMessage(record))
 
 
 class UserError(click.ClickException):
@@ -57,10 +59,12 @@ def user_errors(kinds: tuple[type[Exception], ...] = EXPECTED):
         yield
     except kinds as exc:
         log.debug("traceback:", exc_info=True)
-        hint = ""
-        if not isinstance(exc, EXPECTED) and not log.isEnabledFor(logging.DEBUG):
-            hint = " (`pipeline -v COMMAND …` shows its traceback)"
-        raise UserError(f"{exc}{hint}") from None
+        text = str(exc)
+        if not isinstance(exc, EXPECTED):  # torch's own: often many lines (CUDA, compile)
+            text = (text.strip().splitlines() or [type(exc).__name__])[0]
+            if not log.isEnabledFor(logging.DEBUG):
+                text += " (`pipeline -v COMMAND …` shows its traceback)"
+        raise UserError(text) from None
 
 
 def default_of(source: Any, name: str) -> Any:
