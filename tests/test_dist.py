@@ -78,3 +78,94 @@ def test_one_rank_failing_to_evaluate_and_a_taken_folder(tiny_shards: Path, tmp_
     refused = torchrun(*common, timeout=120, code=1)  # every rank refuses, none waits
     assert "already holds a run" in refused.stderr
     assert (run / "last.pt").read_bytes() == before
+
+
+# ------------------------------------------------ a failure on one rank stops every rank
+
+# What fails on one rank alone before a collective the others then wait in: its own copy of the
+# shards holding nothing (rank 1), its machine's /dev/shm too small (rank 1), rank 0's save.
+ONE_RANK_FAULTS = ("no_samples", "short_shm", "save")
+GROUP_TIMEOUT_S = 60  # a collective left waiting fails the run's ranks after this, not 30 min
+
+
+def _train_with_a_fault(rank: int, store: str, shards: str, folder: str) -> None:
+    """One of two Gloo ranks: `run._train` once per fault (one rank failing as it says), each
+    followed by one more collective; results to rankN.json, output to rankN.log."""
+    import datetime
+    import json
+
+    log = open(Path(folder) / f"rank{rank}.log", "w", buffering=1)  # noqa: SIM115 - the process's
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    import torch
+    import torch.distributed as dist
+    from conftest import smoke_config
+
+    from pipeline.train import run
+    from pipeline.train.runtime import DistInfo
+
+    torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=GROUP_TIMEOUT_S)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=timeout)  # fmt: skip
+    info = DistInfo(rank=rank, world_size=2, local_world_size=2)
+    results = {}
+    for fault in ONE_RANK_FAULTS:
+        saved = run.trainable_samples, run.check_feed_memory, run.save_checkpoint
+        if fault == "no_samples" and rank == 1:
+            run.trainable_samples = lambda *args, **kwargs: 0
+        if fault == "short_shm" and rank == 1:
+
+            def short(*args):
+                raise ValueError("the loader's workers need 30.5 MiB … /dev/shm has 8.0 MiB free")
+
+            run.check_feed_memory = short
+        if fault == "save" and rank == 0:
+
+            def full(state, path):
+                raise OSError(f"{path}: could not write the checkpoint: No space left on device")
+
+            run.save_checkpoint = full
+        config = smoke_config(Path(shards), Path(folder) / fault, workers=0)
+        config.world_size = 2
+        try:
+            run._train(config, info)
+            results[fault] = {"error": None}
+        except Exception as exc:
+            results[fault] = {"error": [type(exc).__name__, str(exc)]}
+        run.trainable_samples, run.check_feed_memory, run.save_checkpoint = saved
+        after = torch.ones(1)
+        dist.all_reduce(after)  # the ranks still pair up: nobody was left inside a collective
+        results[fault]["after"] = after.item()
+    dist.destroy_process_group()
+    Path(folder, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_rank_before_a_collective_stops_every_rank(tiny_shards, tmp_path):
+    import json
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    args = (str(tmp_path / "store"), str(tiny_shards), str(tmp_path))
+    procs = [spawn.Process(target=_train_with_a_fault, args=(r, *args)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=300)  # a bound on a hang, not a speed
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    logs = "".join(f"--- rank {r}:\n{(tmp_path / f'rank{r}.log').read_text()}" for r in range(2))
+    assert [proc.exitcode for proc in procs] == [0, 0], logs
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    others = ["ValueError", "1 other rank(s) failed (their log says why)"]
+    assert rank1["no_samples"]["error"][1].startswith("the train split's shard files can hold none")
+    assert rank0["no_samples"]["error"] == others
+    assert rank1["short_shm"]["error"][1].startswith("the loader's workers need 30.5 MiB")
+    assert rank0["short_shm"]["error"] == others
+    assert rank0["save"]["error"][1].endswith("No space left on device")
+    assert rank1["save"]["error"] == others
+    for fault in ONE_RANK_FAULTS:
+        assert rank0[fault]["after"] == rank1[fault]["after"] == 2.0, logs

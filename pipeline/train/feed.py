@@ -73,8 +73,8 @@ class Feed:
 
 def check_feed_memory(config: TrainConfig, dist: DistInfo, manifest: dict) -> None:
     """ValueError unless the training workers of all this machine's ranks fit in its shared
-    memory. Called before the ranks' first collective (DDP's broadcast of the weights), so every
-    rank looks before any starts its workers; each loader checks its own need again."""
+    memory. Called before any rank starts its workers (they start after DDP's broadcast of the
+    weights, which every rank must reach first); each loader checks its own need again."""
     if dist.local_world_size > 1:
         check_ring_memory(manifest, loader_config(config, dist.device), dist.local_world_size)
 

@@ -42,6 +42,7 @@ from pipeline.train.runtime import (
     all_reduce_min,
     barrier,
     cleanup_distributed,
+    failing_together,
     resolve_amp,
     setup_distributed,
 )
@@ -116,7 +117,8 @@ def _train(config: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     saved = saved_checkpoint(config)
     config.model_args = network_args(manifest, saved)
     _seed_everything(config.seed + dist.rank)
-    check_feed_memory(config, dist, manifest)  # all ranks', before _start_run's DDP broadcast
+    with failing_together(dist.device, (ValueError,)):  # one node's /dev/shm may be short
+        check_feed_memory(config, dist, manifest)  # all local ranks' rings, before any starts
     run = _start_run(config, dist, manifest, saved)
     del saved  # its weights and optimizer state are in the run now: don't hold a second copy
     metrics: dict[str, Any] = {}
@@ -192,8 +194,14 @@ def _start_run(
 def _train_steps(config: TrainConfig, dist: DistInfo, manifest: dict) -> int:
     """Steps per epoch from what the train shards can hold, the fewest any rank found: every
     rank must run as many (DDP), and a rank whose copy of a shard is short counts fewer."""
-    samples = trainable_samples(config.shards, manifest, warn=dist.is_main)
-    steps = train_steps_per_epoch(manifest, config.batch_size, dist.world_size, samples)
+    with failing_together(dist.device, (ValueError,)):  # e.g. this rank's files hold nothing
+        try:
+            samples = trainable_samples(config.shards, manifest, warn=dist.is_main)
+            steps = train_steps_per_epoch(manifest, config.batch_size, dist.world_size, samples)
+        except ValueError:
+            if not dist.is_main:
+                trainable_samples(config.shards, manifest)  # the warnings naming its files
+            raise
     if not dist.distributed:
         return steps
     least, minus_most = all_reduce_min(torch.tensor([steps, -steps], device=dist.device)).tolist()
@@ -265,12 +273,13 @@ def _train_epoch(run: Run, config: TrainConfig, dist: DistInfo, epoch: int) -> d
     label = f"{epoch + 1}/{config.epochs}"
     metrics = _epoch_report(run, dist, label, stats, metrics, grid, times, lr)
     run.epoch = epoch + 1
-    if dist.is_main:
-        improved = _improves_best(run, metrics, stats, label)
-        state = _checkpoint_state(run, config, metrics)
-        if improved:  # first: if it fails, last.pt still says it is to be done (its best_iou)
-            save_checkpoint(state, Path(config.out) / "best.pt")
-        save_checkpoint(state, Path(config.out) / "last.pt")
+    with failing_together(dist.device, (OSError, ValueError)):  # a full disk: all ranks stop
+        if dist.is_main:
+            improved = _improves_best(run, metrics, stats, label)
+            state = _checkpoint_state(run, config, metrics)
+            if improved:  # first: if it fails, last.pt still says it is to be done (best_iou)
+                save_checkpoint(state, Path(config.out) / "best.pt")
+            save_checkpoint(state, Path(config.out) / "last.pt")
     return metrics
 
 

@@ -129,6 +129,19 @@ def raise_together(
         raise ValueError(f"{expected_failures} other rank(s) failed (their log says why)")
 
 
+@contextlib.contextmanager
+def failing_together(device: torch.device, expected: tuple[type[Exception], ...]):
+    """Run the block on every rank, then fail on all of them if it failed on any
+    (`raise_together`): for work that may fail on one rank alone (its own files, its own
+    /dev/shm, rank 0's save) followed by a collective the others would wait in for ever."""
+    failure = None
+    try:
+        yield
+    except Exception as exc:  # raised again below, on every rank alike
+        failure = exc
+    raise_together(failure, device, expected)
+
+
 # ---------------------------------------------------------------- precision
 
 
