@@ -365,6 +365,25 @@ def test_a_best_pt_written_after_last_pt_is_kept_unless_beaten(
 
 
 @pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
+         "asynchronously reported\n", "CUDA error: an illegal memory access was encountered"),
+        # torch.compile's BackendCompilerFailed: the compiler's own error is on the next line
+        ("backend='inductor' raised:\nRuntimeError: shapes do not match\n\nSet TORCH_LOGS",
+         "backend='inductor' raised: RuntimeError: shapes do not match"),
+        ("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+         "call last):\n  File \"x.py\", line 1, in f\nRuntimeError: a bug\n",
+         "Caught RuntimeError in DataLoader worker process 0. RuntimeError: a bug"),
+    ],
+)  # fmt: skip
+def test_a_torch_error_is_the_line_that_says_what_went_wrong(text, shown):
+    from pipeline.cli.common import torch_summary
+
+    assert torch_summary(text) == shown
+
+
+@pytest.mark.parametrize(
     "error, hinted",
     [(RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors "
                    "might be asynchronously reported\nFor debugging consider\n"), True),

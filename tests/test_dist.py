@@ -83,8 +83,12 @@ def test_one_rank_failing_to_evaluate_and_a_taken_folder(tiny_shards: Path, tmp_
 # ------------------------------------------------ a failure on one rank stops every rank
 
 # What fails on one rank alone before a collective the others then wait in: its own copy of the
-# shards holding nothing (rank 1), its machine's /dev/shm too small (rank 1), rank 0's save.
-ONE_RANK_FAULTS = ("no_samples", "short_shm", "save")
+# manifest unreadable (rank 1), of the shards holding nothing (rank 1), its machine's /dev/shm
+# too small (rank 1), rank 0's first write (config.json, TensorBoard), its epoch's TensorBoard
+# scalars (a full disk surfaces there), its checkpoint save.
+ONE_RANK_FAULTS = ("manifest", "no_samples", "short_shm", "writer", "epoch_report", "save")
+PATCHED = ("open_manifest", "trainable_samples", "check_feed_memory", "open_writer",
+           "_epoch_report", "save_checkpoint")  # fmt: skip
 GROUP_TIMEOUT_S = 60  # a collective left waiting fails the run's ranks after this, not 30 min
 
 
@@ -110,8 +114,21 @@ def _train_with_a_fault(rank: int, store: str, shards: str, folder: str) -> None
                             timeout=timeout)  # fmt: skip
     info = DistInfo(rank=rank, world_size=2, local_world_size=2)
     results = {}
+
+    def fail(kind: type[Exception], why: str):
+        def failing(*args, **kwargs):
+            raise kind(why)
+
+        return failing
+
     for fault in ONE_RANK_FAULTS:
-        saved = run.trainable_samples, run.check_feed_memory, run.save_checkpoint
+        saved = {name: getattr(run, name) for name in PATCHED}
+        if fault == "manifest" and rank == 1:
+            run.open_manifest = fail(ValueError, "shards/manifest.json: no such file")
+        if fault == "writer" and rank == 0:
+            run.open_writer = fail(OSError, "run/config.json: Read-only file system")
+        if fault == "epoch_report" and rank == 0:
+            run._epoch_report = fail(OSError, "events.out.tfevents: No space left on device")
         if fault == "no_samples" and rank == 1:
             run.trainable_samples = lambda *args, **kwargs: 0
         if fault == "short_shm" and rank == 1:
@@ -133,7 +150,8 @@ def _train_with_a_fault(rank: int, store: str, shards: str, folder: str) -> None
             results[fault] = {"error": None}
         except Exception as exc:
             results[fault] = {"error": [type(exc).__name__, str(exc)]}
-        run.trainable_samples, run.check_feed_memory, run.save_checkpoint = saved
+        for name, value in saved.items():
+            setattr(run, name, value)
         after = torch.ones(1)
         dist.all_reduce(after)  # the ranks still pair up: nobody was left inside a collective
         results[fault]["after"] = after.item()
@@ -161,6 +179,12 @@ def test_a_failure_on_one_rank_before_a_collective_stops_every_rank(tiny_shards,
     assert [proc.exitcode for proc in procs] == [0, 0], logs
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     others = ["ValueError", "1 other rank(s) failed (their log says why)"]
+    assert rank1["manifest"]["error"] == ["ValueError", "shards/manifest.json: no such file"]
+    assert rank0["manifest"]["error"] == others
+    assert rank0["writer"]["error"] == ["OSError", "run/config.json: Read-only file system"]
+    assert rank1["writer"]["error"] == others
+    assert rank0["epoch_report"]["error"][1].endswith("No space left on device")
+    assert rank1["epoch_report"]["error"] == others
     assert rank1["no_samples"]["error"][1].startswith("the train split's shard files can hold none")
     assert rank0["no_samples"]["error"] == others
     assert rank1["short_shm"]["error"][1].startswith("the loader's workers need 30.5 MiB")

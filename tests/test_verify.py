@@ -292,13 +292,15 @@ def test_names_from_the_data_reach_a_terminal_escaped(shards: Path):
     record = logging.LogRecord("x", logging.WARNING, "", 0, "skipped: %s", ("k\x1b[8m\n",), None)
     assert ShownFormatter("%(message)s").format(record) == "skipped: k\\x1b[8m\\x0a"
     try:
-        raise ValueError("boom")
+        raise ValueError("sample k\x1b[8m\r in x.tar")  # -v logs it with its traceback
     except ValueError:
         record.exc_info = sys.exc_info()
-    lines = ShownFormatter("%(message)s").format(record).splitlines()
-    assert (
-        lines[0] == "skipped: k\\x1b[8m\\x0a" and lines[1] == "Traceback (most recent call last):"
-    )
+    text = ShownFormatter("%(message)s").format(record)
+    assert "\x1b" not in text and "\r" not in text
+    lines = text.splitlines()
+    assert lines[0] == "skipped: k\\x1b[8m\\x0a"
+    assert lines[1] == "Traceback (most recent call last):"
+    assert lines[-1] == "ValueError: sample k\\x1b[8m\\x0d in x.tar"  # its lines stay lines
 
 
 def test_the_command_line_logs_through_the_escaping_formatter(monkeypatch):

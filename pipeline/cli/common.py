@@ -32,12 +32,27 @@ def shown(text: str) -> str:
     return _CONTROLS.sub(lambda found: f"\\x{ord(found[0]):02x}", text)
 
 
+# In a traceback, the same but newline and tab: its lines stay lines.
+_CONTROLS_IN_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 class ShownFormatter(logging.Formatter):
     """A log formatter whose messages go out through `shown`, one line each; a traceback
-    (`-v`) follows on lines of its own, as logging prints it."""
+    (`-v`) follows on lines of its own, as logging prints it, its other control characters
+    escaped too (an exception's message names data)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: D102, N802 - logging's
         return shown(super().formatMessage(record))
+
+    def formatException(self, ei) -> str:  # noqa: D102, N802 - logging's hook
+        return _escaped_lines(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: D102, N802 - logging's hook
+        return _escaped_lines(super().formatStack(stack_info))
+
+
+def _escaped_lines(text: str) -> str:
+    return _CONTROLS_IN_LINES.sub(lambda found: f"\\x{ord(found[0]):02x}", text)
 
 
 class UserError(click.ClickException):
@@ -61,10 +76,25 @@ def user_errors(kinds: tuple[type[Exception], ...] = EXPECTED):
         log.debug("traceback:", exc_info=True)
         text = str(exc)
         if not isinstance(exc, EXPECTED):  # torch's own: often many lines (CUDA, compile)
-            text = (text.strip().splitlines() or [type(exc).__name__])[0]
+            text = torch_summary(text) or type(exc).__name__
             if not log.isEnabledFor(logging.DEBUG):
                 text += " (`pipeline -v COMMAND …` shows its traceback)"
         raise UserError(text) from None
+
+
+def torch_summary(text: str, limit: int = 400) -> str:
+    """The line of a torch error's many that says what went wrong: the first, and the ones
+    it introduces (`backend='inductor' raised:` is followed by the compiler's error); for an
+    error re-raised from a DataLoader worker, the worker's own last line too."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    summary, rest = lines[0], lines[1:]
+    if "Original Traceback" in text:  # "Caught X in DataLoader worker process 0." ... "X: why"
+        return f"{summary} {lines[-1]}"[:limit]
+    while summary.endswith(":") and rest:
+        summary = f"{summary} {rest.pop(0)}"
+    return summary[:limit]
 
 
 def default_of(source: Any, name: str) -> Any:

@@ -110,22 +110,25 @@ class Run:
 
 
 def _train(config: TrainConfig, dist: DistInfo) -> dict[str, Any]:
-    manifest = open_manifest(config.shards)
-    if dist.is_main:
-        warn_if_incomplete(config.shards, manifest)
-    config.world_size = dist.world_size
-    saved = saved_checkpoint(config)
-    config.model_args = network_args(manifest, saved)
-    _seed_everything(config.seed + dist.rank)
-    with failing_together(dist.device, (ValueError,)):  # one node's /dev/shm may be short
+    # Each rank reads its own manifest and checkpoint and checks its machine's /dev/shm: one
+    # failing must stop all, not leave them waiting in the first collective.
+    with failing_together(dist.device, (ValueError, OSError)):
+        manifest = open_manifest(config.shards)
+        if dist.is_main:
+            warn_if_incomplete(config.shards, manifest)
+        config.world_size = dist.world_size
+        saved = saved_checkpoint(config)
+        config.model_args = network_args(manifest, saved)
+        _seed_everything(config.seed + dist.rank)
         check_feed_memory(config, dist, manifest)  # all local ranks' rings, before any starts
     run = _start_run(config, dist, manifest, saved)
     del saved  # its weights and optimizer state are in the run now: don't hold a second copy
     metrics: dict[str, Any] = {}
     try:
-        run.feed = open_feed(
-            config, dist, first_epoch=run.start_epoch, steps=run.steps, has_test=run.has_test
-        )
+        with failing_together(dist.device, (ValueError, OSError)):  # e.g. this rank's shm
+            run.feed = open_feed(
+                config, dist, first_epoch=run.start_epoch, steps=run.steps, has_test=run.has_test
+            )
         for epoch in range(run.start_epoch, config.epochs):
             metrics = _train_epoch(run, config, dist, epoch)
             run.evaluated = run.evaluated or "iou" in metrics
@@ -160,19 +163,21 @@ def _start_run(
         steps=min(steps, config.steps_per_epoch or steps),
         has_test=split_samples(manifest, "test") > 0,
     )
-    if config.resume and saved is not None:
-        resume(Path(config.out) / "last.pt", saved, run, config, dist.is_main)
-    elif config.init and saved is not None:
-        init_weights(model, saved, Path(config.init))
-        if dist.is_main:
-            log.info("starting from the weights of %s", config.init)
+    with failing_together(dist.device, (ValueError, OSError)):  # each rank reads its own copy
+        if config.resume and saved is not None:
+            resume(Path(config.out) / "last.pt", saved, run, config, dist.is_main)
+        elif config.init and saved is not None:
+            init_weights(model, saved, Path(config.init))
+            if dist.is_main:
+                log.info("starting from the weights of %s", config.init)
     run.start_epoch = run.epoch
     if dist.distributed:
         ids = [device.index] if device.type == "cuda" else None
         stepper.net = DistributedDataParallel(stepper.net, device_ids=ids)
     if config.compile:
         stepper.net = torch.compile(stepper.net)
-    run.writer = open_writer(Path(config.out), config) if dist.is_main else None
+    with failing_together(dist.device, (OSError, ValueError)):  # the run's first write
+        run.writer = open_writer(Path(config.out), config) if dist.is_main else None
     amp = stepper.amp
     if dist.is_main:
         if not run.has_test:
@@ -271,9 +276,10 @@ def _train_epoch(run: Run, config: TrainConfig, dist: DistInfo, epoch: int) -> d
         metrics, grid = {}, None
     times = (time.perf_counter() - eval_start, time.perf_counter() - start)
     label = f"{epoch + 1}/{config.epochs}"
-    metrics = _epoch_report(run, dist, label, stats, metrics, grid, times, lr)
     run.epoch = epoch + 1
-    with failing_together(dist.device, (OSError, ValueError)):  # a full disk: all ranks stop
+    # A full disk (TensorBoard's writer, a checkpoint) on rank 0: all ranks stop.
+    with failing_together(dist.device, (OSError, ValueError)):
+        metrics = _epoch_report(run, dist, label, stats, metrics, grid, times, lr)
         if dist.is_main:
             improved = _improves_best(run, metrics, stats, label)
             state = _checkpoint_state(run, config, metrics)
