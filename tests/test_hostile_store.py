@@ -31,11 +31,12 @@ from pipeline.store import tar as tar_module
 from pipeline.store.catalog import failure_path
 from pipeline.store.convert import ZipConverter, ZipJob, open_zip
 from pipeline.store.guard import locked
+from pipeline.store.names import shown_name
 from pipeline.store.runner import ConvertConfig, convert_zips
 from pipeline.store.tarread import read_samples
 from pipeline.store.verify import verify_shards
 from pipeline.store.zipdir import read_central_directory
-from pipeline.store.zipread import MemberReader, MemberRefused, shown_name
+from pipeline.store.zipread import MemberReader, MemberRefused
 
 PWN = "pipe:id > pwned.txt; cat train/batch01-000000.tar"
 

@@ -29,7 +29,11 @@ def shown(text: str) -> str:
     names in a message come from the data (a shard's member names, a manifest's strings), and
     an escape sequence in one could hide the lines after it (`ESC[8m` conceals them) or rewrite
     them, and a newline in one could forge a line of its own (`…: ok`)."""
-    return _CONTROLS.sub(lambda found: f"\\x{ord(found[0]):02x}", text)
+    return _escaped(_CONTROLS, text)
+
+
+def _escaped(controls: re.Pattern, text: str) -> str:
+    return controls.sub(lambda found: f"\\x{ord(found[0]):02x}", text)
 
 
 # In a traceback, the same but newline and tab: its lines stay lines.
@@ -45,14 +49,10 @@ class ShownFormatter(logging.Formatter):
         return shown(super().formatMessage(record))
 
     def formatException(self, ei) -> str:  # noqa: D102, N802 - logging's hook
-        return _escaped_lines(super().formatException(ei))
+        return _escaped(_CONTROLS_IN_LINES, super().formatException(ei))
 
     def formatStack(self, stack_info: str) -> str:  # noqa: D102, N802 - logging's hook
-        return _escaped_lines(super().formatStack(stack_info))
-
-
-def _escaped_lines(text: str) -> str:
-    return _CONTROLS_IN_LINES.sub(lambda found: f"\\x{ord(found[0]):02x}", text)
+        return _escaped(_CONTROLS_IN_LINES, super().formatStack(stack_info))
 
 
 class UserError(click.ClickException):

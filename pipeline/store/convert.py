@@ -34,9 +34,16 @@ from pipeline.schema import (
     member_ext,
 )
 from pipeline.store.catalog import make_record
-from pipeline.store.names import Member, SampleId, classify, refused_sample, sample_key
+from pipeline.store.names import (
+    Member,
+    SampleId,
+    classify,
+    refused_sample,
+    sample_key,
+    shown_name,
+)
 from pipeline.store.tar import ShardWriter
-from pipeline.store.zipread import MemberReader, shown_name, zip_fingerprint
+from pipeline.store.zipread import MemberReader, zip_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Member names: the published zip layout, how members pair into samples, sample keys (no I/O)."""
+"""Member names: the published zip layout, how members pair into samples, sample keys, names
+that are not UTF-8 (no I/O)."""
 
 from __future__ import annotations
 
@@ -185,3 +186,23 @@ def parse_batches(spec: str) -> list[int]:
             raise ValueError(f"bad batch range {part!r} in {spec!r}")
         out.extend(range(first, last + 1))
     return sorted(set(out))
+
+
+# A name's bytes that are not UTF-8 are kept as lone surrogates when it is listed (zip or tar):
+# distinct names stay distinct, and such a member is refused alone.
+NOT_UTF8 = "surrogateescape"
+
+
+def shown_name(text: str) -> str:
+    """Text holding names listed from bytes that are not valid UTF-8, with those bytes as
+    `\\xff`: valid text for every reader (JSON, a terminal), where a lone surrogate is not."""
+    return text.encode("utf-8", NOT_UTF8).decode("utf-8", "backslashreplace")
+
+
+def bad_name(name: str) -> bool:
+    """True for a name listed from bytes that are not valid UTF-8 (kept as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 from pipeline.schema import MAX_MEMBER_BYTES, SAMPLE_EXTS
+from pipeline.store.names import NOT_UTF8, bad_name, shown_name
 from pipeline.store.tar import TAR_BLOCK
 
 _ZERO_BLOCK = bytes(TAR_BLOCK)
@@ -80,9 +81,8 @@ def tar_files(stream: BinaryIO, odd: OddMembers | None = None) -> Iterator[tuple
             long_name = _long_name(kind, data) or long_name
         else:  # directories, links, pax globals: nothing a sample holds
             if odd is not None:
-                name = (long_name or _ustar_name(header)).encode("utf-8", NOT_UTF8)
                 kind_name = _KINDS.get(kind, f"tar type {kind!r}")
-                odd.append(f"{name.decode('utf-8', 'backslashreplace')}: a {kind_name}")
+                odd.append(f"{shown_name(long_name or _ustar_name(header))}: a {kind_name}")
             long_name = None
 
 
@@ -127,11 +127,6 @@ def _ustar_name(header: bytes) -> str:
     return name.decode("utf-8", NOT_UTF8)
 
 
-# A name's bytes that are not UTF-8 become lone surrogates (found by `_escaped`): its sample is
-# refused alone, where a decoding error would have lost the rest of an intact shard.
-NOT_UTF8 = "surrogateescape"
-
-
 def _long_name(kind: bytes, data: bytes) -> str | None:
     if kind == b"L":
         return data.split(b"\0", 1)[0].decode("utf-8", NOT_UTF8)
@@ -170,9 +165,9 @@ def group_samples(
     """
     sample: dict | None = None
     for name, data in files:
-        escaped = None if name.isascii() else _escaped(name)
-        if escaped is not None:
-            name = escaped
+        not_utf8 = not name.isascii() and bad_name(name)  # its sample is refused alone
+        if not_utf8:
+            name = shown_name(name)
         key, ext = split_name(name)
         if key is None:
             if odd is not None:
@@ -182,7 +177,7 @@ def group_samples(
             if sample is not None:
                 yield sample
             sample = {"__key__": key, "__url__": url}
-        if escaped is not None:
+        if not_utf8:
             sample.setdefault(REFUSED, f"{name}: a member name that is not UTF-8, in sample {key}")
             continue
         if ext.startswith("__"):  # the readers' own entries: __key__, __url__, __cycle__, ...
@@ -197,16 +192,6 @@ def group_samples(
             _check_size(sample)
     if sample is not None:
         yield sample
-
-
-def _escaped(name: str) -> str | None:
-    """A name whose bytes were not all UTF-8 (see NOT_UTF8) with those bytes as `\\xff`
-    escapes, printable and loggable; None for a name that was UTF-8."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return name.encode("utf-8", NOT_UTF8).decode("utf-8", "backslashreplace")
-    return None
 
 
 # A sample as convert writes it, with __key__ and __url__. Up to this many files of at most

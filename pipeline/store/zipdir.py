@@ -16,6 +16,8 @@ import os
 import struct
 from typing import NamedTuple
 
+from pipeline.store.names import NOT_UTF8
+
 LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # a member's local header (APPNOTE 4.3.7)
 LOCAL_MAGIC = b"PK\x03\x04"
 LOCAL_NAME_LENGTHS = struct.Struct("<2H")  # the last two fields of a local header
@@ -167,7 +169,7 @@ def _parse_directory(directory: bytes, limit: int) -> list[ZipEntry] | None:
         except UnicodeDecodeError:
             # Invalid UTF-8 keeps its bytes as lone surrogates (distinct names stay distinct);
             # reading such a member is refused (`bad_name`), the rest of the zip is not.
-            filename = name.decode("utf-8" if flags & 0x800 else "cp437", "surrogateescape")
+            filename = name.decode("utf-8" if flags & 0x800 else "cp437", NOT_UTF8)
         refused = ""
         if extra_len or 0xFFFFFFFF in (csize, usize, offset):  # SATURATED: a ZIP64 value
             start = pos - comment_len - extra_len

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline.schema import MAX_MEMBER_BYTES
+from pipeline.store.names import bad_name
 from pipeline.store.zipdir import (
     LOCAL_HEADER,
     LOCAL_MAGIC,
@@ -156,21 +157,6 @@ class MemberReader:
                 f"declares {max(size, file_size)} bytes, over the {self.max_member} bytes "
                 "one image may have: a deflate bomb, or not an image"
             )
-
-
-def shown_name(text: str) -> str:
-    """Text holding names listed from bytes that are not valid UTF-8, with those bytes as
-    `\\xff`: valid text for every reader (JSON, a terminal), where a lone surrogate is not."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def bad_name(name: str) -> bool:
-    """True for a name listed from bytes that are not valid UTF-8 (kept as lone surrogates)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def _inflate(raw: memoryview, file_size: int) -> bytes:
