@@ -719,6 +719,26 @@ def test_upper_case_folders_convert_and_odd_fg_bg_members_are_reported(make_zip,
         assert reason in reasons[name], name
 
 
+def test_backslash_separated_names_convert_or_are_reported(make_zip, tmp_path: Path):
+    # Windows tools (.NET's ZipFile before 4.6.1, Compress-Archive) write `fg_bg_jpg\\x.jpg`:
+    # unzip reads the backslash as a folder. Such a sample was ignored without a word.
+    z = make_zip(samples=4)
+    with zipfile.ZipFile(z.path) as zf:
+        entries = {i.filename: zf.read(i) for i in zf.infolist()}
+    windows = {n.replace("/", "\\"): data for n, data in entries.items()}
+    deeper = "fg_bg_jpg\\sub\\fg_bg_9_1_0_9.jpg"  # in a folder inside fg_bg_jpg/: reported
+    windows[deeper] = entries["fg_bg_jpg/fg_bg_1_1_0_1.jpg"]
+    with zipfile.ZipFile(z.path, "w") as zf:
+        for name, data in windows.items():
+            zf.writestr(name, data)
+    out = tmp_path / "shards"
+    summary = convert([z.path], out)
+    assert summary.ok and summary.samples["train"] == 4
+    assert [s["member"] for s in manifest_of(out)["skipped"]] == [deeper]
+    meta = json.loads(read_back(out)[sample_key(1, SampleId(1, 1, 0, 1))]["json"])
+    assert meta["fg_bg"] == "fg_bg_jpg\\fg_bg_1_1_0_1.jpg"  # the name as in the zip
+
+
 def test_article_naming_style(make_zip, tmp_path: Path):
     z = make_zip(samples=4, article=True)
     assert any("/bg_1.jpg" in n for n in z.members) and any("/depth_1_" in n for n in z.members)

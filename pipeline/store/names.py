@@ -81,13 +81,15 @@ def batch_number(zip_path: str | Path) -> int:
 
 def _parts(name: str) -> list[str]:
     # str.split, not PurePosixPath: this runs once per zip member, and pathlib costs ~10 us a call.
-    return [p for p in name.split("/") if p not in ("", ".")]
+    # A backslash separates folders too: zips made on Windows (.NET's ZipFile before 4.6.1,
+    # PowerShell's Compress-Archive) write `fg_bg_jpg\x.jpg`, which unzip reads as a folder.
+    return [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
 
 
 def is_junk(name: str) -> bool:
     """True for members that are never data: folders, macOS resource forks, .DS_Store."""
     parts = _parts(name)
-    if name.endswith("/") or not parts:
+    if name.endswith(("/", "\\")) or not parts:
         return True
     if any(p in JUNK_PARTS for p in parts) or parts[-1] in JUNK_NAMES:
         return True
