@@ -991,6 +991,26 @@ def test_adding_a_zip_later_keeps_the_others(make_zip, tmp_path: Path):
     assert verify_shards(out, workers=1, progress=False).ok
 
 
+def test_a_folder_copied_without_its_records_does_not_lose_its_samples(make_zip, tmp_path: Path):
+    # `cp -r shards/* copy/` leaves the hidden .parts behind; adding a zip to the copy rebuilt
+    # the manifest from the records alone and dropped the 6 samples it listed, without a word.
+    z1, z2 = make_zip("batch1_images.zip", 6), make_zip("batch2_images.zip", 4)
+    first = tmp_path / "first"
+    assert convert([z1.path], first).ok
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy, ignore=shutil.ignore_patterns(".parts"))
+    assert verify_shards(copy, workers=1, progress=False).ok
+    summary = convert([z2.path], copy)
+    assert not summary.ok and "batch1_images.zip" in summary.failed[0]["error"]
+    assert "lists 6 of its samples" in summary.failed[0]["error"]
+    assert [f["zip"] for f in manifest_of(copy)["failed"]] == ["batch1_images.zip"]
+    report = verify_shards(copy, workers=1, progress=False)
+    assert not report.ok and "batch1_images.zip" in report.problems[0]["problem"]
+    summary = convert([z1.path, z2.path], copy)  # given again: converted again, all there
+    assert summary.ok and summary.samples["train"] == 10 and not manifest_of(copy)["failed"]
+    assert verify_shards(copy, workers=1, progress=False).ok
+
+
 def test_split_routing_and_empty_test_warning(make_zip, tmp_path: Path, caplog):
     z1, z3 = make_zip("batch1_images.zip", 2), make_zip("batch3_images.zip", 3)
     with caplog.at_level(logging.WARNING):

@@ -14,8 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.schema import MANIFEST_NAME, SPLITS
+from pipeline.schema import MANIFEST_NAME, SPLITS, load_manifest, shard_entries
 from pipeline.store.catalog import (
+    PARTS_DIR,
     clear_failure,
     discard_batch,
     load_failures,
@@ -149,6 +150,7 @@ UNFINISHED = "its conversion did not finish (the convert writing it stopped, or 
 def _convert_locked(jobs: list[ZipJob], config: ConvertConfig, summary: ConvertSummary) -> None:
     out = Path(config.out)
     records = load_records(out)
+    _mark_unrecorded(out, records, jobs, config, summary)
     todo = _select_todo(jobs, records, config, summary)
     for job in jobs:
         if job.name in summary.reused:
@@ -179,6 +181,45 @@ def _convert_locked(jobs: list[ZipJob], config: ConvertConfig, summary: ConvertS
     checked = {job.batch for job in jobs if job.name in done}
     with locked(out, ["manifest"]):
         write_manifest(out, config, {job.batch for job in jobs}, checked, summary)
+
+
+def _mark_unrecorded(out: Path, records: dict, jobs: list[ZipJob], config, summary) -> None:
+    """The batches the manifest lists that DIR/.parts has no record of (a copy of the folder
+    without its hidden .parts): marked not done, as the manifest rewritten from the records
+    would drop their samples without a word. Their zips given, they are converted again."""
+    try:
+        manifest = load_manifest(out)
+    except ValueError:
+        return  # none, or not one to trust: it promises nothing
+    listed: dict[int, int] = {}  # batch -> samples the manifest lists of it
+    for _, shard in shard_entries(manifest):
+        batch = shard.get("batch")
+        if isinstance(batch, int) and batch not in records:
+            listed[batch] = listed.get(batch, 0) + shard["samples"]
+    # Looked at again now, after the manifest: another convert may have written it meanwhile.
+    given, failures = {job.batch for job in jobs}, load_failures(out)
+    for batch in list(listed):
+        done = record_path(out, batch).exists() or batch in failures
+        if batch in given or done or converting(out, batch):
+            del listed[batch]
+    sources = manifest.get("sources")  # optional, unchecked: only a zip's name is taken from it
+    names = {
+        s["batch"]: s.get("zip")
+        for s in (sources if isinstance(sources, list) else [])
+        if isinstance(s, dict) and isinstance(s.get("batch"), int)
+    }
+    for batch, samples in sorted(listed.items()):
+        name = names.get(batch)
+        zip_name = Path(name).name if isinstance(name, str) and name else f"batch {batch}"
+        error = (
+            f"{zip_name}: {out / MANIFEST_NAME} lists {samples} of its samples, but "
+            f"{out / PARTS_DIR} holds no record of it (the folder copied without .parts?): "
+            "convert that zip into it again, or go on without it (--forget-failed)"
+        )
+        write_failure(out, batch, zip_name, error)
+        if not config.forget_failed:
+            log.error("%s", error)
+            summary.failed.append({"zip": zip_name, "error": error})
 
 
 def _mark_unfinished(out: Path, todo: list[ZipJob]) -> None:
