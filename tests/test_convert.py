@@ -788,6 +788,15 @@ def test_zip_without_samples_fails(tmp_path: Path):
     assert not (tmp_path / "shards" / "manifest.json").exists()
 
 
+def test_a_zip_whose_every_sample_is_skipped_says_why(make_zip, tmp_path: Path):
+    # Its skips go in no record: the error gave no reason ("all skipped") for any of them.
+    z = make_zip(samples=3, wrong_size={i: "depth" for i in range(3)})
+    summary = convert([z.path], tmp_path / "shards")
+    error = summary.failed[0]["error"]
+    assert not summary.ok and "all 3 skipped" in error
+    assert "depth member depth_fg_bg_jpg/depth_fg_bg_" in error and "88x80, expected 80x80" in error
+
+
 def test_strict_makes_a_skip_fatal(make_zip, tmp_path: Path):
     bad, good = (
         make_zip("batch1_images.zip", 4, truncate={2: "mask"}),

@@ -245,8 +245,12 @@ class ZipConverter:
                 self.report("done", PROGRESS_EVERY)
         if self.report and done % PROGRESS_EVERY:
             self.report("done", done % PROGRESS_EVERY)
-        if not self.written:
-            raise ConvertError(f"{self.job.path}: no sample could be converted (all skipped)")
+        if not self.written:  # the skips go nowhere else: say why, with the first
+            first = self.skipped[-done]
+            raise ConvertError(
+                f"{self.job.path}: no sample could be converted (all {done} skipped; the "
+                f"first, {first['member']}: {first['reason']})"
+            )
 
     def _strict_check(self) -> None:
         if self.job.strict and self.skipped:
