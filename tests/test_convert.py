@@ -22,7 +22,7 @@ from conftest import STUB, BatchZip, encode, wrap_zip, zip64_members
 
 from pipeline.cli import cli
 from pipeline.images import JpegError, check_jpeg
-from pipeline.store.catalog import record_path
+from pipeline.store.catalog import record_path, write_failure
 from pipeline.store.names import SampleId, sample_key
 from pipeline.store.runner import ConvertConfig, convert_zips
 from pipeline.store.verify import verify_shards
@@ -1018,6 +1018,22 @@ def test_a_folder_copied_without_its_records_does_not_lose_its_samples(make_zip,
     summary = convert([z1.path, z2.path], copy)  # given again: converted again, all there
     assert summary.ok and summary.samples["train"] == 10 and not manifest_of(copy)["failed"]
     assert verify_shards(copy, workers=1, progress=False).ok
+
+
+def test_forgetting_a_killed_zip_removes_the_shards_it_left(make_zip, tmp_path: Path):
+    # A convert killed (-9) mid-zip leaves its temp shards, or renamed ones without a record;
+    # --forget-failed forgot the zip but left them (stray `*.tar` files are read by a glob).
+    z1, z2 = make_zip("batch1_images.zip", 6), make_zip("batch2_images.zip", 4)
+    out = tmp_path / "shards"
+    assert convert([z1.path, z2.path], out, shard_samples=2).ok
+    record_path(out, 2).unlink()  # as the kill leaves it: shards renamed, no record yet
+    (out / "train" / "batch02-000000.tar").rename(out / "train" / "batch02-000000.tar.tmp")
+    write_failure(out, 2, z2.name, "killed")
+    summary = convert([z1.path], out, shard_samples=2, forget_failed=True)
+    assert summary.ok and summary.samples["train"] == 6 and not manifest_of(out)["failed"]
+    assert sorted(p.name for p in (out / "train").iterdir()) == [
+        f"batch01-00000{i}.tar" for i in range(3)
+    ]
 
 
 def test_split_routing_and_empty_test_warning(make_zip, tmp_path: Path, caplog):

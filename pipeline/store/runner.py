@@ -258,6 +258,8 @@ def _forget_failures(out: Path, given: set[int]) -> None:
     for batch, failure in load_failures(out).items():
         if isinstance(batch, int) and (batch in given or converting(out, batch)):
             continue
+        if isinstance(batch, int) and not record_path(out, batch).exists():
+            discard_batch(out, batch)  # what its convert left, killed: temp or renamed shards
         clear_failure(out, batch)
         log.warning("%s: forgotten (--forget-failed): %s", failure["zip"], failure["error"])
 
