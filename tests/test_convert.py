@@ -880,6 +880,30 @@ def test_duplicate_members_skip_the_samples_that_need_them(make_zip, tmp_path: P
     assert sum("duplicate" in r.message for r in caplog.records) == 4
 
 
+@pytest.mark.parametrize("bad_first", [False, True])
+def test_a_sample_member_listed_twice_under_one_name_is_not_guessed(
+    make_zip, tmp_path: Path, bad_first: bool
+):
+    # Reads go by name and take the last entry: "the first is converted, this one reported"
+    # reported the copy whose bytes were converted, or lost the sample to the other copy.
+    z = make_zip(samples=3)
+    name = z.samples[SampleId(1, 1, 0, 1)]["fg_bg"]
+    with zipfile.ZipFile(z.path) as zf:
+        entries = [(i.filename, zf.read(i)) for i in zf.infolist()]
+    entries.insert(0 if bad_first else len(entries), (name, b"not an image"))
+    with zipfile.ZipFile(z.path, "w") as zf, pytest.warns(UserWarning, match="Duplicate name"):
+        for member, data in entries:
+            zf.writestr(member, data)
+    out = tmp_path / "shards"
+    assert convert([z.path], out).ok
+    assert sample_key(1, SampleId(1, 1, 0, 1)) not in read_back(out)
+    reasons = [s["reason"] for s in manifest_of(out)["skipped"]]
+    assert reasons == [
+        f"duplicate of sample member {name}",
+        f"duplicate fg_bg members for 1_1_0_1: {name} and {name}",
+    ]
+
+
 # ---------------------------------------------------------------- re-runs and interruptions
 
 

@@ -137,8 +137,8 @@ def pair_members(zip_name: str, names: Iterable[str]) -> Pairings:
             continue
         if member.kind == "fg_bg":  # the sample itself: the first is converted, this one reported
             skipped.append(_skip(zip_name, name, f"duplicate of sample member {first.name}"))
-        else:  # which copy is right is unknown: the samples that need it are skipped
-            twins.setdefault((member.kind, ident), [first.name]).append(name)
+        if member.kind != "fg_bg" or name == first.name:  # which copy is right is unknown (of
+            twins.setdefault((member.kind, ident), [first.name]).append(name)  # one name: none)
     bg_problems = {
         ident: f"duplicate bg members for background {ident}: {' and '.join(names)}"
         for (kind, ident), names in twins.items()
@@ -156,7 +156,7 @@ def pair_members(zip_name: str, names: Iterable[str]) -> Pairings:
 
 def _pair(sample: SampleId, fg_bg: Member, found: dict, twins: dict) -> _Pairing:
     problem = None
-    for kind in TARGETS:
+    for kind in FIELDS:  # a bg twin is keyed by its number, never by a sample
         if (kind, sample) in twins:
             names = " and ".join(twins[kind, sample])
             problem = problem or f"duplicate {kind} members for {sample.stem()}: {names}"
