@@ -1413,3 +1413,31 @@ def test_a_fifo_for_a_wids_index_or_a_record_is_refused_never_waited_on(shards: 
     zips = sorted(shards.parent.glob("batch1_images.zip"))
     summary = _within(60, record, lambda: convert(zips, shards, shard_samples=2))
     assert summary.ok  # the record is unreadable, so its zip is converted again
+
+
+def test_a_directory_entry_pointing_at_another_members_data_is_refused(tmp_path: Path):
+    """An entry whose offset, CRC and sizes are another member's would read that member's
+    bytes, CRC intact: its local header's name says so (zipfile checks it too)."""
+    zip_ = build_zip(tmp_path / "batch1_images.zip", 3)
+    with zipfile.ZipFile(zip_.path) as zf:
+        masks = sorted(n for n in zf.namelist() if n.startswith("mask_black_jpg/") and "." in n)
+    victim, source = masks[0], masks[1]
+    data = bytearray(zip_.path.read_bytes())
+    entries = {}
+    for name in (victim, source):
+        at = data.rfind(b"PK\x01\x02", 0, data.rindex(name.encode()))
+        entries[name] = at
+    for start, end in ((16, 28), (42, 46)):  # CRC and sizes; the local header's offset
+        fields = data[entries[source] + start : entries[source] + end]
+        data[entries[victim] + start : entries[victim] + end] = fields
+    zip_.path.write_bytes(bytes(data))
+    with MemberReader(zip_.path) as reader, pytest.raises(zipfile.BadZipFile, match="another"):
+        reader.read(victim)
+    with zipfile.ZipFile(zip_.path) as zf, pytest.raises(zipfile.BadZipFile):
+        zf.read(victim)  # the reference reader agrees
+    out = tmp_path / "shards"
+    summary = convert([zip_.path], out, test_batches=[])
+    assert summary.ok and summary.written == 2 and summary.skipped == 1
+    record = json.loads((out / ".parts" / "batch01.json").read_text())
+    (skip,) = record["skipped"]
+    assert "local header names another member" in skip["reason"] and victim in skip["reason"]

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline.schema import MAX_MEMBER_BYTES
-from pipeline.store.names import bad_name
+from pipeline.store.names import NOT_UTF8, bad_name
 from pipeline.store.zipdir import (
     LOCAL_HEADER,
     LOCAL_MAGIC,
@@ -116,6 +116,9 @@ class MemberReader:
             raise zipfile.BadZipFile("bad local header (damaged zip)")
         name_len, extra_len = LOCAL_NAME_LENGTHS.unpack_from(chunk, LOCAL_HEADER.size - 4)
         start = LOCAL_HEADER.size + name_len + extra_len
+        if chunk[LOCAL_HEADER.size : LOCAL_HEADER.size + name_len] != _raw_name(name, flags):
+            # As zipfile checks: an entry pointing at another member's data is a damaged zip.
+            raise zipfile.BadZipFile("its local header names another member (damaged zip)")
         if start == guess:
             raw = memoryview(chunk)[start:]
         else:
@@ -183,3 +186,10 @@ def fingerprint_zip(path: Path) -> str:
     """`zip_fingerprint` of a zip on disk, listed by the same reader convert uses."""
     with MemberReader(path) as reader:
         return zip_fingerprint(path, reader.infos)
+
+
+def _raw_name(name: str, flags: int) -> bytes:
+    """A member's name as its headers hold it (see zipdir's decoding)."""
+    if name.isascii():
+        return name.encode("ascii")
+    return name.encode("utf-8" if flags & 0x800 else "cp437", NOT_UTF8)
