@@ -408,3 +408,25 @@ def test_a_torch_error_says_how_to_see_its_traceback(
     caplog.set_level(logging.DEBUG, logger="pipeline")  # as -v sets it (once a process)
     assert "shows its traceback" not in error_line(run_cli(*args))
     assert "Traceback" in caplog.text and "in failing" in caplog.text
+
+
+def test_resume_purges_what_the_interrupted_epoch_logged(
+    tiny_run: Path, tiny_shards: Path, tmp_path
+):
+    """A run killed in epoch 2 logged train/* points past last.pt's step: the resumed run logs
+    those steps again, and TensorBoard shows each step once, the resumed run's."""
+    from test_train import read_scalars
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    killed = tmp_path / "killed"
+    with SummaryWriter(log_dir=str(killed)) as writer:  # what the interrupted epoch 2 logged
+        for step in (3, 4):
+            writer.add_scalar("train/loss", 99.0, step)
+    (event,) = killed.glob("events.out.tfevents.*")
+    event.rename(run / "events.out.tfevents.1000000000.killed.1.0")  # older than the resumed
+    assert resume_cli(run, tiny_shards).exit_code == 0
+    steps = [(step, value) for step, value in read_scalars(run)["train/loss"]]
+    assert [step for step, _ in steps] == [2, 4], steps  # each epoch's end, once
+    assert 99.0 not in [value for _, value in steps]

@@ -21,13 +21,19 @@ log = logging.getLogger(__name__)
 PROFILE_STEPS = (1, 1, 3)  # torch.profiler: steps to skip, to warm up, to record
 
 
-def open_writer(out: Path, config: Any):
-    """Write the resolved config to OUT/config.json and open TensorBoard's writer (rank 0)."""
+def open_writer(out: Path, config: Any, resumed_step: int | None = None):
+    """Write the resolved config to OUT/config.json and open TensorBoard's writer (rank 0).
+
+    `resumed_step`: the step a resumed run continues after. What the interrupted run logged
+    beyond it (the unfinished epoch's train/* points, an epoch whose last.pt was never written)
+    is purged from TensorBoard's view, not shown beside the points the resumed run logs again.
+    """
     from torch.utils.tensorboard import SummaryWriter
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    return SummaryWriter(log_dir=str(out))
+    purge = None if resumed_step is None else resumed_step + 1
+    return SummaryWriter(log_dir=str(out), purge_step=purge)
 
 
 @dataclass

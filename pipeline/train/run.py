@@ -177,7 +177,8 @@ def _start_run(
     if config.compile:
         stepper.net = torch.compile(stepper.net)
     with failing_together(dist.device, (OSError, ValueError)):  # the run's first write
-        run.writer = open_writer(Path(config.out), config) if dist.is_main else None
+        resumed = run.step if config.resume else None  # TensorBoard drops what came after
+        run.writer = open_writer(Path(config.out), config, resumed) if dist.is_main else None
     amp = stepper.amp
     if dist.is_main:
         if not run.has_test:
