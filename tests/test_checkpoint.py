@@ -251,6 +251,21 @@ def resume_cli(run: Path, shards: Path, *more):
     )  # fmt: skip
 
 
+def optimizer_with(state: dict, buffer=None, **group) -> dict:
+    """`state`'s optimizer state with `group`'s settings, and its first momentum buffer
+    replaced by `buffer` (a tensor, or a number to fill it with)."""
+    saved = state["optimizer"]
+    buffers = {k: dict(v) for k, v in saved["state"].items()}
+    if buffer is not None:
+        first = buffers[min(buffers)]
+        was = first["momentum_buffer"]
+        first["momentum_buffer"] = (
+            buffer if torch.is_tensor(buffer) else torch.full_like(was, buffer)
+        )
+    groups = [{**g, **group} for g in saved["param_groups"]]
+    return {"state": buffers, "param_groups": groups}
+
+
 def test_a_damaged_last_pt_is_one_line_naming_it(tiny_run: Path, tiny_shards: Path, tmp_path):
     good = torch.load(tiny_run / "last.pt", weights_only=True)
     nan_model = {**good["model"], "mask_head.pointwise.bias": torch.tensor([math.nan])}
@@ -258,7 +273,9 @@ def test_a_damaged_last_pt_is_one_line_naming_it(tiny_run: Path, tiny_shards: Pa
         "no optimizer": ({"optimizer": None}, "has no optimizer: not a run's checkpoint"),
         "no epoch": ({"epoch": None}, "has no epoch"),
         "a text epoch": ({"epoch": "one"}, "its epoch is a str, not int"),
-        "a negative step": ({"step": -3}, "its step is -3, below 0"),
+        "a negative step": ({"step": -3}, "its step is -3, not 0 to 2**53"),
+        # TensorBoard's steps are int64: the run would fail at its first logged step
+        "a step beyond int64": ({"step": 2**63 + 5}, "its step is 9223372036854775813, not 0"),
         "a number scheduler": ({"scheduler": 5}, "its scheduler is an int, not dict"),
         "a text best": ({"best_iou": "x"}, "its best_iou is 'x', not a number"),
         "a huge best": ({"best_iou": 10**400}, "its best_iou is 1000"),
@@ -267,6 +284,35 @@ def test_a_damaged_last_pt_is_one_line_naming_it(tiny_run: Path, tiny_shards: Pa
             "its optimizer, schedule or scaler state does not fit this run (",
         ),
         "a NaN weight": ({"model": nan_model}, "(1 holding NaN or inf (mask_head.pointwise.bias))"),
+        # StepLR's load_state_dict sets each key as an attribute: this one replaced its step()
+        "a scheduler key over its method": (
+            {"scheduler": {**good["scheduler"], "step": 0}},
+            "(its scheduler holds unknown keys (step))",
+        ),
+        "a schedule of another step size": (
+            {"scheduler": {**good["scheduler"], "step_size": 1000}},
+            "(its scheduler's step_size is 1000, not 2)",
+        ),
+        "a schedule of another epoch": (
+            {"scheduler": {**good["scheduler"], "last_epoch": 7}},
+            "(its scheduler's last_epoch is 7, its epoch 1)",
+        ),
+        "a NaN learning rate": (
+            {"optimizer": optimizer_with(good, lr=math.nan)},
+            "(its optimizer's lr is nan)",
+        ),
+        "an optimizer that maximizes": (
+            {"optimizer": optimizer_with(good, maximize=True)},
+            "(its optimizer's maximize is True, not False)",
+        ),
+        "a momentum buffer of another shape": (
+            {"optimizer": optimizer_with(good, buffer=torch.zeros(3))},
+            "(its optimizer's momentum_buffer is (3,), not (",
+        ),
+        "a NaN momentum buffer": (
+            {"optimizer": optimizer_with(good, buffer=math.nan)},
+            "(its optimizer's momentum_buffer holds NaN or inf)",
+        ),
         "all its epochs done": ({"epoch": 10**12}, "nothing is left to train"),
     }
     for name, (change, words) in cases.items():

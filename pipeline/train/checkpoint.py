@@ -21,6 +21,7 @@ from model.unet import DEPTH_OUTPUTS
 from pipeline.schema import CHANNELS
 
 REQUIRED_KEYS = ("model", "config")
+MAX_COUNT = 2**53  # the most epochs or steps a checkpoint may claim (more: not a run's)
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
@@ -191,8 +192,8 @@ def check_resume_state(state: dict[str, Any], path: Path) -> None:
         value = state[key]
         if not isinstance(value, kind) or isinstance(value, bool):
             raise ValueError(f"--resume: {path}: its {key} is {_kind(value)}, not {kind.__name__}")
-        if kind is int and value < 0:
-            raise ValueError(f"--resume: {path}: its {key} is {value}, below 0")
+        if kind is int and not 0 <= value <= MAX_COUNT:  # TensorBoard's steps are int64
+            raise ValueError(f"--resume: {path}: its {key} is {short(value)}, not 0 to 2**53")
     best = state.get("best_iou", 0.0)
     try:
         number = float(best) if type(best) in (float, int) else math.nan  # not a bool

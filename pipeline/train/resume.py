@@ -9,12 +9,16 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from model import UNetConfig
 from pipeline.train.checkpoint import (
     check_resume_state,
     first_line,
     load_checkpoint,
+    non_finite,
     refuse_init_over_run,
+    short,
     weights_problem,
 )
 from pipeline.train.config import TrainConfig
@@ -104,7 +108,10 @@ def resume(
         )
     run.model.load_state_dict(state["model"])
     try:
+        _check_schedule(state["scheduler"], run.scheduler.state_dict(), config, state["epoch"])
+        _check_groups(state["optimizer"], run.stepper.optimizer.state_dict())
         run.stepper.optimizer.load_state_dict(state["optimizer"])
+        _check_buffers(run.stepper.optimizer)
         run.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler") and run.stepper.scaler.is_enabled():
             run.stepper.scaler.load_state_dict(state["scaler"])
@@ -166,3 +173,66 @@ def _changed_settings(
         for name in names
         if (unsaved or name in saved) and saved.get(name) != getattr(config, name)
     )
+
+
+def _check_schedule(saved: dict, fresh: dict, config: TrainConfig, epoch: int) -> None:
+    """ValueError unless `saved` is a StepLR state of this run (`fresh`: a new one's). StepLR's
+    load_state_dict makes every key an attribute (a `step` would replace its method, to fail
+    an epoch later), and its step size, factor and epoch count are taken as they are."""
+    unknown = [short(str(k)) for k in saved if k not in fresh]
+    if unknown:
+        raise ValueError(f"its scheduler holds unknown keys ({', '.join(unknown[:3])})")
+    for name, want in (("step_size", config.step_size), ("gamma", config.gamma)):
+        if saved.get(name) != want:
+            raise ValueError(f"its scheduler's {name} is {short(saved.get(name))}, not {want}")
+    if saved.get("last_epoch") != epoch:
+        raise ValueError(
+            f"its scheduler's last_epoch is {short(saved.get('last_epoch'))}, its epoch {epoch}"
+        )
+    kinds = [
+        k
+        for k, v in saved.items()
+        if k not in ("step_size", "gamma", "last_epoch") and type(v) is not type(fresh[k])
+    ]
+    if kinds:
+        raise ValueError(f"its scheduler's {kinds[0]} is {short(saved[kinds[0]])}")
+
+
+def _check_groups(saved: dict, fresh: dict) -> None:
+    """ValueError unless the optimizer's saved settings are this run's (they replace them as
+    they are: a NaN rate, `maximize`): each as a new optimizer has it, the rates finite."""
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(fresh["param_groups"]):
+        return  # load_state_dict says what does not fit
+    for group, new in zip(groups, fresh["param_groups"], strict=True):
+        if not isinstance(group, dict):
+            return
+        for name in ("lr", "initial_lr"):
+            rate = group.get(name, 0.0)
+            if type(rate) not in (int, float) or not 0 <= rate < math.inf:
+                raise ValueError(f"its optimizer's {name} is {short(rate)}")
+        other = [
+            k
+            for k, v in new.items()
+            if k not in ("params", "lr", "initial_lr") and k in group and group[k] != v
+        ]
+        if other:
+            raise ValueError(
+                f"its optimizer's {other[0]} is {short(group[other[0]])}, not "
+                f"{short(new[other[0]])}"
+            )
+
+
+def _check_buffers(optimizer: torch.optim.Optimizer) -> None:
+    """ValueError unless every loaded buffer (momentum, Adam's moments) is a tensor of its
+    parameter's shape, finite: torch loads them unchecked, to fail in the first step."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if value is None:
+                    continue
+                if not torch.is_tensor(value) or (value.dim() and value.shape != param.shape):
+                    shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                    raise ValueError(f"its optimizer's {name} is {shape}, not {tuple(param.shape)}")
+                if non_finite({name: value}):
+                    raise ValueError(f"its optimizer's {name} holds NaN or inf")
