@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -476,3 +477,23 @@ def test_resume_purges_what_the_interrupted_epoch_logged(
     steps = [(step, value) for step, value in read_scalars(run)["train/loss"]]
     assert [step for step, _ in steps] == [2, 4], steps  # each epoch's end, once
     assert 99.0 not in [value for _, value in steps]
+
+
+@pytest.mark.parametrize("damage", ["empty", "missing"])
+def test_a_lost_best_pt_is_written_again_on_resume(
+    damage, tiny_run: Path, tiny_shards: Path, tmp_path, caplog
+):
+    """best.pt emptied (a disk's fault) or removed, older than last.pt whose best_iou no epoch
+    can beat: the resumed run must not finish on a best.pt that cannot be read, or none."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    state = torch.load(run / "last.pt", weights_only=True)
+    torch.save({**state, "best_iou": 1.0}, run / "last.pt")
+    if damage == "empty":
+        (run / "best.pt").write_bytes(b"")
+        os.utime(run / "best.pt", ns=(0, 0))  # written before last.pt, as an improved epoch's
+    else:
+        (run / "best.pt").unlink()
+    assert resume_cli(run, tiny_shards).exit_code == 0
+    assert load_checkpoint(run / "best.pt")["epoch"] == 2
+    assert f"--resume: {run / 'best.pt'} is " in caplog.text

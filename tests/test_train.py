@@ -80,7 +80,8 @@ def test_resume_continues_epochs_and_step_count(
         lambda path: reads.append(path) or load_checkpoint(path),
     )
     train(config)
-    assert reads == [run / "last.pt"]  # read once: network, weights, optimizer all from it
+    # last.pt read once: network, weights, optimizer all from it (best.pt: is it readable?)
+    assert reads == [run / "last.pt", run / "best.pt"]
     after = load_checkpoint(run / "last.pt")
     assert after["epoch"] == 2
     assert after["step"] == before["step"] + 2

@@ -124,33 +124,36 @@ def resume(
     run.best_iou = float(state.get("best_iou", -math.inf))
     run.evaluated = run.best_iou != -math.inf  # an earlier epoch had test metrics
     if main:  # best_iou is rank 0's alone
-        run.best_iou = max(run.best_iou, _later_best(path.parent / "best.pt", path, run.epoch))
+        best = _saved_best(path.parent / "best.pt", path, run.epoch, run.best_iou)
+        run.best_iou = -math.inf if best is None else max(run.best_iou, best)
         log.info("resuming %s after epoch %d (step %d)", path, run.epoch, run.step)
 
 
-def _later_best(path: Path, last: Path, epoch: int) -> float:
-    """The best_iou of OUT/best.pt when it was written after `last` (epoch > `epoch`: the run
-    stopped between the two saves), else -inf. The resumed run trains that epoch again, and
-    on a GPU, not bit for bit: a slightly worse model of it must not replace best.pt. An
-    improved epoch writes best.pt first, so one older than last.pt is not read at all."""
-    try:
-        if path.stat().st_mtime_ns < last.stat().st_mtime_ns:
-            return -math.inf
-    except OSError:  # no best.pt (yet)
-        return -math.inf
+def _saved_best(path: Path, last: Path, epoch: int, known: float) -> float | None:
+    """What OUT/best.pt means for the resumed run: None when it is missing or unreadable (the
+    next evaluated epoch then writes it, whatever last.pt's best_iou: a finished run must not
+    end on a best.pt that cannot be read, or none); its best_iou when it was written after
+    `last` (epoch > `epoch`: the run stopped between the two saves), else -inf. The resumed
+    run trains that epoch again, and on a GPU, not bit for bit: a slightly worse model of it
+    must not replace best.pt. An improved epoch writes best.pt first. `known`: last.pt's
+    best_iou (-inf: no epoch has made a best.pt yet)."""
+    if not path.is_file():
+        if known != -math.inf:
+            log.warning("--resume: %s is missing: the next evaluated epoch writes it", path)
+        return None
     try:
         best = load_checkpoint(path)
-    except (OSError, ValueError) as exc:  # a damaged best.pt: the next improvement replaces it
+    except (OSError, ValueError) as exc:
         log.warning(
-            "--resume: %s is unreadable, and the next better epoch replaces it: %s",
+            "--resume: %s is unreadable, and the next evaluated epoch replaces it: %s",
             path,
             first_line(exc, 160),
         )
-        return -math.inf
+        return None
     saved_epoch, iou = best.get("epoch"), best.get("best_iou")
     if type(saved_epoch) is not int or type(iou) is not float or not math.isfinite(iou):
         return -math.inf
-    if saved_epoch <= epoch:
+    if saved_epoch <= epoch or path.stat().st_mtime_ns < last.stat().st_mtime_ns:
         return -math.inf
     log.info(
         "--resume: %s holds epoch %d, after last.pt's: it stays best.pt unless an epoch "
