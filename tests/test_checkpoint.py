@@ -497,3 +497,27 @@ def test_a_lost_best_pt_is_written_again_on_resume(
     assert resume_cli(run, tiny_shards).exit_code == 0
     assert load_checkpoint(run / "best.pt")["epoch"] == 2
     assert f"--resume: {run / 'best.pt'} is " in caplog.text
+
+
+def test_a_checkpoint_is_on_the_disk_before_and_after_its_rename(tmp_path, monkeypatch):
+    """Without fsync a power cut after os.replace may leave last.pt empty: both the old
+    checkpoint and the new one lost. The file is synced before the rename, its folder after."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))  # the path it syncs
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("replace",))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save_checkpoint({"model": {"w": torch.zeros(2)}, "config": {}}, tmp_path / "last.pt")
+    assert events == [
+        ("fsync", str(tmp_path / ".last.pt.tmp")),
+        ("replace",),
+        ("fsync", str(tmp_path)),
+    ]

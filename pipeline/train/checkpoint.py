@@ -34,13 +34,25 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         torch.save(state, tmp)
+        _sync(tmp)  # on the disk before the rename: a power cut never leaves an empty last.pt
         os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # the rename itself (some file systems refuse)
+            _sync(path.parent)
     except (RuntimeError, OSError) as exc:  # a full disk: torch says `enforce fail at ...`
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         why = _write_failure(exc, path.parent)
         raise OSError(f"{path}: could not write the checkpoint: {why}") from exc
     return path
+
+
+def _sync(path: Path) -> None:
+    """fsync a file or a folder (what os.replace renamed lives in its folder's entry)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def non_finite(weights: dict[str, Any]) -> list[str]:
