@@ -521,3 +521,14 @@ def test_a_checkpoint_is_on_the_disk_before_and_after_its_rename(tmp_path, monke
         ("replace",),
         ("fsync", str(tmp_path)),
     ]
+
+
+def test_resume_from_another_shard_folder_warns(
+    tiny_run: Path, tiny_shards: Path, tmp_path, caplog
+):
+    """Other data (here a copy) changes the run's course: the resumed run says so."""
+    run, other = tmp_path / "run", tmp_path / "other-shards"
+    shutil.copytree(tiny_run, run)
+    shutil.copytree(tiny_shards, other)
+    assert resume_cli(run, other).exit_code == 0
+    assert f"--shards {tiny_shards} -> {other}" in caplog.text

@@ -58,6 +58,8 @@ RESUME_MUST_MATCH = ("optimizer", "lr", "momentum", "weight_decay", "step_size",
 SGD_ONLY_EXCLUDED = tuple(n for n in RESUME_MUST_MATCH if n != "momentum")  # AdamW ignores it
 # A resumed run may change these, but then it no longer goes on as the run would have.
 RESUME_SHOULD_MATCH = (
+    "shards",  # other data (or the same, moved: then the warning is all)
+    "steps_per_epoch",
     "batch_size",
     "seed",
     "workers",
