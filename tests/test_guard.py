@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from pipeline.cli import cli
 from pipeline.train import loop
 from pipeline.train.checkpoint import load_checkpoint, non_finite, save_checkpoint
 from pipeline.train.config import TrainConfig
-from pipeline.train.guard import NonFiniteError
+from pipeline.train.guard import NonFiniteError, RunLock
 from pipeline.train.run import train
 
 
@@ -69,6 +70,26 @@ def test_overwrite_replaces_the_earlier_run(tiny_run: Path, tiny_shards: Path, t
     assert load_checkpoint(run / "best.pt")["step"] == 1
     assert len(list(run.glob("events.out.tfevents.*"))) == 1  # the earlier curves are gone
     assert (run / "notes.txt").read_text() == "mine"  # only a run's own files are removed
+
+
+def test_a_folder_another_run_is_writing_is_refused(tiny_run: Path, tiny_shards: Path, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / ".last.pt.tmp").write_bytes(b"a save a killed run never finished")
+    holder = RunLock(run)  # the run still writing it (another open file: flock conflicts)
+    try:
+        before = snapshot(run)
+        for flag in ("--overwrite", "--resume"):
+            args = ["--shards", tiny_shards, "--out", run, "--device", "cpu", "--workers", "0"]
+            line = error_line(train_cli(*args, flag, "--epochs", "3"))
+            assert str(run) in line and "being written by another training run" in line
+            assert f"(process {os.getpid()})" in line
+            assert snapshot(run) == before  # --overwrite removed nothing of the running run
+    finally:
+        holder.close()
+    train(smoke_config(tiny_shards, run, overwrite=True))  # let go: the folder is free again
+    assert not (run / ".last.pt.tmp").exists()  # the leftover went with the earlier run
+    assert load_checkpoint(run / "last.pt")["step"] == 1
 
 
 def test_resume_and_overwrite_together_are_a_usage_error(tiny_shards: Path, tmp_path) -> None:

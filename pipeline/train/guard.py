@@ -1,5 +1,5 @@
-"""What keeps a run from destroying another or saving garbage: the run-folder check, the watch
-on non-finite losses (no host sync a step), and the finite-weights check before any save.
+"""What keeps a run from destroying another or saving garbage: the run-folder check and lock,
+the watch on non-finite losses (no host sync a step), and the finite-weights check before any save.
 
 Every check here reaches the same answer on every rank (one small all_reduce), so that no rank
 stops while the others wait for it in a collective.
@@ -7,18 +7,28 @@ stops while the others wait for it in a collective.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 from pathlib import Path
 
 import torch
 
 from pipeline.train.checkpoint import non_finite
-from pipeline.train.runtime import DistInfo, all_reduce_min, barrier, count_ranks
+from pipeline.train.runtime import (
+    DistInfo,
+    all_reduce_min,
+    count_ranks,
+    failing_together,
+)
 
 log = logging.getLogger(__name__)
 
 RUN_FILES = ("last.pt", "best.pt", "config.json")  # what `train` writes into OUT
 EVENTS = "events.out.tfevents.*"  # TensorBoard's files
+RUN_LOCK = ".run.lock"  # held by the training process of rank 0 while a run writes OUT
+LEFTOVERS = (".last.pt.tmp", ".best.pt.tmp")  # a save a killed run never finished
 LOSS_PARTS = ("total", "mask", "depth")  # train_step's values [loss, loss_mask, loss_depth, iou]
 NEVER = 2**62  # the watch's "no non-finite step yet"
 
@@ -34,8 +44,9 @@ def earlier_run(out: Path) -> list[Path]:
     return [out / n for n in RUN_FILES if (out / n).exists()] + sorted(out.glob(EVENTS))
 
 
-def claim_run_folder(out: Path, resume: bool, overwrite: bool, dist: DistInfo) -> None:
-    """Refuse, on every rank alike, to train over an earlier run without --resume/--overwrite.
+def claim_run_folder(out: Path, resume: bool, overwrite: bool, dist: DistInfo) -> RunLock | None:
+    """Refuse, on every rank alike, to train over an earlier run without --resume/--overwrite,
+    or into a folder another run is writing; rank 0's lock on the folder (close it at the end).
 
     Called before any rank writes; with --overwrite, rank 0 then removes the earlier run's files
     (a best.pt of another run would otherwise survive an epoch that does not improve on it).
@@ -48,11 +59,58 @@ def claim_run_folder(out: Path, resume: bool, overwrite: bool, dist: DistInfo) -
             f"{out} already holds a run ({what}): continue it with --resume, train into "
             "a new folder, or replace it with --overwrite"
         )
-    if found and dist.is_main:
+    with failing_together(dist.device, (OSError, ValueError)):  # rank 0's folder, or its lock
+        lock = RunLock(out) if dist.is_main else None
+    try:
+        # No rank looks at the folder (--init's check) before rank 0 has emptied it.
+        with failing_together(dist.device, (OSError,)):
+            if lock is not None:
+                _remove_earlier(out, found)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    return lock
+
+
+def _remove_earlier(out: Path, found: list[Path]) -> None:
+    if found:
         log.warning("--overwrite: removing the earlier run in %s (%s)", out, _describe(found))
-        for path in found:
-            path.unlink(missing_ok=True)
-    barrier()  # no rank looks at the folder (--init's check) before rank 0 has emptied it
+    for path in [*found, *(out / name for name in LEFTOVERS)]:  # leftovers: never read
+        path.unlink(missing_ok=True)
+
+
+class RunLock:
+    """An OS lock (`fcntl.flock`) on OUT/.run.lock, so that no second run (a requeued job, a
+    second --resume or --overwrite) writes OUT while this one does; the kernel drops it when
+    the process ends, even by `kill -9`, so it is never stale."""
+
+    def __init__(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / RUN_LOCK
+        self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode("ascii", "replace").strip()
+            self.close()
+            pid = f" (process {holder})" if holder.isdigit() else ""
+            raise ValueError(
+                f"{out} is being written by another training run{pid}: wait for it to end, "
+                "or train into another folder"
+            ) from None
+        except BaseException:
+            self.close()
+            raise
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def close(self) -> None:
+        """Let the folder go (the file stays: removing it would race a run taking it)."""
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
 
 
 def _describe(files: list[Path]) -> str:

@@ -60,12 +60,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Train from shards; returns the last epoch's metrics. Works alone or under torchrun."""
     config.validate()
     dist = setup_distributed(config.device)
+    lock = None
     try:
-        claim_run_folder(Path(config.out), config.resume, config.overwrite, dist)  # before writing
+        lock = claim_run_folder(Path(config.out), config.resume, config.overwrite, dist)
         if config.profile == "cprofile":
             return _train_profiled(config, dist)
         return _train(config, dist)
     finally:
+        if lock is not None:
+            lock.close()
         cleanup_distributed()
 
 
