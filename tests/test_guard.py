@@ -8,6 +8,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,27 @@ def test_a_folder_another_run_is_writing_is_refused(tiny_run: Path, tiny_shards:
     train(smoke_config(tiny_shards, run, overwrite=True))  # let go: the folder is free again
     assert not (run / ".last.pt.tmp").exists()  # the leftover went with the earlier run
     assert load_checkpoint(run / "last.pt")["step"] == 1
+
+
+def _started_then_sleep(started) -> None:
+    started.set()
+    time.sleep(60)
+
+
+def test_the_run_lock_ends_with_the_run_not_with_its_forked_workers(tmp_path: Path) -> None:
+    lock = RunLock(tmp_path / "run")
+    fork = multiprocessing.get_context("fork")
+    started = fork.Event()
+    worker = fork.Process(target=_started_then_sleep, args=(started,))
+    worker.start()  # as a loader worker is: forked while the lock is held
+    try:
+        assert started.wait(30)  # past the fork's own set-up in the child
+        lock.close()
+        RunLock(tmp_path / "run").close()  # free at once, the worker still alive
+        assert worker.is_alive()
+    finally:
+        worker.kill()
+        worker.join()
 
 
 def test_resume_and_overwrite_together_are_a_usage_error(tiny_shards: Path, tmp_path) -> None:

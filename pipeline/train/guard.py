@@ -29,6 +29,19 @@ RUN_FILES = ("last.pt", "best.pt", "config.json")  # what `train` writes into OU
 EVENTS = "events.out.tfevents.*"  # TensorBoard's files
 RUN_LOCK = ".run.lock"  # held by the training process of rank 0 while a run writes OUT
 LEFTOVERS = (".last.pt.tmp", ".best.pt.tmp")  # a save a killed run never finished
+_LOCKS: set[int] = set()  # run-lock fds this process holds
+
+
+def _close_copies() -> None:
+    """In a forked child (a loader worker): close the copies of the parent's lock fds, so the
+    lock ends with the run's own process, not when its last worker notices and exits."""
+    for fd in _LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_copies)
 LOSS_PARTS = ("total", "mask", "depth")  # train_step's values [loss, loss_mask, loss_depth, iou]
 NEVER = 2**62  # the watch's "no non-finite step yet"
 
@@ -102,12 +115,15 @@ class RunLock:
         except BaseException:
             self.close()
             raise
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        _LOCKS.add(self.fd)
+        with contextlib.suppress(OSError):  # the pid is for the message alone (a full disk)
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 
     def close(self) -> None:
         """Let the folder go (the file stays: removing it would race a run taking it)."""
         if self.fd is not None:
+            _LOCKS.discard(self.fd)
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = None
