@@ -1,4 +1,4 @@
-"""Convert one zip: pair its members into samples, check them cheaply, write them to shards.
+"""Convert one zip: pair its members into samples (`store.pairing`), check them, write shards.
 
 One process reads the central directory, pairs each fg_bg member with its bg, mask and depth
 members, and writes the samples in a seeded random order into tar shards (see `store.tar`),
@@ -16,16 +16,14 @@ import random
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as quote_json
 from pathlib import Path
-from typing import NamedTuple
 
 from pipeline.images import ImageError, ImageInfo, check_image
 from pipeline.schema import (
     CHANNELS,
-    FIELDS,
     FORMAT_EXTS,
     META,
     MODE_OF,
@@ -36,12 +34,9 @@ from pipeline.schema import (
 from pipeline.store.catalog import make_record
 from pipeline.store.names import (
     Member,
-    SampleId,
-    classify,
-    refused_sample,
     sample_key,
-    shown_name,
 )
+from pipeline.store.pairing import Pairing, Pairings, pair_members, skip_entry
 from pipeline.store.tar import ShardWriter
 from pipeline.store.zipread import MemberReader, zip_fingerprint
 
@@ -91,25 +86,6 @@ class ZipJob:
 # ---------------------------------------------------------------- one zip
 
 
-class _Pairing(NamedTuple):
-    """One sample's members: fg_bg defines it; the others may be missing (None)."""
-
-    sample: SampleId
-    fg_bg: Member
-    mask: Member | None
-    depth: Member | None
-    problem: str | None = None  # why it cannot be used, found while pairing (a duplicate member)
-
-
-class Pairings(NamedTuple):
-    """A zip's members sorted out: its samples, its backgrounds, and what pairing ruled out."""
-
-    pairs: list[_Pairing]  # sorted by sample id
-    bgs: dict[int, Member]  # by background number
-    bg_problems: dict[int, str]  # background number -> why no sample may use it (duplicates)
-    skipped: list[dict]  # duplicate fg_bg members, and ones whose names have huge numbers
-
-
 def open_zip(path: Path) -> MemberReader:
     """Open a zip for reading; ConvertError naming it if it is missing or not a zip."""
     try:
@@ -119,60 +95,11 @@ def open_zip(path: Path) -> MemberReader:
         raise ConvertError(f"{path}: cannot open it as a zip ({exc})") from None
 
 
-def pair_members(zip_name: str, names: Iterable[str]) -> Pairings:
-    """Classify members into samples and backgrounds; duplicates are never resolved silently."""
-    found: dict[str, dict] = {kind: {} for kind in FIELDS}
-    twins: dict[tuple[str, object], list[str]] = {}  # (kind, bg number or sample) -> all names
-    skipped: list[dict] = []
-    for name in names:
-        member = classify(name)
-        if member is None:
-            problem = refused_sample(name)  # a sample member ignored would be a sample lost
-            if problem:
-                skipped.append(_skip(zip_name, name, problem))
-            continue
-        ident = member.bg if member.kind == "bg" else member.sample
-        first = found[member.kind].setdefault(ident, member)
-        if first is member:
-            continue
-        if member.kind == "fg_bg":  # the sample itself: the first is converted, this one reported
-            skipped.append(_skip(zip_name, name, f"duplicate of sample member {first.name}"))
-        if member.kind != "fg_bg" or name == first.name:  # which copy is right is unknown (of
-            twins.setdefault((member.kind, ident), [first.name]).append(name)  # one name: none)
-    bg_problems = {
-        ident: f"duplicate bg members for background {ident}: {' and '.join(names)}"
-        for (kind, ident), names in twins.items()
-        if kind == "bg"
-    }
-    masks, depths = found["mask"], found["depth"]
-    pairs = [
-        _pair(sid, m, found, twins)
-        if twins
-        else _Pairing(sid, m, masks.get(sid), depths.get(sid))  # no duplicate: no problem
-        for sid, m in sorted(found["fg_bg"].items())
-    ]
-    return Pairings(pairs, found["bg"], bg_problems, skipped)
-
-
-def _pair(sample: SampleId, fg_bg: Member, found: dict, twins: dict) -> _Pairing:
-    problem = None
-    for kind in FIELDS:  # a bg twin is keyed by its number, never by a sample
-        if (kind, sample) in twins:
-            names = " and ".join(twins[kind, sample])
-            problem = problem or f"duplicate {kind} members for {sample.stem()}: {names}"
-    return _Pairing(sample, fg_bg, found["mask"].get(sample), found["depth"].get(sample), problem)
-
-
 def sample_json(batch: int, fg_bg: str, bg: str, mask: str, depth: str) -> bytes:
     """A sample's json field: the bytes json.dumps gives for {"batch", "fg_bg", "bg", ...}."""
     # A template with json's own string quoting: a third of json.dumps's cost, same bytes.
     names = map(quote_json, (fg_bg, bg, mask, depth))
     return (SAMPLE_JSON % (batch, *names)).encode()
-
-
-def _skip(zip_name: str, member: str, reason: str) -> dict:
-    """A skip report entry, a name's bytes that are not UTF-8 shown as text (`shown_name`)."""
-    return {"zip": zip_name, "member": shown_name(member), "reason": shown_name(reason)}
 
 
 class ZipConverter:
@@ -227,14 +154,14 @@ class ZipConverter:
             formats=dict(sorted(self.formats.items())),
         )
 
-    def _write_all(self, pairs: list[_Pairing], bgs: dict[int, Member], writer: ShardWriter):
+    def _write_all(self, pairs: list[Pairing], bgs: dict[int, Member], writer: ShardWriter):
         self._accepted = self._accepted_infos()
         done = 0
         for pair in pairs:
             try:
                 fields = self._read_sample(pair, bgs.get(pair.sample.bg))
             except SkipSample as exc:
-                self.skipped.append(_skip(self.job.name, pair.fg_bg.name, str(exc)))
+                self.skipped.append(skip_entry(self.job.name, pair.fg_bg.name, str(exc)))
                 self._strict_check()
             else:
                 writer.write(sample_key(self.job.batch, pair.sample), fields)
@@ -296,7 +223,7 @@ class ZipConverter:
                     reason = f"bg member {member.name}: cannot read it ({exc})"
             if reason:
                 reason = f"{reason} (no sample uses it)"
-                self.skipped.append(_skip(self.job.name, member.name, reason))
+                self.skipped.append(skip_entry(self.job.name, member.name, reason))
         self._strict_check()
 
     def _decide_mode(self) -> None:
@@ -319,7 +246,7 @@ class ZipConverter:
             )
         log.debug("%s: %s images (backgrounds: %s)", self.job.name, self.mode, dict(counts))
 
-    def _read_sample(self, pair: _Pairing, bg: Member | None) -> dict[str, bytes]:
+    def _read_sample(self, pair: Pairing, bg: Member | None) -> dict[str, bytes]:
         """The sample's fields: four images (checked), each named by its format, and its json;
         SkipSample if unusable."""
         mask, depth = pair.mask, pair.depth
