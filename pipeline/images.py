@@ -262,6 +262,17 @@ def get_decoder(name: str = DEFAULT_DECODER) -> Decoder:
         raise ValueError(f"unknown JPEG decoder {name!r}: use one of {sorted(DECODERS)}") from None
 
 
+def decode_problem(data: bytes, found: str, components: int) -> str | None:
+    """Why an image whose header was checked (`check_image`: its format and size) does not
+    decode whole with the loader's decoder for its format, strictly; None when it does."""
+    decoder = decode_png if found == "PNG" else decode_simplejpeg
+    try:
+        decoder(data, 1 if components == 1 else 3)
+    except ValueError as exc:
+        return f"undecodable image ({exc})"
+    return None
+
+
 def field_is_png(name: str) -> bool:
     """True when a shard field is a PNG: its name ends in `.png` (convert names each field by
     its real format), else it is a JPEG. The one place that rule is written."""

@@ -1183,3 +1183,41 @@ def test_bench_convert_refuses_bad_use(make_zip, tmp_path: Path):
     assert not (tmp_path / "work").exists()  # refused before any work
     result = CliRunner().invoke(cli, ["bench", "convert", str(nameless)])
     assert result.exit_code == 1 and "error:" in result.stderr and "batch number" in result.stderr
+
+
+def damaged_inside(data: bytes) -> bytes:
+    """A JPEG whose scan data is zeroed, its headers and end marker kept: it passes the cheap
+    checks and fails to decode."""
+    return data[:200] + bytes(len(data) - 202) + data[-2:]
+
+
+def test_decode_skips_images_damaged_past_their_headers(make_zip, tmp_path: Path):
+    z = make_zip(samples=6)
+    (first, names), (second, _) = sorted(z.samples.items())[:2]
+    entries = dict(z.members)
+    entries[names["fg_bg"]] = damaged_inside(entries[names["fg_bg"]])
+    bg = z.samples[second]["bg"]  # the background of the second sample (and others on it)
+    entries[bg] = damaged_inside(entries[bg])
+    with zipfile.ZipFile(z.path, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    on_bg = [s for s, n in z.samples.items() if n["bg"] == bg]
+    assert first not in on_bg
+    out = tmp_path / "shards"
+    plain = convert([z.path], out, test_batches=())
+    assert plain.ok and plain.written == 6  # the cheap checks pass them all
+    found = CliRunner().invoke(cli, ["verify", str(out), "--workers", "1"])
+    assert found.exit_code == 1 and "fg_bg.jpg: undecodable image" in found.stderr
+    assert f"again with --decode (pipeline convert ZIP... --out {out} --decode)" in found.stderr
+    again = convert([z.path], out, test_batches=(), decode=True)  # no --force: redone
+    assert again.ok and again.converted == [z.name]
+    assert again.written == 6 - 1 - len(on_bg) and again.skipped == 1 + len(on_bg)
+    reasons = {
+        s["member"]: s["reason"] for s in json.loads(record_path(out, 1).read_text())["skipped"]
+    }
+    assert reasons[names["fg_bg"]].startswith(f"fg_bg member {names['fg_bg']}: undecodable image")
+    for sample in on_bg:
+        assert reasons[z.samples[sample]["fg_bg"]].startswith(f"bg member {bg}: undecodable image")
+    assert verify_shards(out, workers=1, progress=False).ok
+    assert convert([z.path], out, test_batches=(), decode=True).reused == [z.name]
+    assert convert([z.path], out, test_batches=()).reused == [z.name]  # decoded serves plain too

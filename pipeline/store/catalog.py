@@ -56,10 +56,12 @@ def record_path(out: Path, batch: int) -> Path:
 
 def make_record(
     *, zip_path: Path, batch: int, split: str, mode: str, shard_samples: int, seed: int,
-    fingerprint: str, samples: int, shards: list, skipped: list, formats: dict[str, int]
+    fingerprint: str, samples: int, shards: list, skipped: list, formats: dict[str, int],
+    decoded: bool = False,
 ) -> dict:  # fmt: skip
     """The record of a zip just converted: its options, fingerprint, shards, skipped samples
-    and the image members written by format (extension -> count)."""
+    and the image members written by format (extension -> count); `decoded`: every image
+    written was decoded whole (--decode)."""
     return {
         "version": RECORD_VERSION,
         "zip": Path(zip_path).name,
@@ -74,6 +76,7 @@ def make_record(
         "shards": shards,
         "skipped": skipped,
         "formats": formats,
+        "decoded": decoded,
     }
 
 

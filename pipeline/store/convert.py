@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as quote_json
 from pathlib import Path
 
-from pipeline.images import ImageError, ImageInfo, check_image
+from pipeline.images import ImageError, ImageInfo, check_image, decode_problem, image_format
 from pipeline.schema import (
     CHANNELS,
     FORMAT_EXTS,
@@ -76,6 +76,7 @@ class ZipJob:
     seed: int
     strict: bool
     expected_mode: str | None = None  # the mode of the zips already in the output
+    decode: bool = False  # decode every image too (--decode), not only check its headers
 
     @property
     def name(self) -> str:
@@ -116,6 +117,7 @@ class ZipConverter:
         self.bg_rereads = 0  # backgrounds read again (past the budget): none for a published zip
         self._accepted: dict[str, frozenset[ImageInfo]] = {}
         self.formats: Counter[str] = Counter()  # image members written, by extension
+        self._decoded: set[int] = set()  # backgrounds decoded whole (--decode)
 
     def run(self) -> dict:
         """Convert every sample; return the zip's record (see `records`)."""
@@ -152,6 +154,7 @@ class ZipConverter:
             shards=shards,
             skipped=self.skipped,
             formats=dict(sorted(self.formats.items())),
+            decoded=job.decode,
         )
 
     def _write_all(self, pairs: list[Pairing], bgs: dict[int, Member], writer: ShardWriter):
@@ -262,6 +265,8 @@ class ZipConverter:
             bg_data = self._reread_background(bg.name)
         if bg_info not in self._accepted["bg"]:  # first: the mode comes from the backgrounds
             self._check_info("bg", bg.name, bg_info)
+        if self.job.decode and pair.sample.bg not in self._decoded:
+            self._decode("bg", bg.name, bg_data, bg_info, pair.sample.bg)
         images = [(bg_field, bg_data)] + [
             self._read_checked(kind, member.name)
             for kind, member in (("fg_bg", pair.fg_bg), ("mask", mask), ("depth", depth))
@@ -288,7 +293,21 @@ class ZipConverter:
             raise SkipSample(f"{kind} member {name}: {exc}") from None
         if info not in self._accepted[kind]:
             self._check_info(kind, name, info)
+        if self.job.decode:
+            self._decode(kind, name, data, info)
         return member_ext(kind, FORMAT_EXTS[found]), data
+
+    def _decode(self, kind: str, name: str, data: bytes, info: ImageInfo, bg=None) -> None:
+        """--decode: SkipSample unless the image decodes whole (a background once: its
+        failure then skips every sample on it, without decoding it again)."""
+        problem = decode_problem(data, image_format(data), info.components)
+        if problem is not None:
+            reason = f"{kind} member {name}: {problem}"
+            if bg is not None:
+                self._bgs[bg] = None, reason, ""
+            raise SkipSample(reason)
+        if bg is not None:
+            self._decoded.add(bg)
 
     def _accepted_infos(self) -> dict[str, frozenset[ImageInfo]]:
         """Per kind, the frame headers `_check_info` accepts (a set lookup is cheaper)."""

@@ -48,6 +48,7 @@ class ConvertConfig:
     workers: int = 1  # zips converted in parallel processes (one zip per process)
     seed: int = 0  # seed of the order samples are written in
     strict: bool = False  # any skipped sample fails its zip
+    decode: bool = False  # decode every image, not only check its headers (about 2x slower)
     force: bool = False  # redo every zip, even those a record says are done
     progress: bool = True  # a progress bar, only when stderr is a terminal
     wait: bool = True  # another convert is writing the same batches: wait for it (else refuse)
@@ -122,7 +123,14 @@ def plan_jobs(zips: list[Path], config: ConvertConfig) -> list[ZipJob]:
             raise ValueError(f"{jobs[batch].path} and {path} are both batch {batch}")
         split = split_of(batch, config.test_batches)
         jobs[batch] = ZipJob(
-            path, batch, split, Path(config.out), config.shard_samples, config.seed, config.strict
+            path,
+            batch,
+            split,
+            Path(config.out),
+            config.shard_samples,
+            config.seed,
+            config.strict,
+            decode=config.decode,
         )
     return list(jobs.values())
 
@@ -309,6 +317,8 @@ def reuse_problem(
         return f"{job.name}: " + options.format(*was, *now)
     if job.strict and record["skipped"]:
         return f"{job.name}: --strict, and {len(record['skipped'])} sample(s) were skipped"
+    if job.decode and record.get("decoded") is not True:
+        return f"{job.name}: --decode, and it was converted without"
     changed = record["bytes"] != job.path.stat().st_size
     if changed or record["fingerprint"] != _fingerprint(job.path):
         return f"{job.name}: the zip has changed since it was converted"

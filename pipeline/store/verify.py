@@ -74,6 +74,11 @@ class VerifyReport:
         for p in self.problems:
             where = [str(part) for part in (p["shard"], p["sample"]) if part]
             lines.append(f"{': '.join(where) or self.root}: {p['problem']}")
+        if any(p["sample"] and UNDECODABLE in p["problem"] for p in self.problems):
+            lines.append(
+                f"{self.root}: to skip samples whose images do not decode, convert their zips "
+                f"into it again with --decode (pipeline convert ZIP... --out {self.root} --decode)"
+            )
         return lines
 
     def summary_line(self) -> str:
@@ -111,6 +116,9 @@ class _HashingReader:
             pass
 
 
+UNDECODABLE = "undecodable image"  # a problem that convert --decode turns into a skip
+
+
 @dataclass
 class ShardCheck:
     """One shard's outcome: samples read, their keys, problems."""
@@ -132,7 +140,7 @@ def check_image(name: str, data: bytes, size: list[int], channels: int | None) -
     try:
         width, height, found = check_field(name, data)
     except ImageError as exc:
-        return f"{name}: undecodable image ({exc})"
+        return f"{name}: {UNDECODABLE} ({exc})"
     if [width, height] != list(size):
         return f"{name}: {width}x{height}, expected {size[0]}x{size[1]}"
     if channels is not None and found != channels:
@@ -140,7 +148,7 @@ def check_image(name: str, data: bytes, size: list[int], channels: int | None) -
     try:
         decoder_for(name)(data, channels or 1)
     except ValueError as exc:
-        return f"{name}: undecodable image ({exc})"
+        return f"{name}: {UNDECODABLE} ({exc})"
     return None
 
 
