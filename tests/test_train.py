@@ -333,3 +333,28 @@ def test_ranks_whose_shard_files_differ_train_the_fewest_steps(
     else:  # its short copy: the fewest steps, and its own warning naming the file
         assert steps == (4 + 32) // 8
         assert f"{short}: 20480 bytes, the manifest says" in caplog.text
+
+
+def test_a_batch_larger_than_the_train_split_says_it_repeats_samples(
+    tiny_shards: Path, tmp_path, monkeypatch, caplog
+) -> None:
+    from pipeline.train import run as run_module
+
+    planned = []
+
+    def no_feed(config, dist, *, steps, **_):  # the plan is made: stop before training
+        planned.append(steps)
+        raise ValueError("stopped before training")
+
+    monkeypatch.setattr(run_module, "open_feed", no_feed)
+    options = ("--out", tmp_path / "run", "--device", "cpu", "--workers", 0)
+    with caplog.at_level("WARNING"):
+        result = train_cli("--shards", tiny_shards, *options, "--batch-size", 64)
+    assert planned == [1] and error_line(result) == "error: stopped before training"
+    assert (
+        "the train split's 48 samples do not fill one step of 1 x 64: each epoch is 1 step that "
+        "repeats samples (give a --batch-size of at most 48)"
+    ) in caplog.text
+    caplog.clear()
+    train_cli("--shards", tiny_shards, *options, "--batch-size", 48, "--overwrite")
+    assert "do not fill one step" not in caplog.text

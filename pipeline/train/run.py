@@ -211,6 +211,15 @@ def _train_steps(config: TrainConfig, dist: DistInfo, manifest: dict) -> int:
             if not dist.is_main:
                 trainable_samples(config.shards, manifest)  # the warnings naming its files
             raise
+    if samples < dist.world_size * config.batch_size and dist.is_main:
+        log.warning(
+            "the train split's %d samples do not fill one step of %d x %d: each epoch is 1 step "
+            "that repeats samples (give a --batch-size of at most %d)",
+            samples,
+            dist.world_size,
+            config.batch_size,
+            max(1, samples // dist.world_size),
+        )
     if not dist.distributed:
         return steps
     least, minus_most = all_reduce_min(torch.tensor([steps, -steps], device=dist.device)).tolist()
