@@ -237,3 +237,11 @@ def test_export_writes_only_a_checked_file_and_never_over_its_checkpoint(
     result = run_cli("export", checkpoint, "--onnx", out)
     assert result.exit_code == 1 and f"{out}: not written: onnxruntime's outputs" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # nor a temporary file
+
+
+def test_export_reports_its_check_once(tiny_run: Path, tmp_path: Path, caplog) -> None:
+    with caplog.at_level("INFO"):  # what a user sees: stdout and the log on stderr
+        result = run_cli("export", tiny_run / "best.pt", "--onnx", tmp_path / "model.onnx")
+    assert result.exit_code == 0, result.output
+    shown = result.output + caplog.text
+    assert shown.count("largest difference") == 1, shown

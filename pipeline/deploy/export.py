@@ -112,7 +112,7 @@ def check_onnx(
         if want.shape != have.shape:
             raise ValueError(f"{name}: output {output} has shape {have.shape}, want {want.shape}")
     diff = max(float(np.abs(w - h).max()) for w, h in zip(expected, got, strict=True))
-    log.info("onnxruntime vs PyTorch on %d samples: largest difference %.2e", batch, diff)
+    log.debug("onnxruntime vs PyTorch on %d samples: largest difference %.2e", batch, diff)
     if not diff <= CHECK_TOLERANCE:  # also NaN
         raise ValueError(
             f"{name}: not written: onnxruntime's outputs differ from PyTorch's by {diff:.3g} "
