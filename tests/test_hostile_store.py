@@ -1346,6 +1346,24 @@ def test_forget_failed_forgets_damaged_records_never_good_shards(tmp_path: Path)
     assert verify(out).ok
 
 
+def test_a_zip_added_with_other_test_batches_says_which_keep_the_others(tmp_path: Path, caplog):
+    zips = [build_zip(tmp_path / f"batch{n}_images.zip", 2, seed=n).path for n in (1, 2, 10)]
+    out = tmp_path / "out"
+    assert convert(zips[:2], out, test_batches=(2,)).ok  # batch 2 is the test split
+    with caplog.at_level("ERROR"):
+        summary = convert(zips[2:], out)  # adding batch 10 with the default --test-batches 10
+    (failed,) = summary.failed
+    remedy = "(give a --test-batches that includes 2, or convert that zip again)"
+    assert failed["zip"] == "batch2_images.zip" and failed["error"].endswith(remedy)
+    assert remedy in caplog.text and "delete" not in caplog.text  # its shards are good
+    assert convert(zips[2:], out, test_batches=(2, 10)).ok
+    assert verify(out).ok
+    caplog.clear()
+    with caplog.at_level("ERROR"):  # and the other way: batch 1 (train) is now asked for test
+        convert(zips[2:], out, test_batches=(1, 2, 10))
+    assert "(give a --test-batches that leaves out 1, or convert that zip again)" in caplog.text
+
+
 def test_a_mark_that_cannot_be_written_takes_back_the_others(shards: Path, monkeypatch):
     from pipeline.store import catalog, runner
 

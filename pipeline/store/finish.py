@@ -48,11 +48,20 @@ def converting(out: Path, batch: int) -> bool:
     return is_locked(out, batch_lock(batch))
 
 
-def _fail_record(summary, out: Path, batch: int, record: dict | str, problem: str) -> None:
+def _fail_record(
+    summary, out: Path, batch: int, record: dict | str, problem: str, moved: bool
+) -> None:
     """A record that cannot go in the manifest, not reported yet: an earlier run's, or one of
-    this run's zips that converted but whose record is refused."""
+    this run's zips that converted but whose record is refused. `moved`: its only fault is
+    the split (good shards, other --test-batches): say how to keep them."""
+    if moved:
+        keep = "includes" if record["split"] == "test" else "leaves out"
+        problem += f" (give a --test-batches that {keep} {batch}, or convert that zip again)"
+        log.error("%s", problem)
+    else:
+        record_file = record_path(out, batch)
+        log.error("%s; re-run convert with that zip, or delete %s", problem, record_file)
     summary.failed.append({"zip": _record_zip(record, batch), "error": problem})
-    log.error("%s; re-run convert with that zip, or delete %s", problem, record_path(out, batch))
 
 
 def _record_zip(record: dict | str, batch: int) -> str:
@@ -87,13 +96,14 @@ def write_manifest(out: Path, config: ConvertConfig, given: set[int], checked: s
             problem = f"{record['zip']}: its images are {record['mode']}, the others' {mode}"
         if problem is not None:
             forget = config.forget_failed and batch not in given and not converting(out, batch)
-            if forget and not _other_split(record, config.test_batches):
+            moved = _other_split(record, config.test_batches)
+            if forget and not moved:
                 discard_batch(out, batch)  # asked to go on without it: its record and shards
                 log.warning(
                     "%s: forgotten (--forget-failed): %s", _record_zip(record, batch), problem
                 )
             elif batch not in given or _record_zip(record, batch) not in told:
-                _fail_record(summary, out, batch, record, problem)
+                _fail_record(summary, out, batch, record, problem, moved)
             continue
         good.append(record)
         mode = mode or record["mode"]
