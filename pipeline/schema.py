@@ -196,7 +196,9 @@ def load_manifest(root: Path) -> dict:
     """Load and validate `root/manifest.json`; ValueError if absent or not one of ours."""
     path = Path(root) / MANIFEST_NAME
     if not Path(root).is_dir():
-        raise ValueError(f"{root}: no such folder")
+        there = Path(root).exists()
+        why = f"not a folder (give the one holding {MANIFEST_NAME})" if there else "no such folder"
+        raise ValueError(f"{root}: {why}")
     if not path.is_file():
         raise ValueError(
             f"{root}: no {MANIFEST_NAME}, so not a finished conversion "

@@ -245,3 +245,21 @@ def test_export_reports_its_check_once(tiny_run: Path, tmp_path: Path, caplog) -
     assert result.exit_code == 0, result.output
     shown = result.output + caplog.text
     assert shown.count("largest difference") == 1, shown
+
+
+def test_a_run_folder_or_a_file_given_for_a_folder_is_named_as_such(
+    tiny_run: Path, tiny_shards: Path
+) -> None:
+    from test_guard import error_line
+
+    folder = run_cli("evaluate", tiny_run, "--shards", tiny_shards)
+    assert error_line(folder) == (
+        f"error: {tiny_run}: a folder, not a checkpoint file (give the checkpoint in it: "
+        f"{tiny_run / 'best.pt'}, {tiny_run / 'last.pt'})"
+    )
+    manifest = tiny_shards / "manifest.json"
+    a_file = run_cli("evaluate", tiny_run / "best.pt", "--shards", manifest)
+    assert (
+        error_line(a_file)
+        == f"error: {manifest}: not a folder (give the one holding manifest.json)"
+    )

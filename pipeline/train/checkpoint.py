@@ -67,6 +67,10 @@ def non_finite(weights: dict[str, Any]) -> list[str]:
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by `pipeline train`, with clear errors for anything else."""
     path = Path(path)
+    if path.is_dir():
+        inside = ", ".join(str(path / n) for n in ("best.pt", "last.pt") if (path / n).is_file())
+        hint = f" (give the checkpoint in it: {inside})" if inside else ""
+        raise FileNotFoundError(f"{path}: a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
