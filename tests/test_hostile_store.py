@@ -1356,6 +1356,8 @@ def test_a_zip_added_with_other_test_batches_says_which_keep_the_others(tmp_path
     remedy = "(give a --test-batches that includes 2, or convert that zip again)"
     assert failed["zip"] == "batch2_images.zip" and failed["error"].endswith(remedy)
     assert remedy in caplog.text and "delete" not in caplog.text  # its shards are good
+    (said,) = [p["problem"] for p in verify(out).problems]  # verify says the same, no more
+    assert said.endswith(remedy + ")") and "--forget-failed" not in said  # which forgets none
     assert convert(zips[2:], out, test_batches=(2, 10)).ok
     assert verify(out).ok
     caplog.clear()
