@@ -8,6 +8,9 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -422,3 +425,37 @@ def test_train_and_evaluate_warn_when_a_zip_was_not_converted(tiny_shards, tmp_p
     with caplog.at_level(logging.WARNING):
         train(smoke_config(tiny_shards, tmp_path / "complete"))
     assert "not a complete conversion" not in caplog.text
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(n) for n in (task / "children").read_text().split()]
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_stops_train_as_ctrl_c_does(tiny_shards: Path, tmp_path: Path) -> None:
+    """`docker stop`, `timeout` and schedulers send SIGTERM: one line and 143, not silence;
+    its loader worker (forked with the handler) goes too, and last.pt stays good."""
+    run = tmp_path / "run"
+    args = ["--shards", tiny_shards, "--out", run, "--device", "cpu", "--workers", "1"]
+    args += ["--epochs", "1000", "--steps-per-epoch", "1", "--batch-size", "4"]
+    args += ["--eval-batches", "1"]
+    code = "from pipeline.cli import main; main()"
+    cmd = [sys.executable, "-c", code, "train", *map(str, args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 120  # a bound on a hang, not a speed
+        while not (run / "last.pt").exists() or not _children(proc.pid):
+            assert proc.poll() is None and time.monotonic() < end, proc.communicate()
+            time.sleep(0.1)
+        workers = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    assert "train stopped (SIGTERM)" in stderr and "Traceback" not in stderr
+    assert not [p for p in workers if Path(f"/proc/{p}").exists()]
+    assert load_checkpoint(run / "last.pt")["epoch"] >= 1

@@ -7,8 +7,12 @@ imported inside the commands that need it, so `--help` is quick.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -17,16 +21,55 @@ from pipeline.cli import bench, deploy, store, train
 from pipeline.cli.common import ShownFormatter
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`docker stop`, `timeout`, a job scheduler, torchrun stopping the other ranks):
+    it stops a command as Ctrl-C does, through the same cleanup (workers stopped, temp files
+    removed, what was finished kept)."""
+
+
 class Commands(click.Group):
     """pipeline's commands, where Ctrl-C stops any command with exit code 130 (128 + SIGINT, as
-    a shell reports it) and one line, rather than click's "Aborted!" and 1, a failure's code."""
+    a shell reports it) and one line, rather than click's "Aborted!" and 1, a failure's code;
+    SIGTERM with 143 (128 + SIGTERM) and one line, rather than none."""
 
     def invoke(self, ctx: click.Context):  # noqa: D102 - click's hook
         try:
-            return super().invoke(ctx)
+            with _sigterm_stops():
+                return super().invoke(ctx)
+        except Terminated:
+            click.echo(f"{ctx.invoked_subcommand or 'pipeline'} stopped (SIGTERM)", err=True)
+            ctx.exit(128 + signal.SIGTERM)
         except KeyboardInterrupt:
             click.echo(f"{ctx.invoked_subcommand or 'pipeline'} interrupted", err=True)
             ctx.exit(130)
+
+
+@contextlib.contextmanager
+def _sigterm_stops():
+    """SIGTERM raises Terminated in this process while the block runs. A process forked from
+    it meanwhile (a loader or convert worker) inherits the handler: there it ends the worker
+    as SIGTERM would have, which is what its parent (or PR_SET_PDEATHSIG) means by it."""
+    # Only the main thread may set handlers (a test's CliRunner in a thread). Not under
+    # torchrun: its agent stops the other ranks with SIGTERM when one fails, and a rank waiting
+    # in a collective would run no handler until the agent's SIGKILL, 30 s later.
+    ranks = os.environ.get("WORLD_SIZE", "1")
+    if threading.current_thread() is not threading.main_thread() or ranks not in ("", "1"):
+        yield
+        return
+    owner = os.getpid()
+
+    def stop(signum, frame) -> None:
+        if os.getpid() != owner:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(

@@ -171,12 +171,8 @@ def convert(
         wait=wait,
         forget_failed=forget_failed,
     )
-    with user_errors():
-        try:
-            summary = convert_zips(list(zips), config)
-        except KeyboardInterrupt:  # what was finished is logged; no traceback
-            click.echo("convert interrupted", err=True)
-            sys.exit(130)
+    with user_errors():  # Ctrl-C: what was finished is logged, then `Commands` says the rest
+        summary = convert_zips(list(zips), config)
     if as_json:
         emit_json(summary.to_dict())
     else:
