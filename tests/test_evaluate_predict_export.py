@@ -263,3 +263,18 @@ def test_a_run_folder_or_a_file_given_for_a_folder_is_named_as_such(
         error_line(a_file)
         == f"error: {manifest}: not a folder (give the one holding manifest.json)"
     )
+
+
+def test_an_empty_split_and_a_batch_0_say_what_to_give(tiny_run: Path, tmp_path: Path) -> None:
+    from conftest import build_zip
+
+    z = build_zip(tmp_path / "batch1_images.zip", 4).path
+    zero = run_cli("convert", z, "--out", tmp_path / "s", "--test-batches", "0")
+    assert zero.exit_code == 2
+    assert "bad batch '0' in '0': batches are numbered from 1" in zero.output
+    backwards = run_cli("convert", z, "--out", tmp_path / "s", "--test-batches", "5-3")
+    assert backwards.exit_code == 2 and "its end is before its start" in backwards.output
+    assert run_cli("convert", z, "--out", tmp_path / "s", "--test-batches", "9").exit_code == 0
+    empty = run_cli("evaluate", tiny_run / "best.pt", "--shards", tmp_path / "s")
+    assert empty.exit_code == 1
+    assert "the test split holds no samples (--split train holds some)" in empty.output

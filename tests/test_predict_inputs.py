@@ -92,3 +92,17 @@ def test_a_damaged_image_names_its_file(tmp_path: Path) -> None:
     cut.write_bytes((REAL / "bg_img_51.jpg").read_bytes()[:300])
     with pytest.raises(ValueError, match=f"^{cut}: not a readable image"):
         read_image(cut, "L")
+
+
+def test_a_pair_of_two_sizes_is_predicted_with_a_warning(tiny_run: Path, tmp_path: Path, caplog):
+    bg, fg_bg = tmp_path / "bg.png", tmp_path / "fg_bg.png"
+    Image.open(REAL / "bg_img_51.jpg").resize((320, 200)).save(bg)
+    Image.open(REAL / "fg_bg_9_51_1_2.jpg").save(fg_bg)  # 160x160: not the same photo
+    with caplog.at_level("WARNING"):
+        written = predict(tiny_run / "best.pt", bg, fg_bg, tmp_path / "out", device="cpu")
+    assert len(written) == 3
+    assert f"{bg} is 320x200 and {fg_bg} is 160x160" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # one photo and its composite: no word
+        predict(tiny_run / "best.pt", REAL / "bg_img_51.jpg", fg_bg, tmp_path / "o2", device="cpu")
+    assert "WARNING" not in [r.levelname for r in caplog.records]

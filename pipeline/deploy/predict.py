@@ -28,8 +28,9 @@ MAX_PIXELS = 8192 * 8192
 IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF")
 
 
-def read_image(path: Path, mode: str) -> np.ndarray:
-    """Read an image as `mode` (L or RGB) at 160x160, resizing (and saying so) when needed."""
+def read_image(path: Path, mode: str, sizes: list | None = None) -> np.ndarray:
+    """Read an image as `mode` (L or RGB) at 160x160, resizing (and saying so) when needed;
+    its size as found is appended to `sizes`, if given."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image file")
@@ -46,6 +47,8 @@ def read_image(path: Path, mode: str) -> np.ndarray:
         raise ValueError(f"{path}: not a readable image ({exc})") from None
     if too_big:
         raise ValueError(too_big)
+    if sizes is not None:
+        sizes.append(img.size)  # as found, before the resize
     if img.size != IMAGE_SIZE:
         log.info("%s: %dx%d resized to %dx%d", path, *img.size, *IMAGE_SIZE)
         img = img.resize(IMAGE_SIZE, Image.BILINEAR)
@@ -132,7 +135,18 @@ def predict(checkpoint: Path, bg: Path, fg_bg: Path, out: Path, device: str = "a
     mode = "RGB" if model.config.image_channels == 3 else "L"
     written: list[Path] = []
     for bg_path, fg_bg_path, stem in pairs:
-        inputs = make_input(read_image(bg_path, mode), read_image(fg_bg_path, mode)).to(dev)
+        sizes: list = []
+        images = read_image(bg_path, mode, sizes), read_image(fg_bg_path, mode, sizes)
+        if sizes[0] != sizes[1]:  # not the same photo: each is stretched on its own
+            log.warning(
+                "%s is %dx%d and %s is %dx%d: a composite is its background with a person "
+                "pasted in, at its size; predicting on the two resized apart",
+                bg_path,
+                *sizes[0],
+                fg_bg_path,
+                *sizes[1],
+            )
+        inputs = make_input(*images).to(dev)
         mask_logits, depth = model(inputs)
         mask = (torch.sigmoid(mask_logits)[0, 0].cpu().numpy() * 255).round().astype(np.uint8)
         depth01 = depth[0, 0].float().clamp(0, 1).cpu().numpy()

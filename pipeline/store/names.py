@@ -184,8 +184,10 @@ def parse_batches(spec: str) -> list[int]:
             raise ValueError(
                 f"bad batch list {spec!r}: use numbers and ranges like 1-3,5"
             ) from None
-        if first < 1 or last < first:
-            raise ValueError(f"bad batch range {part!r} in {spec!r}")
+        if first < 1:
+            raise ValueError(f"bad batch {part!r} in {spec!r}: batches are numbered from 1")
+        if last < first:
+            raise ValueError(f"bad batch range {part!r} in {spec!r}: its end is before its start")
         out.extend(range(first, last + 1))
     return sorted(set(out))
 

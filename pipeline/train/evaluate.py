@@ -25,7 +25,9 @@ def evaluate_checkpoint(config: EvaluateConfig) -> dict:
     manifest = open_manifest(config.shards)
     warn_if_incomplete(config.shards, manifest)
     if split_samples(manifest, config.split) == 0:
-        raise ValueError(f"{config.shards}: the {config.split} split holds no samples")
+        others = [s for s in manifest["splits"] if s != config.split and split_samples(manifest, s)]
+        hint = f" (--split {others[0]} holds some)" if others else ""
+        raise ValueError(f"{config.shards}: the {config.split} split holds no samples{hint}")
     dev = resolve_device(config.device)
     state = load_checkpoint(config.checkpoint, map_location=dev)
     model = model_from_checkpoint(state, dev, config.checkpoint)
