@@ -99,6 +99,7 @@ class RunLock:
     the process ends, even by `kill -9`, so it is never stale."""
 
     def __init__(self, out: Path) -> None:
+        self.out, self.made = out, not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         path = out / RUN_LOCK
         self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
@@ -121,12 +122,19 @@ class RunLock:
             os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 
     def close(self) -> None:
-        """Let the folder go (the file stays: removing it would race a run taking it)."""
-        if self.fd is not None:
-            _LOCKS.discard(self.fd)
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = None
+        """Let the folder go. The file stays (removing it would race a run taking it), unless
+        this lock made the folder and nothing else came into it: a run that failed before
+        writing anything leaves no folder."""
+        if self.fd is None:
+            return
+        _LOCKS.discard(self.fd)
+        with contextlib.suppress(OSError):
+            if self.made and [p.name for p in self.out.iterdir()] == [RUN_LOCK]:
+                (self.out / RUN_LOCK).unlink()
+                self.out.rmdir()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        self.fd = None
 
 
 def _describe(files: list[Path]) -> str:
