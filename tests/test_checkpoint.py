@@ -403,6 +403,7 @@ def test_a_best_pt_written_after_last_pt_is_kept_unless_beaten(
     state = torch.load(run / "last.pt", weights_only=True)
     torch.save({**state, "best_iou": -1.0}, run / "last.pt")  # epoch 2 improves on this one
     torch.save({**state, "epoch": 2, "best_iou": 0.9999}, run / "best.pt")  # and not on this
+    os.utime(run / "best.pt", ns=(1, 1))  # older than last.pt, as a copy without mtimes leaves it
     before = (run / "best.pt").read_bytes()
     caplog.set_level("INFO")
     assert resume_cli(run, tiny_shards).exit_code == 0

@@ -126,16 +126,16 @@ def resume(
     run.best_iou = float(state.get("best_iou", -math.inf))
     run.evaluated = run.best_iou != -math.inf  # an earlier epoch had test metrics
     if main:  # best_iou is rank 0's alone
-        best = _saved_best(path.parent / "best.pt", path, run.epoch, run.best_iou)
+        best = _saved_best(path.parent / "best.pt", run.epoch, run.best_iou)
         run.best_iou = -math.inf if best is None else max(run.best_iou, best)
         log.info("resuming %s after epoch %d (step %d)", path, run.epoch, run.step)
 
 
-def _saved_best(path: Path, last: Path, epoch: int, known: float) -> float | None:
+def _saved_best(path: Path, epoch: int, known: float) -> float | None:
     """What OUT/best.pt means for the resumed run: None when it is missing or unreadable (the
     next evaluated epoch then writes it, whatever last.pt's best_iou: a finished run must not
     end on a best.pt that cannot be read, or none); its best_iou when it was written after
-    `last` (epoch > `epoch`: the run stopped between the two saves), else -inf. The resumed
+    last.pt (epoch > `epoch`: the run stopped between the two saves), else -inf. The resumed
     run trains that epoch again, and on a GPU, not bit for bit: a slightly worse model of it
     must not replace best.pt. An improved epoch writes best.pt first. `known`: last.pt's
     best_iou (-inf: no epoch has made a best.pt yet)."""
@@ -155,7 +155,7 @@ def _saved_best(path: Path, last: Path, epoch: int, known: float) -> float | Non
     saved_epoch, iou = best.get("epoch"), best.get("best_iou")
     if type(saved_epoch) is not int or type(iou) is not float or not math.isfinite(iou):
         return -math.inf
-    if saved_epoch <= epoch or path.stat().st_mtime_ns < last.stat().st_mtime_ns:
+    if saved_epoch <= epoch:  # its epoch says it, not its mtime (lost by cp -r)
         return -math.inf
     log.info(
         "--resume: %s holds epoch %d, after last.pt's: it stays best.pt unless an epoch "
