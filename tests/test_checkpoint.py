@@ -352,6 +352,21 @@ def test_resume_warns_of_settings_that_change_its_course(
     assert load_checkpoint(run / "last.pt")["epoch"] == 2
 
 
+def test_resume_warns_when_the_number_of_processes_changed(
+    tiny_run: Path, tiny_shards: Path, tmp_path, caplog
+):
+    # A step is world_size batches: resuming 8 torchrun processes as 1 (or 1 as 8) changes
+    # the samples a step and an epoch's steps, as --batch-size does.
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    state = load_checkpoint(run / "last.pt")
+    state["config"]["world_size"] = 2
+    torch.save(state, run / "last.pt")
+    result = resume_cli(run, tiny_shards)
+    assert result.exit_code == 0, result.output
+    assert "processes 2 -> 1" in caplog.text and "not as it would have gone" in caplog.text
+
+
 def test_a_failed_best_pt_is_written_again_on_resume(
     tiny_run: Path, tiny_shards: Path, tmp_path, monkeypatch
 ):

@@ -96,6 +96,9 @@ def resume(
             f"{config.epochs}: nothing is left to train (give a larger --epochs)"
         )
     drifted = _changed_settings(state["config"], config, RESUME_SHOULD_MATCH, unsaved=False)
+    ranks = state["config"].get("world_size")
+    if ranks is not None and ranks != config.world_size:  # a step is world_size batches
+        drifted = ", ".join(filter(None, (drifted, f"processes {ranks} -> {config.world_size}")))
     if drifted and main:
         log.warning(
             "--resume: %s was trained with other settings (%s): the run goes on, but not as "
