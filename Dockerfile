@@ -5,9 +5,13 @@
 # setup.cfg asks python_requires >=3.11 and torch>=2.4; the first RUN below checks both.
 FROM pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime
 
+# LOGNAME: `docker run --user "$(id -u):$(id -g)"` runs as a uid the image has no name for, and
+# this torch (2.6) names its compile cache by getpass.getuser(), which then raises KeyError
+# (`--compile`: "uid not found"; fixed in torch 2.13): getuser() reads LOGNAME first.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    LOGNAME=pipeline
 
 # tini as PID 1: it forwards signals (docker stop, Ctrl-C) and reaps orphaned processes, such as
 # loader workers or a `pipe:` shard's command whose parent died. A user to run as: not root.

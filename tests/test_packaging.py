@@ -4,6 +4,9 @@ modules, a CLI that starts fast, and Docker files that lint clean."""
 from __future__ import annotations
 
 import ast
+import getpass
+import pwd
+import shlex
 import shutil
 import subprocess
 import sys
@@ -171,6 +174,31 @@ def test_dockerfile_installs_pinned_dependencies_before_the_sources_as_no_root()
     deps = text.index("pip install --no-cache-dir -r docker/constraints.txt")
     assert deps < text.index("COPY pipeline") < text.index('".[export]"')
     assert "USER 1000" in text and 'ENTRYPOINT ["/usr/bin/tini", "--", "pipeline"]' in text
+
+
+def dockerfile_env() -> dict[str, str]:
+    """The variables the Dockerfile's ENV instructions set."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    env = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            env.update(word.split("=", 1) for word in shlex.split(line[4:]))
+    return env
+
+
+def test_the_image_names_a_user_docker_run_user_gives_no_name(monkeypatch) -> None:
+    # `docker run --user "$(id -u):$(id -g)"` (the README's examples) runs as a uid without an
+    # /etc/passwd entry; torch before 2.13 names its --compile cache by getpass.getuser().
+    for name in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in dockerfile_env().items():
+        monkeypatch.setenv(name, value)
+
+    def no_entry(uid: int):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    assert getpass.getuser() == "pipeline"
 
 
 def test_docker_constraints_pin_every_dependency_but_torch() -> None:
