@@ -2,7 +2,7 @@
 #   docker build -t pipeline .
 #   docker run --rm --gpus all --shm-size=8g -v /data:/data pipeline train --shards /data/shards --out /data/runs/r1
 # The base ships Python 3.11 (conda, /opt/conda) on Ubuntu 22.04 and torch 2.6.0+cu124:
-# setup.cfg asks python_requires >=3.11 and torch>=2.4; the first RUN below checks both.
+# setup.cfg asks python_requires >=3.11 and torch>=2.5; the first RUN below checks both.
 FROM pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime
 
 # LOGNAME: `docker run --user "$(id -u):$(id -g)"` runs as a uid the image has no name for, and
@@ -20,7 +20,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 1000 --user-group pipeline \
     && install -d -o pipeline -g pipeline /data \
-    && python -c "import sys, torch; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); assert sys.version_info >= (3, 11) and v >= (2, 4), (sys.version, torch.__version__)"
+    && python -c "import sys, torch; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); assert sys.version_info >= (3, 11) and v >= (2, 5), (sys.version, torch.__version__)"
 
 WORKDIR /opt/pipeline
 # The dependencies first, in their own layer, pinned to the versions tested (torch excluded:
