@@ -335,6 +335,36 @@ def test_ranks_whose_shard_files_differ_train_the_fewest_steps(
         assert f"{short}: 20480 bytes, the manifest says" in caplog.text
 
 
+def test_a_rank_whose_odd_shard_file_keeps_the_steps_still_names_it(
+    tiny_shards: Path, tmp_path, monkeypatch, caplog
+) -> None:
+    """Rank 1's copy of a shard has another size yet can hold its count: the steps agree, but
+    the file is not the one convert wrote, and only rank 0 had named its own files."""
+    import zlib
+
+    from pipeline.train import run as run_module
+    from pipeline.train.runtime import DistInfo
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    odd = shards / manifest["splits"]["train"]["shards"][0]["path"]
+    odd.write_bytes(odd.read_bytes() + bytes(10240))  # bigger: its 16 samples still fit
+    whole = zlib.crc32(repr([]).encode())  # rank 0's checksum: none of its files are odd
+
+    def all_reduce_sum(tensor):  # rank 0's entry filled in, as the collective would
+        return tensor + torch.tensor([whole, 0.0], dtype=tensor.dtype)
+
+    monkeypatch.setattr(run_module, "all_reduce_min", lambda tensor: tensor)  # steps agree
+    monkeypatch.setattr(run_module, "all_reduce_sum", all_reduce_sum)
+    config = smoke_config(shards, tmp_path / "run", batch_size=4)
+    with caplog.at_level("WARNING"):
+        steps = run_module._train_steps(config, DistInfo(rank=1, world_size=2), manifest)
+    assert steps == 48 // 8
+    assert "rank 1: its train shard files differ from rank 0's:" in caplog.text
+    assert f"{odd}: {odd.stat().st_size} bytes, the manifest says" in caplog.text
+
+
 def test_a_batch_larger_than_the_train_split_says_it_repeats_samples(
     tiny_shards: Path, tmp_path, monkeypatch, caplog
 ) -> None:

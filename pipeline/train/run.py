@@ -13,6 +13,7 @@ import logging
 import math
 import random
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from pipeline.train.resume import network_args, resume, saved_checkpoint
 from pipeline.train.runtime import (
     DistInfo,
     all_reduce_min,
+    all_reduce_sum,
     barrier,
     cleanup_distributed,
     failing_together,
@@ -203,9 +205,10 @@ def _start_run(
 def _train_steps(config: TrainConfig, dist: DistInfo, manifest: dict) -> int:
     """Steps per epoch from what the train shards can hold, the fewest any rank found: every
     rank must run as many (DDP), and a rank whose copy of a shard is short counts fewer."""
+    odd: list = []  # this rank's shard files of another size than the manifest says
     with failing_together(dist.device, (ValueError,)):  # e.g. this rank's files hold nothing
         try:
-            samples = trainable_samples(config.shards, manifest, warn=dist.is_main)
+            samples = trainable_samples(config.shards, manifest, warn=dist.is_main, found=odd)
             steps = train_steps_per_epoch(manifest, config.batch_size, dist.world_size, samples)
         except ValueError:
             if not dist.is_main:
@@ -222,16 +225,21 @@ def _train_steps(config: TrainConfig, dist: DistInfo, manifest: dict) -> int:
         )
     if not dist.distributed:
         return steps
+    # Each rank's odd files as a checksum (exact in float64): a rank whose files differ from
+    # rank 0's (which named its own) names them too, also where its count did not drop.
+    odds = torch.zeros(dist.world_size, dtype=torch.float64, device=dist.device)
+    odds[dist.rank] = zlib.crc32(repr(odd).encode())
+    odds = all_reduce_sum(odds).tolist()
+    if odds[dist.rank] != odds[0]:
+        log.warning("rank %d: its train shard files differ from rank 0's:", dist.rank)
+        trainable_samples(config.shards, manifest)  # the warnings naming them
     least, minus_most = all_reduce_min(torch.tensor([steps, -steps], device=dist.device)).tolist()
-    if least != -minus_most:  # the ranks' copies of the shards differ (rank 0 warned of its own)
-        if steps == least and not dist.is_main:
-            trainable_samples(config.shards, manifest)  # this rank's warnings, naming them
-        elif steps > least and dist.is_main:
-            log.warning(
-                "another rank's train shards hold fewer samples: %d steps per epoch, not %d",
-                least,
-                steps,
-            )
+    if least != -minus_most and steps > least and dist.is_main:
+        log.warning(
+            "another rank's train shards hold fewer samples: %d steps per epoch, not %d",
+            least,
+            steps,
+        )
     return int(least)
 
 

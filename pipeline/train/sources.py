@@ -93,24 +93,26 @@ def shard_urls(location: str | Path, manifest: dict, split: str) -> list[str]:
     return [str(Path(location) / rel) for rel in paths]
 
 
-def trainable_samples(location: str | Path, manifest: dict, warn: bool = True) -> int:
+def trainable_samples(
+    location: str | Path, manifest: dict, warn: bool = True, found: list | None = None
+) -> int:
     """Samples the train split's shards can give an epoch: their manifest counts, except that a
     local shard file not the size its entry says counts at most what its size can hold.
 
     Such a file is not the one convert wrote, so its count cannot be trusted either: an epoch
     taken from it would repeat the samples the file holds for as long as the count says. A
     warning names each one (`warn`). A shard read over http(s)://, pipe: and the like is not
-    looked at before it is read.
+    looked at before it is read. `found`, if given, gets (url, what was found) for each.
     """
     entries = split_shards(manifest, "train")
     urls = shard_urls(location, manifest, "train")
     return sum(
-        _shard_capacity(url, entry, location, warn)
+        _shard_capacity(url, entry, location, warn, found)
         for url, entry in zip(urls, entries, strict=True)
     )
 
 
-def _shard_capacity(url: str, entry: dict, location: str | Path, warn: bool) -> int:
+def _shard_capacity(url: str, entry: dict, location: str | Path, warn: bool, found_list) -> int:
     """A shard's count, or for a local file of another size than `entry` says, at most what
     its size can hold (none for a file that cannot be stat'ed)."""
     path = local_path(url)
@@ -124,6 +126,8 @@ def _shard_capacity(url: str, entry: dict, location: str | Path, warn: bool) -> 
     if size == entry["bytes"]:
         return entry["samples"]
     held = min(entry["samples"], max_shard_samples(size or 0))
+    if found_list is not None:
+        found_list.append((url, found))
     if warn:
         log.warning(
             "%s: %s, the manifest says %d bytes (cut short or changed since convert: `pipeline "
