@@ -548,3 +548,18 @@ def test_resume_from_another_shard_folder_warns(
     shutil.copytree(tiny_shards, other)
     assert resume_cli(run, other).exit_code == 0
     assert f"--shards {tiny_shards} -> {other}" in caplog.text
+
+
+def test_resume_takes_a_schedule_saved_by_another_torch(
+    tiny_run: Path, tiny_shards: Path, tmp_path
+):
+    """torch 2.2-2.6 (the Docker image's 2.6.0) saved StepLR's `verbose`, which 2.7 removed,
+    and had no `_is_initial`: a key that replaces none of the scheduler's is no sign of damage."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    state = torch.load(run / "last.pt", weights_only=True)
+    schedule = {k: v for k, v in state["scheduler"].items() if k != "_is_initial"}
+    torch.save({**state, "scheduler": {**schedule, "verbose": False}}, run / "last.pt")
+    result = resume_cli(run, tiny_shards)
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2

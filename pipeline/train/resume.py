@@ -113,7 +113,7 @@ def resume(
         )
     run.model.load_state_dict(state["model"])
     try:
-        _check_schedule(state["scheduler"], run.scheduler.state_dict(), config, state["epoch"])
+        _check_schedule(state["scheduler"], run.scheduler, config, state["epoch"])
         _check_groups(state["optimizer"], run.stepper.optimizer.state_dict())
         run.stepper.optimizer.load_state_dict(state["optimizer"])
         _check_buffers(run.stepper.optimizer)
@@ -183,11 +183,17 @@ def _changed_settings(
     )
 
 
-def _check_schedule(saved: dict, fresh: dict, config: TrainConfig, epoch: int) -> None:
-    """ValueError unless `saved` is a StepLR state of this run (`fresh`: a new one's). StepLR's
+def _check_schedule(saved: dict, scheduler, config: TrainConfig, epoch: int) -> None:
+    """ValueError unless `saved` is a StepLR state of this run (`scheduler`: a new one). StepLR's
     load_state_dict makes every key an attribute (a `step` would replace its method, to fail
-    an epoch later), and its step size, factor and epoch count are taken as they are."""
-    unknown = [short(str(k)) for k in saved if k not in fresh]
+    an epoch later), and its step size, factor and epoch count are taken as they are. A key
+    of another torch version's state (2.2-2.6 saved `verbose`) replaces nothing: taken."""
+    fresh = scheduler.state_dict()
+    unknown = [
+        short(str(k))
+        for k in saved
+        if k not in fresh and (not isinstance(k, str) or hasattr(scheduler, k))
+    ]
     if unknown:
         raise ValueError(f"its scheduler holds unknown keys ({', '.join(unknown[:3])})")
     for name, want in (("step_size", config.step_size), ("gamma", config.gamma)):
@@ -200,7 +206,9 @@ def _check_schedule(saved: dict, fresh: dict, config: TrainConfig, epoch: int) -
     kinds = [
         k
         for k, v in saved.items()
-        if k not in ("step_size", "gamma", "last_epoch") and type(v) is not type(fresh[k])
+        if k in fresh
+        and k not in ("step_size", "gamma", "last_epoch")
+        and type(v) is not type(fresh[k])
     ]
     if kinds:
         raise ValueError(f"its scheduler's {kinds[0]} is {short(saved[kinds[0]])}")
