@@ -1461,3 +1461,57 @@ def test_a_directory_entry_pointing_at_another_members_data_is_refused(tmp_path:
     record = json.loads((out / ".parts" / "batch01.json").read_text())
     (skip,) = record["skipped"]
     assert "local header names another member" in skip["reason"] and victim in skip["reason"]
+
+
+def _unicode_path_zip(path: Path, folder: str) -> Path:
+    """The batch zip build_zip writes, inside `folder`, as Info-ZIP writes a non-ASCII name:
+    its headers hold the name's UTF-8 bytes without the UTF-8 flag (so cp437 by the spec),
+    and a Unicode-path extra field (0x7075) holds it as UTF-8."""
+    plain = build_zip(path.with_name("plain.zip"), 4)
+    placeholder = "x" * len(folder.encode())
+    with zipfile.ZipFile(plain.path) as source, zipfile.ZipFile(path, "w") as zf:
+        for old in source.infolist():
+            name = f"{folder}/{old.filename}"
+            body = struct.pack("<BL", 1, zlib.crc32(name.encode())) + name.encode()
+            info = zipfile.ZipInfo(f"{placeholder}/{old.filename}", old.date_time)
+            info.extra = struct.pack("<HH", 0x7075, len(body)) + body
+            zf.writestr(info, source.read(old), zipfile.ZIP_DEFLATED)
+    data = path.read_bytes().replace(placeholder.encode() + b"/", folder.encode() + b"/")
+    path.write_bytes(data)
+    return path
+
+
+def _zipfile_reads_unicode_paths(monkeypatch) -> None:
+    """Before 3.12 zipfile ignores the Unicode-path field: name members by it, as 3.12+ does."""
+    if sys.version_info >= (3, 12):
+        return
+    listing = zipfile.ZipFile._RealGetContents
+
+    def contents(self):
+        listing(self)
+        for info in self.filelist:
+            extra = info.extra
+            while len(extra) >= 4:
+                kind, size = struct.unpack("<HH", extra[:4])
+                if kind == 0x7075:
+                    info.filename = extra[9 : 4 + size].decode()
+                extra = extra[4 + size :]
+        self.NameToInfo = {info.filename: info for info in self.filelist}
+
+    monkeypatch.setattr(zipfile.ZipFile, "_RealGetContents", contents)
+
+
+def test_a_member_named_by_its_unicode_path_field_is_read(tmp_path: Path, monkeypatch):
+    """zipfile (3.12+) names such a member by its field, not by the bytes its local header
+    holds: the check that the local header names the member compares those bytes."""
+    _zipfile_reads_unicode_paths(monkeypatch)
+    path = _unicode_path_zip(tmp_path / "batch1_images.zip", "données")
+    with open(path, "rb") as f:
+        assert read_central_directory(f) is None  # zipfile's listing, then
+    with MemberReader(path) as reader:
+        names = [i.filename for i in reader.infos if not i.filename.endswith("/")]
+        assert names and all(n.startswith("données/") for n in names)
+        for name in names:
+            reader.read(name)
+    summary = convert([path], tmp_path / "shards", test_batches=[])
+    assert summary.ok and summary.written == 4 and summary.skipped == 0

@@ -60,13 +60,17 @@ class MemberReader:
         self.max_member = max_member  # the most bytes read or inflated for one member
         self._file = open(path, "rb")  # closed by close()
         self._zf: zipfile.ZipFile | None = None
+        self._header_names: dict[str, str] = {}  # name -> the one its headers hold, if other
         try:
             plain = read_central_directory(self._file) if hasattr(os, "pread") else None
             if plain is None:  # the same fields, from zipfile's listing
-                plain = [
-                    ZipEntry(*(getattr(i, f) for f in ZIPINFO_FIELDS))
-                    for i in self._zipfile().infolist()
-                ]
+                listed = self._zipfile().infolist()
+                plain = [ZipEntry(*(getattr(i, f) for f in ZIPINFO_FIELDS)) for i in listed]
+                # Python 3.12+ names a member by its Unicode-path field, where its headers may
+                # hold the name in another encoding (Info-ZIP, 7-Zip, Windows' own zip).
+                self._header_names = {
+                    i.filename: i.orig_filename for i in listed if i.orig_filename != i.filename
+                }
             self.infos = plain
         except BaseException:
             self.close()
@@ -116,7 +120,8 @@ class MemberReader:
             raise zipfile.BadZipFile("bad local header (damaged zip)")
         name_len, extra_len = LOCAL_NAME_LENGTHS.unpack_from(chunk, LOCAL_HEADER.size - 4)
         start = LOCAL_HEADER.size + name_len + extra_len
-        if chunk[LOCAL_HEADER.size : LOCAL_HEADER.size + name_len] != _raw_name(name, flags):
+        header_name = _raw_name(self._header_names.get(name, name), flags)
+        if chunk[LOCAL_HEADER.size : LOCAL_HEADER.size + name_len] != header_name:
             # As zipfile checks: an entry pointing at another member's data is a damaged zip.
             raise zipfile.BadZipFile("its local header names another member (damaged zip)")
         if start == guess:
