@@ -459,3 +459,48 @@ def test_sigterm_stops_train_as_ctrl_c_does(tiny_shards: Path, tmp_path: Path) -
     assert "train stopped (SIGTERM)" in stderr and "Traceback" not in stderr
     assert not [p for p in workers if Path(f"/proc/{p}").exists()]
     assert load_checkpoint(run / "last.pt")["epoch"] >= 1
+
+
+def test_a_refused_run_never_takes_the_folder_of_the_run_holding_it(tmp_path: Path, monkeypatch):
+    """Two runs started at once into a new folder: both see no folder, the first makes it and
+    locks. The second, refused, must not remove it as a folder of its own making."""
+    run = tmp_path / "run"
+    holder = RunLock(run)
+    try:
+        seen = Path.exists
+        monkeypatch.setattr(Path, "exists", lambda p: p != run and seen(p))  # looked first
+        with pytest.raises(ValueError, match="being written by another training run"):
+            RunLock(run)
+        monkeypatch.undo()
+        assert (run / ".run.lock").is_file()  # still the holder's
+        with pytest.raises(ValueError, match="being written by another training run"):
+            RunLock(run)  # and still refused
+    finally:
+        holder.close()
+
+
+def test_a_lock_file_removed_as_it_is_taken_is_taken_again(tmp_path: Path, monkeypatch):
+    """A run that made the folder and fails removes it with .run.lock; one that opened that
+    file just before and locks it just after holds a lock no other run sees: it locks anew."""
+    from pipeline.train import guard
+
+    run = tmp_path / "run"
+    ending = RunLock(run)  # made the folder, writes nothing: close() removes the folder
+    real = guard.fcntl.flock
+    calls = []
+
+    def flock(fd, how):
+        if not calls:
+            ending.close()  # between the second run's open and its flock
+        calls.append(fd)
+        return real(fd, how)
+
+    monkeypatch.setattr(guard.fcntl, "flock", flock)
+    second = RunLock(run)
+    monkeypatch.undo()
+    try:
+        assert len(calls) == 2 and (run / ".run.lock").is_file()
+        with pytest.raises(ValueError, match="being written by another training run"):
+            RunLock(run)  # a third run sees the second's lock
+    finally:
+        second.close()

@@ -100,17 +100,31 @@ class RunLock:
 
     def __init__(self, out: Path) -> None:
         self.out, self.made = out, not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / RUN_LOCK
-        self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        self.fd: int | None = None
+        while not self._take(out / RUN_LOCK):
+            pass  # removed as it was taken (by a run that made the folder, ending): again
+
+    def _take(self, path: Path) -> bool:
+        """Lock `path`: True, or False when the file (or folder) went as it was taken."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except FileNotFoundError:
+            return False
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(self.fd).st_ino != os.stat(path, follow_symlinks=False).st_ino:
+                raise FileNotFoundError(path)  # a file no longer there: lock the one there now
+        except FileNotFoundError:
+            os.close(self.fd)
+            return False
         except BlockingIOError:
             holder = os.pread(self.fd, 32, 0).decode("ascii", "replace").strip()
+            self.made = False  # the folder is the other run's, whoever made it
             self.close()
             pid = f" (process {holder})" if holder.isdigit() else ""
             raise ValueError(
-                f"{out} is being written by another training run{pid}: wait for it to end, "
+                f"{self.out} is being written by another training run{pid}: wait for it to end, "
                 "or train into another folder"
             ) from None
         except BaseException:
@@ -120,6 +134,7 @@ class RunLock:
         with contextlib.suppress(OSError):  # the pid is for the message alone (a full disk)
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        return True
 
     def close(self) -> None:
         """Let the folder go. The file stays (removing it would race a run taking it), unless
