@@ -504,3 +504,59 @@ def test_a_lock_file_removed_as_it_is_taken_is_taken_again(tmp_path: Path, monke
             RunLock(run)  # a third run sees the second's lock
     finally:
         second.close()
+
+
+def test_a_file_system_without_locks_trains_unguarded(tmp_path: Path, monkeypatch, caplog):
+    import errno
+
+    from pipeline.train import guard
+
+    def refuse(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(guard.fcntl, "flock", refuse)
+    with caplog.at_level("WARNING"):
+        lock = RunLock(tmp_path / "run")
+    assert "its file system takes no locks (No locks available)" in caplog.text
+    lock.close()
+    assert (tmp_path / "run").is_dir()  # kept: the run goes on into it
+
+
+def test_sigterm_is_left_alone_where_it_should_be(monkeypatch) -> None:
+    """Under torchrun (its agent's SIGTERM must stop a rank at once) and where the command
+    was started with SIGTERM ignored, the handler is not installed."""
+    from pipeline.cli import _sigterm_stops
+
+    before = signal.getsignal(signal.SIGTERM)
+    with _sigterm_stops():
+        assert signal.getsignal(signal.SIGTERM) is not before  # installed
+    assert signal.getsignal(signal.SIGTERM) is before  # and taken back
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with _sigterm_stops():
+        assert signal.getsignal(signal.SIGTERM) is before
+    monkeypatch.delenv("WORLD_SIZE")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with _sigterm_stops():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_sigterm_ends_a_worker_forked_under_the_handler_as_before(tmp_path: Path) -> None:
+    """A worker forked while the handler is set dies of SIGTERM, as its parent means it to;
+    it does not raise Terminated into whatever it was running."""
+    from pipeline.cli import _sigterm_stops
+
+    fork = multiprocessing.get_context("fork")
+    started = fork.Event()
+    with _sigterm_stops():
+        worker = fork.Process(target=_started_then_sleep, args=(started,))
+        worker.start()
+    try:
+        assert started.wait(30)
+        worker.terminate()  # SIGTERM
+        worker.join(30)
+    finally:
+        worker.kill()
+    assert worker.exitcode == -signal.SIGTERM  # killed by the signal, not an exception's 1

@@ -65,6 +65,9 @@ def _sigterm_stops():
             return
         raise Terminated
 
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield  # started with SIGTERM ignored (nohup-like wrappers, `trap '' TERM`): kept so
+        return
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield

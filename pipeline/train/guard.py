@@ -8,6 +8,7 @@ stops while the others wait for it in a collective.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -30,6 +31,9 @@ EVENTS = "events.out.tfevents.*"  # TensorBoard's files
 RUN_LOCK = ".run.lock"  # held by the training process of rank 0 while a run writes OUT
 LEFTOVERS = (".last.pt.tmp", ".best.pt.tmp")  # a save a killed run never finished
 _LOCKS: set[int] = set()  # run-lock fds this process holds
+# flock's answers where a file system has no locks (Lustre without -o flock, some FUSE mounts):
+# training goes on, unguarded, as it did before the lock.
+NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
 def _close_copies() -> None:
@@ -112,7 +116,20 @@ class RunLock:
         except FileNotFoundError:
             return False
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in NO_LOCKS:
+                    raise
+                log.warning(
+                    "%s: its file system takes no locks (%s): nothing keeps a second run from "
+                    "writing the folder while this one does",
+                    self.out,
+                    exc.strerror or exc,
+                )
+                self.made = False  # the run goes on into it
+                self.close()
+                return True
             if os.fstat(self.fd).st_ino != os.stat(path, follow_symlinks=False).st_ino:
                 raise FileNotFoundError(path)  # a file no longer there: lock the one there now
         except FileNotFoundError:
