@@ -795,6 +795,8 @@ def test_a_zip_whose_every_sample_is_skipped_says_why(make_zip, tmp_path: Path):
     error = summary.failed[0]["error"]
     assert not summary.ok and "all 3 skipped" in error
     assert "depth member depth_fg_bg_jpg/depth_fg_bg_" in error and "88x80, expected 80x80" in error
+    first = min(names["fg_bg"] for names in z.samples.values())  # by name, not written order
+    assert f"the first, {first}: depth member" in error
 
 
 def test_strict_makes_a_skip_fatal(make_zip, tmp_path: Path):

@@ -176,7 +176,7 @@ class ZipConverter:
         if self.report and done % PROGRESS_EVERY:
             self.report("done", done % PROGRESS_EVERY)
         if not self.written:  # the skips go nowhere else: say why, with the first
-            first = self.skipped[-done]
+            first = min(self.skipped[-done:], key=lambda skip: skip["member"])  # by name
             raise ConvertError(
                 f"{self.job.path}: no sample could be converted (all {done} skipped; the "
                 f"first, {first['member']}: {first['reason']})"
