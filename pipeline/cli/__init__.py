@@ -52,8 +52,10 @@ def _sigterm_stops():
     # Only the main thread may set handlers (a test's CliRunner in a thread). Not under
     # torchrun: its agent stops the other ranks with SIGTERM when one fails, and a rank waiting
     # in a collective would run no handler until the agent's SIGKILL, 30 s later.
+    # Started with SIGTERM ignored (`trap '' TERM`, nohup-like wrappers), it stays ignored.
     ranks = os.environ.get("WORLD_SIZE", "1")
-    if threading.current_thread() is not threading.main_thread() or ranks not in ("", "1"):
+    main = threading.current_thread() is threading.main_thread()
+    if not main or ranks not in ("", "1") or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
         yield
         return
     owner = os.getpid()
@@ -65,9 +67,6 @@ def _sigterm_stops():
             return
         raise Terminated
 
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
-        yield  # started with SIGTERM ignored (nohup-like wrappers, `trap '' TERM`): kept so
-        return
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield

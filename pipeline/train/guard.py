@@ -28,12 +28,15 @@ log = logging.getLogger(__name__)
 
 RUN_FILES = ("last.pt", "best.pt", "config.json")  # what `train` writes into OUT
 EVENTS = "events.out.tfevents.*"  # TensorBoard's files
+LOSS_PARTS = ("total", "mask", "depth")  # train_step's values [loss, loss_mask, loss_depth, iou]
+NEVER = 2**62  # the watch's "no non-finite step yet"
 RUN_LOCK = ".run.lock"  # held by the training process of rank 0 while a run writes OUT
 LEFTOVERS = (".last.pt.tmp", ".best.pt.tmp")  # a save a killed run never finished
 _LOCKS: set[int] = set()  # run-lock fds this process holds
 # flock's answers where a file system has no locks (Lustre without -o flock, some FUSE mounts):
 # training goes on, unguarded, as it did before the lock.
 NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+TRIES = 100  # takes of the lock file that another process removed as it was taken
 
 
 def _close_copies() -> None:
@@ -46,8 +49,6 @@ def _close_copies() -> None:
 
 
 os.register_at_fork(after_in_child=_close_copies)
-LOSS_PARTS = ("total", "mask", "depth")  # train_step's values [loss, loss_mask, loss_depth, iou]
-NEVER = 2**62  # the watch's "no non-finite step yet"
 
 
 class NonFiniteError(ValueError):
@@ -105,8 +106,10 @@ class RunLock:
     def __init__(self, out: Path) -> None:
         self.out, self.made = out, not out.exists()
         self.fd: int | None = None
-        while not self._take(out / RUN_LOCK):
-            pass  # removed as it was taken (by a run that made the folder, ending): again
+        for _ in range(TRIES):  # again when the file went as it was taken (a run ending)
+            if self._take(out / RUN_LOCK):
+                return
+        raise OSError(f"{out / RUN_LOCK}: removed each time it was locked, {TRIES} times")
 
     def _take(self, path: Path) -> bool:
         """Lock `path`: True, or False when the file (or folder) went as it was taken."""
@@ -134,6 +137,7 @@ class RunLock:
                 raise FileNotFoundError(path)  # a file no longer there: lock the one there now
         except FileNotFoundError:
             os.close(self.fd)
+            self.fd = None
             return False
         except BlockingIOError:
             holder = os.pread(self.fd, 32, 0).decode("ascii", "replace").strip()
