@@ -32,10 +32,7 @@ from pipeline.schema import (
     member_ext,
 )
 from pipeline.store.catalog import make_record
-from pipeline.store.names import (
-    Member,
-    sample_key,
-)
+from pipeline.store.names import Member, sample_key
 from pipeline.store.pairing import Pairing, Pairings, pair_members, skip_entry
 from pipeline.store.tar import ShardWriter
 from pipeline.store.zipread import MemberReader, zip_fingerprint
@@ -297,7 +294,9 @@ class ZipConverter:
             self._decode(kind, name, data, info)
         return member_ext(kind, FORMAT_EXTS[found]), data
 
-    def _decode(self, kind: str, name: str, data: bytes, info: ImageInfo, bg=None) -> None:
+    def _decode(
+        self, kind: str, name: str, data: bytes, info: ImageInfo, bg: int | None = None
+    ) -> None:
         """--decode: SkipSample unless the image decodes whole (a background once: its
         failure then skips every sample on it, without decoding it again)."""
         problem = decode_problem(data, image_format(data), info.components)

@@ -23,6 +23,7 @@ from pipeline.store.catalog import (
     write_wids_indexes,
 )
 from pipeline.store.guard import is_locked
+from pipeline.store.verify import MOVED
 
 if TYPE_CHECKING:
     from pipeline.store.runner import ConvertConfig, ConvertSummary
@@ -56,7 +57,7 @@ def _fail_record(
     the split (good shards, other --test-batches): say how to keep them."""
     if moved:
         keep = "includes" if record["split"] == "test" else "leaves out"
-        problem += f" (give a --test-batches that {keep} {batch}, or convert that zip again)"
+        problem += f" ({MOVED} {keep} {batch}, or convert that zip again)"
         log.error("%s", problem)
     else:
         record_file = record_path(out, batch)

@@ -48,7 +48,7 @@ class ConvertConfig:
     workers: int = 1  # zips converted in parallel processes (one zip per process)
     seed: int = 0  # seed of the order samples are written in
     strict: bool = False  # any skipped sample fails its zip
-    decode: bool = False  # decode every image, not only check its headers (about 2x slower)
+    decode: bool = False  # decode every image, not only check its headers (about 2.5x slower)
     force: bool = False  # redo every zip, even those a record says are done
     progress: bool = True  # a progress bar, only when stderr is a terminal
     wait: bool = True  # another convert is writing the same batches: wait for it (else refuse)
