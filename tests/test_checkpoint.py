@@ -114,7 +114,19 @@ def unreadable_files(tiny_run: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
     torch.save(UNet.from_args({}), tmp / "pickled.pt")  # a whole pickled model
     out["pickled"] = (tmp / "pickled.pt", "pickled Python objects (model.unet.UNet)")
     out["deflated"] = (deflated(tiny_run / "best.pt", tmp / "deflated.pt"), "compressed entries")
+    torch.save({"model": RunsAShell(tmp / "ran"), "config": {}}, tmp / "shell.pt")
+    out["shell"] = (tmp / "shell.pt", f"pickled Python objects ({os.system.__module__}.system)")
     return out
+
+
+class RunsAShell:
+    """Pickled as a call of os.system (a module torch blocks): loading must never run it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
 
 
 def deflated(good: Path, out: Path, extra: dict | None = None) -> Path:
@@ -150,6 +162,7 @@ def test_unreadable_checkpoints_say_why_without_torch_advice(tiny_run: Path, tmp
         assert message.startswith(f"{path}: not a readable PyTorch checkpoint: "), message
         assert why in message, message
         assert "weights_only" not in message and "\n" not in message and len(message) < 300
+    assert not (tmp_path / "ran").exists()
 
 
 # ---------------------------------------------------------------- broken contents

@@ -226,7 +226,8 @@ def unreadable_reason(exc: Exception, advice: str) -> str:
     """Why torch could not load a file, in a few words (never its advice to drop weights_only);
     `advice` says what to save instead of pickled objects."""
     text = str(exc)
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    # torch names a pickled global it does not allow, or one from a module it blocks (os, …)
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", text)
     if found:
         return (
             f"it holds pickled Python objects ({found.group(1)}), which could run code when "
