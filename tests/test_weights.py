@@ -210,6 +210,13 @@ def test_a_wrong_shape_or_a_missing_or_extra_key_is_named(tmp_path: Path):
     state = published_state()
     state["outc.conv.pointwise.bias"] = torch.full_like(state["outc.conv.pointwise.bias"], math.nan)
     cases["nan"] = state
+    for kind, odd in {
+        "meta": torch.empty(1, device="meta"),
+        "sparse": torch.ones(1).to_sparse(),
+    }.items():
+        state = published_state()
+        state["outc.conv.pointwise.bias"] = odd
+        cases[kind] = state
     messages = {}
     for name, state in cases.items():
         torch.save(state, tmp_path / f"{name}.pth")
@@ -227,6 +234,13 @@ def test_a_wrong_shape_or_a_missing_or_extra_key_is_named(tmp_path: Path):
     assert messages["integers"].endswith(
         "inc.double_conv.0.depthwise.weight holds torch.int64 numbers, the network needs "
         "torch.float32"
+    )
+    assert messages["meta"].endswith(
+        "outc.conv.pointwise.bias is a meta tensor (a shape without numbers), not one holding its "
+        "numbers"
+    )
+    assert messages["sparse"].endswith(
+        "outc.conv.pointwise.bias is a sparse_coo tensor, not one holding its numbers"
     )
     assert messages["nan"].endswith("1 entries hold NaN or inf (outc.conv.pointwise.bias)")
 

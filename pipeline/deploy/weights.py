@@ -29,6 +29,7 @@ from pipeline.schema import CHANNELS, MODE_OF
 from pipeline.train.checkpoint import (
     load_tensors,
     non_finite,
+    not_plain,
     same_kind,
     save_checkpoint,
     unreadable_reason,
@@ -120,6 +121,9 @@ def map_published(
                 f"{path}: {name} has shape {tuple(state[name].shape)}, the network needs "
                 f"{tuple(target.shape)}"
             )
+        odd = not_plain(state[name])
+        if odd:
+            raise ValueError(f"{path}: {name} is {odd}, not one holding its numbers")
         if not same_kind(target, state[name]):
             raise ValueError(
                 f"{path}: {name} holds {state[name].dtype} numbers, the network needs "

@@ -175,16 +175,30 @@ def weights_problem(want: dict[str, Any], have: dict[str, Any]) -> str:
     unexpected = [str(k) for k in have if k not in want]
     common = [k for k in want if k in have]
     wrong = [k for k in common if not torch.is_tensor(have[k]) or have[k].shape != want[k].shape]
-    kind = [k for k in common if k not in wrong and not same_kind(want[k], have[k])]
+    odd = [k for k in common if k not in wrong and not_plain(have[k])]
+    kind = [k for k in common if k not in wrong + odd and not same_kind(want[k], have[k])]
     found = [
         ("missing", missing),
         ("unexpected", unexpected),
         ("of another shape", wrong),
+        ("not plain tensors holding their numbers (sparse, quantized or meta)", odd),
         ("of another kind of number", kind),
     ]
     if not any(names for _, names in found):
         found.append(("holding NaN or inf", non_finite(have)))
     return "; ".join(f"{len(names)} {label} ({_names(names)})" for label, names in found if names)
+
+
+def not_plain(tensor: torch.Tensor) -> str:
+    """What keeps a loaded tensor from being a dense one holding its numbers ('' if nothing):
+    torch.load also rebuilds sparse, quantized and meta tensors (a shape without data)."""
+    if tensor.is_meta:
+        return "a meta tensor (a shape without numbers)"
+    if tensor.is_quantized:
+        return "a quantized tensor"
+    if tensor.layout != torch.strided:
+        return f"a {str(tensor.layout).removeprefix('torch.')} tensor"
+    return ""
 
 
 def same_kind(want: torch.Tensor, have: torch.Tensor) -> bool:
