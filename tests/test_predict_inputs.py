@@ -106,3 +106,17 @@ def test_a_pair_of_two_sizes_is_predicted_with_a_warning(tiny_run: Path, tmp_pat
     with caplog.at_level("WARNING"):  # one photo and its composite: no word
         predict(tiny_run / "best.pt", REAL / "bg_img_51.jpg", fg_bg, tmp_path / "o2", device="cpu")
     assert "WARNING" not in [r.levelname for r in caplog.records]
+
+
+@pytest.mark.parametrize(
+    ("name", "image"),
+    [
+        ("gray16.png", Image.new("I;16", (160, 160), 20_000)),  # 8-bit: 78, clipped to 255
+        ("int32.tif", Image.new("I", (160, 160), 20_000)),
+        ("float.tif", Image.new("F", (160, 160), 0.3)),  # 8-bit: 77, clipped to 0
+    ],
+)
+def test_an_image_of_more_than_8_bits_is_refused_not_clipped(tmp_path: Path, name, image):
+    image.save(tmp_path / name)
+    with pytest.raises(ValueError, match=r"more than 8 bits a channel \(PIL mode (I|F)"):
+        read_image(tmp_path / name, "L")

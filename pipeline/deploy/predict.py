@@ -36,7 +36,7 @@ def read_image(path: Path, mode: str, sizes: list | None = None) -> np.ndarray:
         raise FileNotFoundError(f"{path}: no such image file")
     try:
         with _own_pixel_bound(), Image.open(path, formats=IMAGE_FORMATS) as img:
-            too_big = _too_many_pixels(path, img.size)
+            too_big = _too_many_pixels(path, img.size) or _too_deep(path, img.mode)
             if not too_big:
                 img = img.convert(mode)
     except UnidentifiedImageError:
@@ -76,6 +76,21 @@ def _too_many_pixels(path: Path, size: tuple[int, int]) -> str:
     return (
         f"{path}: a {width}x{height} image ({width * height:,} pixels) is larger than "
         f"predict reads ({MAX_PIXELS:,} pixels at most): shrink it first"
+    )
+
+
+# PIL's modes of more than 8 bits a channel: its convert to L or RGB clips them at 255 (a 16-bit
+# gray PNG comes out nearly white, a float TIFF black), so predict refuses them, as convert does.
+DEEP_MODES = ("I", "F")
+
+
+def _too_deep(path: Path, image_mode: str) -> str:
+    """Why an image of this PIL mode is refused unread ('' if it is not)."""
+    if image_mode.split(";")[0] not in DEEP_MODES:
+        return ""
+    return (
+        f"{path}: an image of more than 8 bits a channel (PIL mode {image_mode}): predict reads "
+        "8-bit images; save it with 8 bits a channel"
     )
 
 
