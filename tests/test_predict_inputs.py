@@ -120,3 +120,16 @@ def test_an_image_of_more_than_8_bits_is_refused_not_clipped(tmp_path: Path, nam
     image.save(tmp_path / name)
     with pytest.raises(ValueError, match=r"more than 8 bits a channel \(PIL mode (I|F)"):
         read_image(tmp_path / name, "L")
+
+
+def test_predict_never_writes_over_its_input_images(tiny_run: Path, tmp_path: Path) -> None:
+    bgs, fgs = tmp_path / "bg", tmp_path / "fg"
+    for folder in (bgs, fgs):
+        folder.mkdir()
+        for name in ("x.png", "x_mask.png"):  # predicting x writes x_mask.png
+            Image.new("L", (160, 160), 90).save(folder / name)
+    before = (fgs / "x_mask.png").read_bytes()
+    with pytest.raises(ValueError, match=r"x_mask.png: predict would write over its input image"):
+        predict(tiny_run / "best.pt", bgs, fgs, fgs, device="cpu")
+    assert (fgs / "x_mask.png").read_bytes() == before
+    assert sorted(p.name for p in fgs.iterdir()) == ["x.png", "x_mask.png"]

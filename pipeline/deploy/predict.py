@@ -141,10 +141,30 @@ def _images_in(folder: Path) -> dict[str, Path]:
     return images
 
 
+def outputs_of(out: Path, stem: str) -> tuple[Path, Path, Path]:
+    """The mask, depth and coloured depth PNGs predict writes for the pair named `stem`."""
+    return out / f"{stem}_mask.png", out / f"{stem}_depth.png", out / f"{stem}_depth_plasma.png"
+
+
+def refuse_writing_over_inputs(pairs: list[tuple[Path, Path, str]], out: Path) -> None:
+    """ValueError, before anything is written, if an output would replace one of the images
+    read (`--out` is an input folder holding `x.png` and `x_mask.png`: predicting x would
+    overwrite x_mask.png, then predict on its own output)."""
+    inputs = {path.resolve(): path for pair in pairs for path in pair[:2]}
+    for *_, stem in pairs:
+        for path in outputs_of(out, stem):
+            if path.resolve() in inputs:
+                raise ValueError(
+                    f"{path}: predict would write over its input image {inputs[path.resolve()]}: "
+                    "give --out a folder of its own"
+                )
+
+
 @torch.no_grad()
 def predict(checkpoint: Path, bg: Path, fg_bg: Path, out: Path, device: str = "auto") -> list[Path]:
     """Write mask, depth and coloured depth PNGs for each pair; returns the files written."""
     pairs = pair_paths(bg, fg_bg)
+    refuse_writing_over_inputs(pairs, Path(out))
     dev = resolve_device(device)
     model = model_from_checkpoint(load_checkpoint(checkpoint, map_location=dev), dev, checkpoint)
     mode = "RGB" if model.config.image_channels == 3 else "L"
@@ -166,10 +186,11 @@ def predict(checkpoint: Path, bg: Path, fg_bg: Path, out: Path, device: str = "a
         mask = (torch.sigmoid(mask_logits)[0, 0].cpu().numpy() * 255).round().astype(np.uint8)
         depth01 = depth[0, 0].float().clamp(0, 1).cpu().numpy()
         depth8 = (depth01 * 255).round().astype(np.uint8)
+        mask_path, depth_path, plasma_path = outputs_of(Path(out), stem)
         written += [
-            save_png(mask, Path(out) / f"{stem}_mask.png"),
-            save_png(depth8, Path(out) / f"{stem}_depth.png"),
-            save_png(plasma(depth01), Path(out) / f"{stem}_depth_plasma.png"),
+            save_png(mask, mask_path),
+            save_png(depth8, depth_path),
+            save_png(plasma(depth01), plasma_path),
         ]
     log.info("%d pair%s predicted into %s", len(pairs), "" if len(pairs) == 1 else "s", out)
     return written
