@@ -133,3 +133,9 @@ def test_predict_never_writes_over_its_input_images(tiny_run: Path, tmp_path: Pa
         predict(tiny_run / "best.pt", bgs, fgs, fgs, device="cpu")
     assert (fgs / "x_mask.png").read_bytes() == before
     assert sorted(p.name for p in fgs.iterdir()) == ["x.png", "x_mask.png"]
+
+
+def test_a_missing_fg_bg_folder_is_named(tmp_path: Path) -> None:
+    (tmp_path / "bg").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"fg: no such folder \(--fg-bg, as --bg"):
+        pair_paths(tmp_path / "bg", tmp_path / "fg")

@@ -108,6 +108,8 @@ def pair_paths(bg: Path, fg_bg: Path) -> list[tuple[Path, Path, str]]:
         raise ValueError("--bg and --fg-bg must both be files or both be folders")
     if not bg.is_dir():
         return [(bg, fg_bg, fg_bg.stem)]
+    if not fg_bg.exists():
+        raise FileNotFoundError(f"{fg_bg}: no such folder (--fg-bg, as --bg {bg} is a folder)")
     bgs, fgs = _images_in(bg), _images_in(fg_bg)
     unmatched = sorted(set(bgs) ^ set(fgs))
     if unmatched:
