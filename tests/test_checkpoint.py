@@ -6,6 +6,7 @@ import errno
 import logging
 import math
 import os
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -114,9 +115,31 @@ def unreadable_files(tiny_run: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
     torch.save(UNet.from_args({}), tmp / "pickled.pt")  # a whole pickled model
     out["pickled"] = (tmp / "pickled.pt", "pickled Python objects (model.unet.UNet)")
     out["deflated"] = (deflated(tiny_run / "best.pt", tmp / "deflated.pt"), "compressed entries")
+    for name, zipped in (("claims", True), ("claims-legacy", False)):
+        out[name] = (claims_more(tmp / f"{name}.pt", zipped), "claims more bytes than the file")
     torch.save({"model": RunsAShell(tmp / "ran"), "config": {}}, tmp / "shell.pt")
     out["shell"] = (tmp / "shell.pt", f"pickled Python objects ({os.system.__module__}.system)")
     return out
+
+
+def claims_more(path: Path, zipped: bool) -> Path:
+    """A torch.save file whose one storage claims 4 GB, the file holding 4 kB of it."""
+    torch.save({"model": torch.zeros(1000)}, path, _use_new_zipfile_serialization=zipped)
+    # the storage's persistent id: ("storage", FloatStorage, key, "cpu", 1000), 1000 as BININT2
+    old = re.compile(rb"(X\x03\x00\x00\x00cpuq.)M\xe8\x03", re.DOTALL)
+
+    def claim(found: re.Match) -> bytes:
+        return found[1] + b"J" + (2**30).to_bytes(4, "little")  # BININT: 2**30 elements
+
+    if not zipped:
+        path.write_bytes(old.subn(claim, path.read_bytes())[0])
+        return path
+    with zipfile.ZipFile(path) as source:
+        entries = {name: source.read(name) for name in source.namelist()}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, old.sub(claim, data) if name.endswith("data.pkl") else data)
+    return path
 
 
 class RunsAShell:

@@ -249,6 +249,8 @@ def unreadable_reason(exc: Exception, advice: str) -> str:
         )
     if isinstance(exc, EOFError):
         return "the file is empty or cut short"
+    if "wrong byte size" in text or "does not match expected size" in text:  # C++ text, raw
+        return "a tensor claims more bytes than the file holds for it (truncated or damaged)"
     if "PytorchStreamReader" in text or "central directory" in text:
         return "the file is truncated or damaged (its zip archive is incomplete)"
     if isinstance(exc, pickle.UnpicklingError | KeyError):  # KeyError: its first byte's opcode
