@@ -278,3 +278,20 @@ def test_an_empty_split_and_a_batch_0_say_what_to_give(tiny_run: Path, tmp_path:
     empty = run_cli("evaluate", tiny_run / "best.pt", "--shards", tmp_path / "s")
     assert empty.exit_code == 1
     assert "the test split holds no samples (--split train holds some)" in empty.output
+
+
+def test_export_never_replaces_another_checkpoint_and_names_a_bad_folder(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other" / "best.pt"  # another run's checkpoint
+    other.parent.mkdir()
+    other.write_bytes((tiny_run / "last.pt").read_bytes())
+    result = run_cli("export", tiny_run / "best.pt", "--onnx", other, "--no-check")
+    assert result.exit_code == 1 and "holds a PyTorch checkpoint or a zip" in result.output
+    assert other.read_bytes() == (tiny_run / "last.pt").read_bytes()
+    (tmp_path / "x").write_text("a file")
+    result = run_cli("export", tiny_run / "best.pt", "--onnx", tmp_path / "x" / "m.onnx")
+    assert result.exit_code == 1 and f"{tmp_path / 'x'} is not a folder" in result.output
+    onnx_file = tmp_path / "m.onnx"
+    assert run_cli("export", tiny_run / "best.pt", "--onnx", onnx_file).exit_code == 0
+    assert run_cli("export", tiny_run / "best.pt", "--onnx", onnx_file).exit_code == 0  # again

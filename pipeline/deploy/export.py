@@ -43,15 +43,15 @@ def export_onnx(checkpoint: Path, onnx_path: Path, check: bool, batch: int = 4) 
     """
     require_export_extra(check)
     checkpoint, onnx_path = Path(checkpoint), Path(onnx_path)
-    if onnx_path.exists() and onnx_path.resolve() == checkpoint.resolve():
-        raise ValueError(
-            f"--onnx {onnx_path} is the checkpoint being exported: give the ONNX file another path"
-        )
+    _check_target(checkpoint, onnx_path)
     model = model_from_checkpoint(load_checkpoint(checkpoint), "cpu", checkpoint)
     channels = 2 * model.config.image_channels
     width, height = IMAGE_SIZE
     example = torch.rand(batch, channels, height, width)
-    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"--onnx {onnx_path}: {onnx_path.parent} is not a folder") from None
     partial = onnx_path.with_name(f".{onnx_path.name}.tmp")
     try:
         with warnings.catch_warnings():
@@ -88,6 +88,27 @@ def export_onnx(checkpoint: Path, onnx_path: Path, check: bool, batch: int = 4) 
 # The largest difference from PyTorch an export may show (typically below 1e-5: float32 sums in
 # another order); above it, the graph computes something else.
 CHECK_TOLERANCE = 1e-3
+
+
+def _check_target(checkpoint: Path, onnx_path: Path) -> None:
+    """ValueError when writing the ONNX file would replace the checkpoint, or any other
+    PyTorch checkpoint (a zip or a pickle: `--onnx runs/r1/best.pt`); an ONNX file is replaced."""
+    if onnx_path.exists() and onnx_path.resolve() == checkpoint.resolve():
+        raise ValueError(
+            f"--onnx {onnx_path} is the checkpoint being exported: give the ONNX file another path"
+        )
+    if onnx_path.is_dir():
+        raise ValueError(f"--onnx {onnx_path} is a folder: give the path of the file to write")
+    try:
+        with open(onnx_path, "rb") as found:
+            start = found.read(4)
+    except OSError:
+        return  # none there (or unreadable: the write says what is wrong)
+    if start.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or a pickle
+        raise ValueError(
+            f"--onnx {onnx_path} holds a PyTorch checkpoint or a zip, not an ONNX model: it "
+            "is not replaced; give the ONNX file another path"
+        )
 
 
 def check_onnx(
