@@ -365,6 +365,34 @@ def test_a_rank_whose_odd_shard_file_keeps_the_steps_still_names_it(
     assert f"{odd}: {odd.stat().st_size} bytes, the manifest says" in caplog.text
 
 
+def test_a_rank_whose_shard_files_are_whole_says_so_where_rank_0_s_differ(
+    tiny_shards: Path, tmp_path, monkeypatch, caplog
+) -> None:
+    """Rank 0 named an odd file of its own; rank 1's copies are all as the manifest says: its
+    line must not announce files of its own that differ and then name none."""
+    import zlib
+
+    from pipeline.train import run as run_module
+    from pipeline.train.runtime import DistInfo
+
+    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    rank0 = zlib.crc32(repr([("a.tar", "10 bytes")]).encode())  # rank 0 had one odd file
+
+    def all_reduce_sum(tensor):  # rank 0's entry filled in, as the collective would
+        return tensor + torch.tensor([rank0, 0.0], dtype=tensor.dtype)
+
+    monkeypatch.setattr(run_module, "all_reduce_min", lambda tensor: tensor)
+    monkeypatch.setattr(run_module, "all_reduce_sum", all_reduce_sum)
+    config = smoke_config(tiny_shards, tmp_path / "run", batch_size=4)
+    with caplog.at_level("WARNING"):
+        run_module._train_steps(config, DistInfo(rank=1, world_size=2), manifest)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line == (
+        "rank 1: its train shard files differ from rank 0's: each is the size the manifest "
+        "says (rank 0 named its own)"
+    )
+
+
 def test_a_batch_larger_than_the_train_split_says_it_repeats_samples(
     tiny_shards: Path, tmp_path, monkeypatch, caplog
 ) -> None:

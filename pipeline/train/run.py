@@ -230,8 +230,9 @@ def _train_steps(config: TrainConfig, dist: DistInfo, manifest: dict) -> int:
     odds = torch.zeros(dist.world_size, dtype=torch.float64, device=dist.device)
     odds[dist.rank] = zlib.crc32(repr(odd).encode())
     odds = all_reduce_sum(odds).tolist()
-    if odds[dist.rank] != odds[0]:
-        log.warning("rank %d: its train shard files differ from rank 0's:", dist.rank)
+    if odds[dist.rank] != odds[0]:  # its own named below, or none: rank 0's are the odd ones
+        mine = ":" if odd else ": each is the size the manifest says (rank 0 named its own)"
+        log.warning("rank %d: its train shard files differ from rank 0's%s", dist.rank, mine)
         trainable_samples(config.shards, manifest)  # the warnings naming them
     least, minus_most = all_reduce_min(torch.tensor([steps, -steps], device=dist.device)).tolist()
     if least != -minus_most and steps > least and dist.is_main:
