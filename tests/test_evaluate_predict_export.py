@@ -295,3 +295,20 @@ def test_export_never_replaces_another_checkpoint_and_names_a_bad_folder(
     onnx_file = tmp_path / "m.onnx"
     assert run_cli("export", tiny_run / "best.pt", "--onnx", onnx_file).exit_code == 0
     assert run_cli("export", tiny_run / "best.pt", "--onnx", onnx_file).exit_code == 0  # again
+
+
+def test_export_never_reads_an_onnx_path_that_is_a_pipe(tmp_path: Path, monkeypatch) -> None:
+    """Opening a FIFO (or /dev/tty) to look at its first bytes blocks until a writer comes:
+    only a regular file is looked into. (Here the open is refused, so no test can hang.)"""
+    import os
+
+    from pipeline.deploy import export
+
+    fifo = tmp_path / "m.onnx"
+    os.mkfifo(fifo)
+
+    def no_open(path, *args, **kwargs):
+        raise AssertionError(f"opened {path}, which would block")
+
+    monkeypatch.setattr(export, "open", no_open, raising=False)
+    export._check_target(tmp_path / "best.pt", fifo)  # returns: the export then replaces it

@@ -99,11 +99,13 @@ def _check_target(checkpoint: Path, onnx_path: Path) -> None:
         )
     if onnx_path.is_dir():
         raise ValueError(f"--onnx {onnx_path} is a folder: give the path of the file to write")
+    if not onnx_path.is_file():  # none there, or a pipe or device: a read could block
+        return
     try:
         with open(onnx_path, "rb") as found:
             start = found.read(4)
     except OSError:
-        return  # none there (or unreadable: the write says what is wrong)
+        return  # unreadable: the write says what is wrong
     if start.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or a pickle
         raise ValueError(
             f"--onnx {onnx_path} holds a PyTorch checkpoint or a zip, not an ONNX model: it "
