@@ -139,3 +139,18 @@ def test_a_missing_fg_bg_folder_is_named(tmp_path: Path) -> None:
     (tmp_path / "bg").mkdir()
     with pytest.raises(FileNotFoundError, match=r"fg: no such folder \(--fg-bg, as --bg"):
         pair_paths(tmp_path / "bg", tmp_path / "fg")
+
+
+def test_a_16_bit_colour_png_is_read_as_8_bits(tmp_path: Path) -> None:
+    """PIL reads a 16-bit RGB PNG as RGB, each channel's high byte: not one of the refused modes."""
+    height, width, level = 4, 6, 0xC3FF
+    rows = b"".join(b"\0" + struct.pack(">H", level) * 3 * width for _ in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)  # 16 bits, RGB
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+    (tmp_path / "rgb16.png").write_bytes(png + chunk(b"IEND", b""))
+    assert (read_image(tmp_path / "rgb16.png", "RGB") == 0xC3).all()
