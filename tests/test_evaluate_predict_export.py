@@ -292,6 +292,8 @@ def test_export_never_replaces_another_checkpoint_and_names_a_bad_folder(
     (tmp_path / "x").write_text("a file")
     result = run_cli("export", tiny_run / "best.pt", "--onnx", tmp_path / "x" / "m.onnx")
     assert result.exit_code == 1 and f"{tmp_path / 'x'} is not a folder" in result.output
+    result = run_cli("export", tiny_run / "best.pt", "--onnx", tmp_path / "x" / "y" / "m.onnx")
+    assert result.exit_code == 1 and f": {tmp_path / 'x'} is not a folder" in result.output
     onnx_file = tmp_path / "m.onnx"
     assert run_cli("export", tiny_run / "best.pt", "--onnx", onnx_file).exit_code == 0
     assert run_cli("export", tiny_run / "best.pt", "--onnx", onnx_file).exit_code == 0  # again

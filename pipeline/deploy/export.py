@@ -51,7 +51,8 @@ def export_onnx(checkpoint: Path, onnx_path: Path, check: bool, batch: int = 4) 
     try:
         onnx_path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise ValueError(f"--onnx {onnx_path}: {onnx_path.parent} is not a folder") from None
+        blocking = next(p for p in onnx_path.parents if p.exists())  # the file in the way
+        raise ValueError(f"--onnx {onnx_path}: {blocking} is not a folder") from None
     partial = onnx_path.with_name(f".{onnx_path.name}.tmp")
     try:
         with warnings.catch_warnings():
