@@ -104,7 +104,7 @@ class RunLock:
     the process ends, even by `kill -9`, so it is never stale."""
 
     def __init__(self, out: Path) -> None:
-        self.out, self.made = out, not out.exists()
+        self.out, self.made = out, False
         self.fd: int | None = None
         for _ in range(TRIES):  # again when the file went as it was taken (a run ending)
             if self._take(out / RUN_LOCK):
@@ -113,6 +113,7 @@ class RunLock:
 
     def _take(self, path: Path) -> bool:
         """Lock `path`: True, or False when the file (or folder) went as it was taken."""
+        self.made = not self.out.exists()  # each try: another run may have removed it since
         self.out.mkdir(parents=True, exist_ok=True)
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
