@@ -7,6 +7,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -154,3 +155,19 @@ def test_a_16_bit_colour_png_is_read_as_8_bits(tmp_path: Path) -> None:
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
     (tmp_path / "rgb16.png").write_bytes(png + chunk(b"IEND", b""))
     assert (read_image(tmp_path / "rgb16.png", "RGB") == 0xC3).all()
+
+
+def test_a_photo_is_read_the_way_its_exif_orientation_shows_it(tmp_path: Path) -> None:
+    """A phone stores a portrait photo as landscape pixels and an EXIF orientation tag:
+    predict reads what a viewer shows (and so its outputs lie over the photo as seen)."""
+    pixels = np.zeros((100, 200), dtype=np.uint8)
+    pixels[:, :100] = 255  # left half white, as stored
+    stored = Image.fromarray(pixels)
+    tagged, plain = tmp_path / "tagged.png", tmp_path / "shown.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to show
+    stored.save(tagged, exif=exif)
+    stored.transpose(Image.Transpose.ROTATE_270).save(plain)  # what a viewer shows
+    sizes: list = []
+    assert np.array_equal(read_image(tagged, "L", sizes), read_image(plain, "L"))
+    assert sizes == [(100, 200)]  # its size as shown: portrait

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.schema import IMAGE_SIZE, INPUTS
 from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint
@@ -37,8 +37,8 @@ def read_image(path: Path, mode: str, sizes: list | None = None) -> np.ndarray:
     try:
         with _own_pixel_bound(), Image.open(path, formats=IMAGE_FORMATS) as img:
             too_big = _too_many_pixels(path, img.size) or _too_deep(path, img.mode)
-            if not too_big:
-                img = img.convert(mode)
+            if not too_big:  # as a viewer shows it: a phone's EXIF orientation applied
+                img = ImageOps.exif_transpose(img).convert(mode)
     except UnidentifiedImageError:
         raise ValueError(
             f"{path}: not an image of a format predict reads ({', '.join(IMAGE_FORMATS)})"
