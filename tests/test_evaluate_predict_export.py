@@ -182,6 +182,13 @@ def test_predict_refuses_folders_whose_outputs_would_collide(tiny_run: Path, tmp
         "predict", tiny_run / "best.pt", "--bg", bgs, "--fg-bg", fgs, "--out", tmp_path / "out"
     )
     assert result.exit_code == 1 and "share the name a" in result.output
+    for folder in (bgs, fgs):  # names equal but for case: one file where names ignore case
+        (folder / "a.jpg").rename(folder / "A.jpg")
+    result = run_cli(
+        "predict", tiny_run / "best.pt", "--bg", bgs, "--fg-bg", fgs, "--out", tmp_path / "out"
+    )
+    assert result.exit_code == 1 and "share the name A, a" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_export_without_the_extra_names_it(tiny_run: Path, tmp_path: Path, monkeypatch) -> None:

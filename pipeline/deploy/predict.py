@@ -120,8 +120,10 @@ def pair_paths(bg: Path, fg_bg: Path) -> list[tuple[Path, Path, str]]:
         )
     if not bgs:
         raise ValueError(f"no images in {bg} and {fg_bg}")
-    stems = [Path(name).stem for name in bgs]
-    clashes = sorted({stem for stem in stems if stems.count(stem) > 1})
+    # Outputs are named by stem; stems equal but for case collide where names ignore case
+    # (macOS, Windows): `a.jpg` and `A.png` are refused too.
+    stems = [Path(name).stem.casefold() for name in bgs]
+    clashes = sorted({Path(n).stem for n in bgs if stems.count(Path(n).stem.casefold()) > 1})
     if clashes:
         raise ValueError(
             f"{fg_bg}: several images share the name {', '.join(clashes)} (outputs would collide)"
