@@ -228,14 +228,7 @@ def broken_states(tiny_run: Path) -> dict[str, tuple[dict, str]]:
             {"model": {k: v.to(torch.complex64) for k, v in good["model"].items()}},
             "of another kind of number (inc.",
         ),
-        "a meta weight": (  # torch.load rebuilds it: a shape, no numbers
-            {"model": {**good["model"], "mask_head.pointwise.bias": torch.empty(1, device="meta")}},
-            "1 not plain tensors holding their numbers (sparse, quantized or meta) (mask_head.",
-        ),
-        "a sparse weight": (
-            {"model": {**good["model"], "mask_head.pointwise.bias": torch.ones(1).to_sparse()}},
-            "1 not plain tensors holding their numbers (sparse, quantized or meta) (mask_head.",
-        ),
+        **odd_weights(good),
         "a NaN weight": (
             {"model": {**good["model"], "mask_head.pointwise.bias": torch.tensor([math.nan])}},
             "1 holding NaN or inf (mask_head.pointwise.bias)",
@@ -328,14 +321,7 @@ def test_a_damaged_last_pt_is_one_line_naming_it(tiny_run: Path, tiny_shards: Pa
             {"optimizer": {"state": {}, "param_groups": []}},
             "its optimizer, schedule or scaler state does not fit this run (",
         ),
-        "a meta weight": (  # torch.load rebuilds it: a shape, no numbers
-            {"model": {**good["model"], "mask_head.pointwise.bias": torch.empty(1, device="meta")}},
-            "1 not plain tensors holding their numbers (sparse, quantized or meta) (mask_head.",
-        ),
-        "a sparse weight": (
-            {"model": {**good["model"], "mask_head.pointwise.bias": torch.ones(1).to_sparse()}},
-            "1 not plain tensors holding their numbers (sparse, quantized or meta) (mask_head.",
-        ),
+        **odd_weights(good),
         "a NaN weight": ({"model": nan_model}, "(1 holding NaN or inf (mask_head.pointwise.bias))"),
         # StepLR's load_state_dict sets each key as an attribute: this one replaced its step()
         "a scheduler key over its method": (
@@ -615,3 +601,13 @@ def test_resume_takes_a_schedule_saved_by_another_torch(
     result = resume_cli(run, tiny_shards)
     assert result.exit_code == 0, result.output
     assert load_checkpoint(run / "last.pt")["epoch"] == 2
+
+
+def odd_weights(good: dict) -> dict:
+    """Cases of a checkpoint's weights torch.load rebuilds without their numbers."""
+    said = "1 not plain tensors holding their numbers (sparse, quantized or meta) (mask_head."
+    bias = "mask_head.pointwise.bias"
+    return {
+        "a meta weight": ({"model": {**good["model"], bias: torch.empty(1, device="meta")}}, said),
+        "a sparse weight": ({"model": {**good["model"], bias: torch.ones(1).to_sparse()}}, said),
+    }
