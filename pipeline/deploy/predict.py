@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -122,8 +123,8 @@ def pair_paths(bg: Path, fg_bg: Path) -> list[tuple[Path, Path, str]]:
         raise ValueError(f"no images in {bg} and {fg_bg}")
     # Outputs are named by stem; stems equal but for case collide where names ignore case
     # (macOS, Windows): `a.jpg` and `A.png` are refused too.
-    stems = [Path(name).stem.casefold() for name in bgs]
-    clashes = sorted({Path(n).stem for n in bgs if stems.count(Path(n).stem.casefold()) > 1})
+    folded = Counter(Path(name).stem.casefold() for name in bgs)
+    clashes = sorted({Path(n).stem for n in bgs if folded[Path(n).stem.casefold()] > 1})
     if clashes:
         raise ValueError(
             f"{fg_bg}: several images share the name {', '.join(clashes)} (outputs would collide)"
