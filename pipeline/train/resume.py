@@ -242,6 +242,7 @@ def _check_groups(saved: dict, fresh: dict) -> None:
 def _check_buffers(optimizer: torch.optim.Optimizer) -> None:
     """ValueError unless every loaded buffer (momentum, Adam's moments) is a tensor of its
     parameter's shape, finite: torch loads them unchecked, to fail in the first step."""
+    buffers = {}  # every buffer, checked for NaN and inf at once (one host sync, not one each)
     for group in optimizer.param_groups:
         for param in group["params"]:
             for name, value in optimizer.state.get(param, {}).items():
@@ -250,5 +251,7 @@ def _check_buffers(optimizer: torch.optim.Optimizer) -> None:
                 if not torch.is_tensor(value) or (value.dim() and value.shape != param.shape):
                     shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
                     raise ValueError(f"its optimizer's {name} is {shape}, not {tuple(param.shape)}")
-                if non_finite({name: value}):
-                    raise ValueError(f"its optimizer's {name} holds NaN or inf")
+                buffers[len(buffers), name] = value
+    bad = non_finite(buffers)
+    if bad:
+        raise ValueError(f"its optimizer's {bad[0][1]} holds NaN or inf")
